@@ -1,0 +1,535 @@
+"""Block-wise 4-bit and 8-bit weight quantization: the QLoRA storage format in JAX.
+
+Implements the NormalFloat-4 (NF4) data type and double quantization of QLoRA
+(Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314,
+section 3), bit-compatible with bitsandbytes' ``quantize_4bit`` (v0.50): same code tables,
+same block-wise absmax, same nearest-code decisions at midpoints, same nibble order (first
+element in the high nibble) and the same double quantization of the absmax statistics
+(``offset = mean(absmax)``; ``absmax - offset`` quantized in blocks of 256 with the signed
+8-bit dynamic map, one float32 scale per 256-block).
+
+A `QTensor` is a registered pytree: its arrays (packed codes and scales) are children, its
+shape/dtype/format are static metadata, so it passes through ``jit``, ``lax.scan`` over a
+stacked leading axis, ``device_put`` and Orbax like any array tree. `dequantize` is pure and
+jittable; inside a jitted matmul XLA fuses it with the consumer.
+
+Formats (``qtype``):
+- ``"nf4"``: the 16 NF4 values (quantiles of N(0, 1), exact zero), 4 bits per weight.
+- ``"fp4"``: bitsandbytes' FP4 (E2M1) table, codes indexed by bit pattern.
+- ``"int4"``: symmetric absmax integers ``k / 7`` for ``k`` in -7..7 (code ``k + 8``).
+- ``"int8"``: symmetric absmax integers ``k / 127`` stored as ``int8``, one code per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "QTYPES",
+    "NF4_CODE",
+    "FP4_CODE",
+    "INT4_CODE",
+    "QTensor",
+    "QuantRules",
+    "QuantReport",
+    "LeafReport",
+    "create_dynamic_map",
+    "quantize",
+    "dequantize",
+    "quantize_tree",
+    "bits_per_param",
+    "block_absmax",
+    "pack_nibbles",
+    "unpack_nibbles",
+]
+
+Array = jax.Array
+Params = dict  # nested dict[str, Array | QTensor]
+
+QTYPES = ("nf4", "fp4", "int4", "int8")
+NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax
+
+# bitsandbytes get_4bit_type("nf4"), index 0..15 (sorted, so index order == value order).
+NF4_CODE = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=np.float32,
+)
+# bitsandbytes get_4bit_type("fp4"): E2M1 values by bit pattern, normalised by 12.
+FP4_CODE = (
+    np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3],
+             dtype=np.float32)
+    / np.float32(12.0)
+).astype(np.float32)
+# int4: code c holds (c - 8) / 7; code 0 (-8/7) is never produced by quantize.
+INT4_CODE = ((np.arange(16, dtype=np.float32) - 8.0) / np.float32(7.0)).astype(np.float32)
+
+_TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
+                       total_bits: int = 8) -> np.ndarray:
+    """bitsandbytes' 8-bit dynamic (exponent + fraction) map, sorted, float32 ``[256]``.
+
+    Reproduces ``bitsandbytes.functional.create_dynamic_map``: it is the code of the double
+    quantized absmax statistics (QLoRA's 8-bit float for the second quantization level).
+    """
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    i = 0
+    for i in range(max_exponent_bits):
+        n_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                      else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        bounds = np.linspace(0.1, 1, n_items, dtype=np.float32)  # torch.linspace in float32
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        data += (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        bounds = np.linspace(0.1, 1, additional_items + 1, dtype=np.float32)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        data += (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2**total_bits - len(data))
+    return np.sort(np.array(data, dtype=np.float32))
+
+
+DYNAMIC_CODE = create_dynamic_map(signed=True)
+# bitsandbytes' CPU kernel searches a copy whose first entry is forced to -1.0
+# (csrc/cpu_ops.cpp quantize_cpu); dequantization uses the map as stored.
+_DYNAMIC_SEARCH = DYNAMIC_CODE.copy()
+_DYNAMIC_SEARCH[0] = -1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The pytree
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """A block-wise quantized tensor (a pytree; arrays are children, format is static).
+
+    Children:
+      codes: ``uint8 [*batch, ceil(n/2)]`` packed 4-bit codes (first element in the high
+        nibble, bitsandbytes layout) or ``int8 [*batch, n]`` for int8; ``n = prod(item_shape)``
+        in row-major order.
+      absmax: ``float32 [*batch, nblocks]``, or under double quant ``uint8 [*batch, nblocks]``
+        codes into the signed dynamic map.
+      nested_absmax: double quant only, ``float32 [*batch, ceil(nblocks/256)]``, else None.
+      offset: double quant only, ``float32 [*batch]`` (the mean absmax), else None.
+    Static: ``item_shape`` (shape of one slice), ``orig_dtype`` (numpy dtype name), ``qtype``,
+    ``block_size``, ``double_quant``.
+    """
+
+    codes: Array
+    absmax: Array
+    nested_absmax: Array | None
+    offset: Array | None
+    item_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    orig_dtype: str = dataclasses.field(metadata=dict(static=True))
+    qtype: str = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    double_quant: bool = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading (stacked) dims: those of ``codes`` before its last axis."""
+        return tuple(self.codes.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the dequantized array: ``batch_shape + item_shape``."""
+        return self.batch_shape + tuple(self.item_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The original (and default dequantized) dtype."""
+        return jnp.dtype(self.orig_dtype)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (codes + statistics)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.codes, self.absmax, self.nested_absmax, self.offset)
+                   if a is not None)
+
+    def __repr__(self) -> str:
+        return (f"QTensor({self.qtype}, shape={self.shape}, dtype={self.orig_dtype}, "
+                f"block_size={self.block_size}, double_quant={self.double_quant})")
+
+
+jax.tree_util.register_dataclass(
+    QTensor,
+    data_fields=["codes", "absmax", "nested_absmax", "offset"],
+    meta_fields=["item_shape", "orig_dtype", "qtype", "block_size", "double_quant"],
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure helpers
+# --------------------------------------------------------------------------------------------
+def pack_nibbles(q: Array) -> Array:
+    """Pack 4-bit codes ``uint8 [..., m]`` (m even) into ``uint8 [..., m/2]``, first = high."""
+    q = q.astype(jnp.uint8)
+    return (q[..., 0::2] << 4) | q[..., 1::2]
+
+
+def unpack_nibbles(p: Array) -> Array:
+    """Inverse of `pack_nibbles`: ``uint8 [..., k]`` -> ``uint8 [..., 2k]``."""
+    hi = p >> 4
+    lo = p & 0xF
+    return jnp.stack([hi, lo], axis=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def _check_args(qtype: str, block_size: int, where: str) -> None:
+    if qtype not in QTYPES:
+        raise ValueError(f"{where}: unknown qtype {qtype!r}; expected one of {QTYPES}")
+    if (not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool)
+            or block_size < 32 or block_size > 4096 or block_size & (block_size - 1)):
+        raise ValueError(f"{where}: block_size {block_size!r} must be a power of two in "
+                         "32..4096")
+
+
+def _check_input(x: Any, batch_dims: int, where: str) -> None:
+    dt = jnp.result_type(x)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"{where}: cannot quantize dtype {dt}; expected float32, bfloat16 or "
+                         "float16")
+    if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"{where}: unsupported float dtype {dt}; expected float32, bfloat16 "
+                         "or float16")
+    ndim = np.ndim(x)
+    if not 0 <= batch_dims <= ndim - 1 and not (ndim == 0 and batch_dims == 0):
+        raise ValueError(f"{where}: batch_dims={batch_dims} needs at least one item dim; "
+                         f"got an array of rank {ndim}")
+    if not isinstance(x, jax.core.Tracer):
+        finite = np.isfinite(np.asarray(jnp.asarray(x, jnp.float32)))
+        if not finite.all():
+            bad = int(np.size(finite) - np.count_nonzero(finite))
+            raise ValueError(f"{where}: {bad} NaN/Inf value(s) in the weights; refusing to "
+                             "quantize")
+
+
+def _nearest_4bit(scaled: Array, qtype: str) -> Array:
+    """Nearest code index of ``scaled`` in [-1, 1] (bitsandbytes' bucketize on midpoints).
+
+    Ties (exactly on a midpoint) go to the lower value, as ``torch.bucketize(right=False)``.
+    """
+    table = _TABLES[qtype]
+    order = np.argsort(table, kind="stable")  # FP4/INT4 are not sorted by index
+    srt = table[order]
+    mids = jnp.asarray((srt[:-1] + srt[1:]) / np.float32(2.0))  # float32 [15]
+    pos = jnp.sum(scaled[..., None] > mids, axis=-1, dtype=jnp.int32)  # searchsorted left
+    return jnp.asarray(order, jnp.uint8)[pos] if qtype != "nf4" else pos.astype(jnp.uint8)
+
+
+def _blockwise_absmax(xb: Array, n: int, block_size: int) -> tuple[Array, Array]:
+    """Absmax per block and x scaled to [-1, 1], exactly as bitsandbytes' reference op.
+
+    ``xb``: float32 ``[*b, nblocks, block]`` (zero padded). Full blocks are scaled by
+    ``x * (1 / absmax)``, a trailing partial block by ``x / absmax`` with its stored absmax
+    clamped to 1e-38 (bitsandbytes' default backend does exactly this).
+    """
+    absmax = jnp.max(jnp.abs(xb), axis=-1)  # [*b, nblocks]
+    safe = jnp.maximum(absmax, np.float32(1e-38))
+    scaled = xb * (np.float32(1.0) / safe)[..., None]
+    if n % block_size:
+        last = xb[..., -1, :] / safe[..., -1:]
+        scaled = scaled.at[..., -1, :].set(last)
+        absmax = absmax.at[..., -1].set(safe[..., -1])
+    return jnp.clip(scaled, -1.0, 1.0), absmax
+
+
+def _quantize_dynamic(v: Array) -> tuple[Array, Array]:
+    """8-bit dynamic-map block quantization (block 256) of ``float32 [*b, m]``.
+
+    Mirrors bitsandbytes' CPU ``quantize_cpu``: absmax per 256-block, ``v / absmax``, search
+    the left neighbour in the map (first entry forced to -1) and step right only when the
+    right neighbour is strictly closer. Returns (``uint8 [*b, m]``, ``float32 [*b, nb2]``).
+    """
+    m = v.shape[-1]
+    nb2 = -(-m // NESTED_BLOCK)
+    pad = nb2 * NESTED_BLOCK - m
+    vb = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(*v.shape[:-1], nb2,
+                                                                  NESTED_BLOCK)
+    nabs = jnp.max(jnp.abs(vb), axis=-1)  # [*b, nb2]
+    normed = (vb / nabs[..., None]).reshape(*v.shape[:-1], nb2 * NESTED_BLOCK)[..., :m]
+    code = jnp.asarray(_DYNAMIC_SEARCH)
+    left = jnp.clip(jnp.searchsorted(code, normed, side="right") - 1, 0, 255)
+    right = jnp.minimum(left + 1, 255)
+    step = jnp.abs(normed - code[right]) < jnp.abs(normed - code[left])
+    idx = jnp.where(step & (left < 255), right, left)
+    idx = jnp.where(jnp.isnan(normed), 0, idx)  # all-equal absmax: 0/0, bnb stores code 0
+    return idx.astype(jnp.uint8), nabs
+
+
+def _dequantize_dynamic(q: Array, nabs: Array, offset: Array) -> Array:
+    """Inverse of `_quantize_dynamic` plus the offset: ``float32 [*b, m]`` absmax."""
+    m = q.shape[-1]
+    vals = jnp.asarray(DYNAMIC_CODE)[q.astype(jnp.int32)]
+    scale = jnp.repeat(nabs, NESTED_BLOCK, axis=-1)[..., :m]
+    return vals * scale + offset[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# quantize / dequantize
+# --------------------------------------------------------------------------------------------
+def quantize(x: Any, qtype: str = "nf4", block_size: int = 64, double_quant: bool = True, *,
+             batch_dims: int = 0, name: str | None = None) -> QTensor:
+    """Quantize ``x [*batch, *item]`` block-wise; each leading ``batch`` slice independently.
+
+    Args:
+      x: float32/bfloat16/float16 array. The item part is flattened row-major, padded to a
+        multiple of ``block_size`` and quantized with one absmax per block.
+      qtype: "nf4" | "fp4" | "int4" | "int8".
+      block_size: power of two in 32..4096 (bitsandbytes' range); default 64.
+      double_quant: quantize the absmax statistics again (QLoRA DQ, bitsandbytes
+        ``compress_statistics``): 8-bit dynamic codes, block 256, plus a float32 offset.
+      batch_dims: number of leading stacked axes (e.g. 1 for ``[L, in, out]`` kernels).
+        Quantizing the stack equals quantizing each slice and stacking.
+      name: the tensor's name/path, used in error messages.
+    Returns:
+      A `QTensor` with ``shape == x.shape`` and ``dtype == x.dtype``.
+    Raises:
+      ValueError naming the tensor for non-float input, a bad qtype/block size or (for
+      concrete input) NaN/Inf values.
+    """
+    where = f"quantize {name!r}" if name else "quantize"
+    _check_args(qtype, block_size, where)
+    _check_input(x, batch_dims, where)
+    x = jnp.asarray(x)
+    orig_dtype = jnp.dtype(x.dtype).name
+    batch, item = x.shape[:batch_dims], x.shape[batch_dims:]
+    n = math.prod(item)
+    if n == 0:
+        raise ValueError(f"{where}: cannot quantize an empty tensor of shape {x.shape}")
+    nblocks = -(-n // block_size)
+    flat = x.astype(jnp.float32).reshape(*batch, n)
+    xb = jnp.pad(flat, [(0, 0)] * batch_dims + [(0, nblocks * block_size - n)])
+    xb = xb.reshape(*batch, nblocks, block_size)  # [*b, nblocks, block]
+    if qtype == "int8":
+        absmax = jnp.max(jnp.abs(xb), axis=-1)
+        safe = jnp.maximum(absmax, np.float32(1e-38))
+        q = jnp.round(xb / safe[..., None] * np.float32(127.0))
+        codes = q.astype(jnp.int8).reshape(*batch, nblocks * block_size)[..., :n]
+    else:
+        scaled, absmax = _blockwise_absmax(xb, n, block_size)
+        q = _nearest_4bit(scaled, qtype).reshape(*batch, nblocks * block_size)
+        codes = pack_nibbles(q[..., : n + (n % 2)])  # [*b, ceil(n/2)]
+    nested = offset = None
+    if double_quant:
+        offset = jnp.mean(absmax, axis=-1)  # [*b]
+        absmax, nested = _quantize_dynamic(absmax - offset[..., None])
+    return QTensor(codes, absmax, nested, offset, tuple(int(d) for d in item), orig_dtype,
+                   qtype, int(block_size), bool(double_quant))
+
+
+def block_absmax(q: QTensor) -> Array:
+    """The float32 per-block absmax ``[*batch, nblocks]`` (undoing double quant)."""
+    if q.double_quant:
+        return _dequantize_dynamic(q.absmax, q.nested_absmax, q.offset)
+    return q.absmax
+
+
+def dequantize(q: QTensor, dtype: Any = None) -> Array:
+    """Dequantize to ``[*batch, *item_shape]`` in ``dtype`` (default: the original dtype).
+
+    Pure and jittable: a table lookup of the codes times the block absmax (float32 math,
+    like bitsandbytes), then a cast.
+    """
+    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    batch = q.batch_shape
+    n = math.prod(q.item_shape)
+    nblocks = -(-n // q.block_size)
+    if q.qtype == "int8":
+        vals = q.codes.astype(jnp.float32) / np.float32(127.0)  # [*b, n]
+    else:
+        idx = unpack_nibbles(q.codes)[..., :n].astype(jnp.int32)
+        vals = jnp.asarray(_TABLES[q.qtype])[idx]  # [*b, n]
+    vals = jnp.pad(vals, [(0, 0)] * len(batch) + [(0, nblocks * q.block_size - n)])
+    vals = vals.reshape(*batch, nblocks, q.block_size)
+    out = vals * block_absmax(q)[..., None]
+    return out.reshape(*batch, nblocks * q.block_size)[..., :n].reshape(q.shape).astype(dtype)
+
+
+def bits_per_param(q: QTensor) -> float:
+    """Stored bits per parameter, from the bytes of the stored arrays.
+
+    The packing pad (one nibble for odd sizes) and the partial-block statistics count, so
+    for large tensors this is 4.5 (nf4, block 64) or 4.127 (nf4 + double quant).
+    """
+    return 8.0 * q.nbytes / q.size
+
+
+# --------------------------------------------------------------------------------------------
+# Whole parameter trees
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QuantRules:
+    """Which leaves of a parameter tree to quantize, and how (static, resolved outside jit).
+
+    Paths are the tree's keys joined by '/', e.g. ``layers/attn/q_proj/kernel``.
+    """
+
+    qtype: str = "nf4"  # "nf4" | "fp4" | "int4" | "int8" | "none" (keep everything float)
+    block_size: int = 64  # power of two in 32..4096
+    double_quant: bool = True  # QLoRA double quantization of the absmax statistics
+    # leaves to quantize: kernels of linear projections
+    include: str = r"(^|/)kernel$"
+    # never quantized, even if included: embeddings, LM head, norms, biases
+    exclude: str = r"(^|/)(embed|embedding|wte|wpe|lm_head)(/|$)|norm|(^|/)ln_|(^|/)bias$|scale$"
+    # stacked leaves (leading layer axis) quantized per layer with batch_dims=1
+    stacked: str = r"^layers/"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    """One leaf: its path, shape, how it is stored and the stored bytes."""
+
+    path: str
+    shape: tuple[int, ...]
+    stored: str  # the qtype, or the float dtype name when left float
+    params: int
+    nbytes: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / max(self.params, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantReport:
+    """Bytes and bits per parameter of a (partly) quantized tree: per leaf and in total."""
+
+    leaves: tuple[LeafReport, ...]
+
+    def _sum(self, quantized: bool | None, field: str) -> int:
+        return sum(getattr(l, field) for l in self.leaves
+                   if quantized is None or (l.stored in QTYPES) == quantized)
+
+    @property
+    def quantized_params(self) -> int:
+        return self._sum(True, "params")
+
+    @property
+    def quantized_bytes(self) -> int:
+        return self._sum(True, "nbytes")
+
+    @property
+    def float_params(self) -> int:
+        return self._sum(False, "params")
+
+    @property
+    def float_bytes(self) -> int:
+        return self._sum(False, "nbytes")
+
+    @property
+    def total_params(self) -> int:
+        return self._sum(None, "params")
+
+    @property
+    def total_bytes(self) -> int:
+        return self._sum(None, "nbytes")
+
+    @property
+    def quantized_bits_per_param(self) -> float:
+        return 8.0 * self.quantized_bytes / max(self.quantized_params, 1)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.total_bytes / max(self.total_params, 1)
+
+    def table(self) -> str:
+        """A Markdown table: one row per leaf, then the totals."""
+        rows = ["| path | shape | stored | params | bytes | bits/param |",
+                "|---|---|---|---:|---:|---:|"]
+        for l in self.leaves:
+            rows.append(f"| {l.path} | {list(l.shape)} | {l.stored} | {l.params} | "
+                        f"{l.nbytes} | {l.bits_per_param:.3f} |")
+        rows.append(f"| **quantized** | | | {self.quantized_params} | {self.quantized_bytes} |"
+                    f" {self.quantized_bits_per_param:.3f} |")
+        rows.append(f"| **total** | | | {self.total_params} | {self.total_bytes} | "
+                    f"{self.bits_per_param:.3f} |")
+        return "\n".join(rows)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {path: leaf} with '/'-joined keys (insertion order kept)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Params, QuantReport]:
+    """Quantize the leaves of ``params`` selected by ``rules``; return (new tree, report).
+
+    Leaves matching ``rules.include`` and not ``rules.exclude`` are quantized; those matching
+    ``rules.stacked`` keep their leading layer axis (``batch_dims=1``). Other leaves are
+    returned unchanged. All leaves are validated before any result is returned, so an error
+    (a ValueError naming the path) never leaves a half-quantized tree. Call outside jit.
+    """
+    if rules.qtype != "none":
+        _check_args(rules.qtype, rules.block_size, "QuantRules")
+    inc, exc, stk = (re.compile(rules.include), re.compile(rules.exclude),
+                     re.compile(rules.stacked))
+    flat = _flatten(params)
+    out: dict[str, Any] = {}
+    leaves = []
+    for path, leaf in flat.items():
+        selected = (rules.qtype != "none" and isinstance(leaf, (jax.Array, np.ndarray))
+                    and inc.search(path) is not None and exc.search(path) is None)
+        if selected:
+            bd = 1 if stk.search(path) else 0
+            if np.ndim(leaf) < bd + 1:
+                raise ValueError(f"quantize {path!r}: stacked leaf needs rank >= 2, got "
+                                 f"shape {np.shape(leaf)}")
+            q = quantize(leaf, rules.qtype, rules.block_size, rules.double_quant,
+                         batch_dims=bd, name=path)
+            out[path] = q
+            leaves.append(LeafReport(path, q.shape, rules.qtype, q.size, q.nbytes))
+        else:
+            out[path] = leaf
+            if isinstance(leaf, QTensor):
+                leaves.append(LeafReport(path, leaf.shape, leaf.qtype, leaf.size, leaf.nbytes))
+            elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                nb = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+                leaves.append(LeafReport(path, tuple(leaf.shape), jnp.dtype(leaf.dtype).name,
+                                         int(np.prod(leaf.shape)), nb))
+    return _unflatten(out), QuantReport(tuple(leaves))
