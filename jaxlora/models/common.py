@@ -1,0 +1,237 @@
+"""Pieces shared by the Llama and GPT-2 models: norms, RoPE, attention, KV cache, layer scan.
+
+Everything here is a pure function of arrays (no NNX, no LoRA, no quantization): the model
+files pass whatever parameter leaf they hold to `jaxlora.lora.linear` / `embed` / `attend`,
+and use these helpers for the parameter-free parts.
+
+Attention takes the keys/values of the *new* tokens plus, optionally, a preallocated KV cache
+of earlier tokens. The cache is read but never written inside a layer; the layer returns its
+new keys/values and the caller writes all layers into the cache with one
+`dynamic_update_slice` after the layer scan (in place inside a decode `while_loop`).
+
+RoPE follows the Hugging Face "rotate_half" layout (first half / second half of each head),
+with Llama 3 frequency scaling (Meta, "The Llama 3 Herd of Models", 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "KVCache",
+    "init_cache",
+    "write_cache",
+    "rms_norm",
+    "layer_norm",
+    "rope_inv_freq",
+    "rope_cos_sin",
+    "apply_rope",
+    "attention",
+    "new_token_mask",
+    "positions_from_segments",
+    "run_layers",
+    "remat_policy",
+]
+
+Array = jax.Array
+
+# A large finite negative instead of -inf: a query row whose keys are all masked (a padding
+# query) then averages values instead of producing NaN that could leak through `where`.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of all layers for incremental decoding.
+
+    k, v:  [L, B, S, n_kv, head_dim]  keys/values of slots 0..S-1
+    valid: [B, S] bool                 slot holds a real (non-padding) token
+    index: int32 scalar                next slot to write (shared by all rows)
+    """
+
+    k: Array
+    v: Array
+    valid: Array
+    index: Array
+
+
+def init_cache(num_layers: int, batch: int, size: int, num_kv_heads: int, head_dim: int,
+               dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache with `size` slots per row."""
+    shape = (num_layers, batch, size, num_kv_heads, head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
+    )
+
+
+def write_cache(cache: KVCache, k_new: Array, v_new: Array, token_valid: Array) -> KVCache:
+    """Write new keys/values `[L, B, T, n_kv, hd]` at slots index..index+T-1 of every row."""
+    i = cache.index
+    zero = jnp.zeros((), jnp.int32)
+    k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (zero, zero, i, zero, zero))
+    v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (zero, zero, i, zero, zero))
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (zero, i))
+    return KVCache(k, v, valid, i + k_new.shape[2])
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm (Ba et al. 2016), computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Array:
+    """Inverse frequencies `[head_dim // 2]` (float32), with optional rope scaling.
+
+    Supported `scaling["rope_type"]`: "default", "linear" (positions divided by `factor`) and
+    "llama3" (low frequencies divided by `factor`, smooth interpolation in between).
+    """
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2.0 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling: unsupported rope_type {kind!r} (default, linear, llama3)")
+
+
+def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """cos/sin tables `[B, T, head_dim]` (float32) for integer positions `[B, T]`."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, hd]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate `x [B, T, heads, hd]` by position (rotate_half layout), in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+    """Positions `[B, T]` that restart at 0 wherever the segment id changes."""
+    _, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+def new_token_mask(batch: int, t: int, segment_ids: Array | None = None,
+                   token_valid: Array | None = None) -> Array:
+    """Mask `[B, T, T]` among the new tokens: causal, same segment, key is a real token."""
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = jnp.broadcast_to(causal, (batch, t, t))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if token_valid is not None:
+        mask = mask & token_valid[:, None, :]
+    return mask
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array,
+              cache: tuple[Array, Array, Array] | None = None) -> Array:
+    """Grouped-query softmax attention (Vaswani et al. 2017; GQA: Ainslie et al. 2023).
+
+    Args:
+      q: [B, T, H, hd] queries (already rotated); k, v: [B, T, KV, hd] for the new tokens.
+      mask: [B, T, T] bool, which new keys each new query may see.
+      cache: optional (k_cache [B, S, KV, hd], v_cache, mask_cache [B, T, S]) of earlier tokens.
+    Returns:
+      [B, T, H * hd] in q's dtype. Scores and softmax are float32.
+    """
+    if cache is not None:
+        kc, vc, mc = cache
+        k = jnp.concatenate([kc.astype(k.dtype), k], axis=1)  # [B, S+T, KV, hd]
+        v = jnp.concatenate([vc.astype(v.dtype), v], axis=1)
+        mask = jnp.concatenate([mc, mask], axis=-1)  # [B, T, S+T]
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = (q * (1.0 / math.sqrt(hd))).astype(q.dtype).reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None, :, :], s, _MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)  # [B, T, KV, G, hd]
+    return o.reshape(b, t, h * hd)
+
+
+# ----------------------------------------------------------------------------- layer stack
+
+
+def remat_policy(remat: str) -> Callable | None:
+    """`"none"` -> no checkpointing; `"full"` -> recompute everything; `"dots"` -> save matmuls."""
+    if remat == "none":
+        return None
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"remat: unknown policy {remat!r} (none, full, dots)")
+
+
+def run_layers(block: Callable, x: Array, layers: Any, xs_extra: Any = None, *,
+               remat: str = "none", scan: bool = True) -> tuple[Array, Any]:
+    """Apply `block(x, layer_params, extra) -> (x, y)` to each layer of a stacked tree.
+
+    Every leaf of `layers` (and of `xs_extra`) has a leading layer axis L. With `scan=True` a
+    single `lax.scan` runs the layers (compile time independent of depth); `scan=False` is a
+    Python loop kept for tests. Returns the final x and the per-layer outputs stacked on L.
+    """
+    policy = remat_policy(remat)
+    if policy is not None:
+        block = jax.checkpoint(block, policy=policy, prevent_cse=not scan)
+
+    def step(carry, inputs):
+        lp, extra = inputs
+        return block(carry, lp, extra)
+
+    if scan:
+        return jax.lax.scan(step, x, (layers, xs_extra))
+    n = jax.tree.leaves(layers)[0].shape[0]
+    ys = []
+    for i in range(n):
+        x, y = step(x, jax.tree.map(lambda a, i=i: a[i], (layers, xs_extra)))
+        ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
