@@ -724,7 +724,7 @@ def describe() -> str:
     def row(key: str, f: dataclasses.Field, tp: Any) -> str:
         kind = _type_name(tp)
         if f.metadata.get("choices"):
-            kind = " \\| ".join(f'"{c}"' for c in f.metadata["choices"])
+            kind = " | ".join(f'"{c}"' for c in f.metadata["choices"])
         value = f.default if f.default is not dataclasses.MISSING else None
         if _pair_value_type(tp) is not None:
             value = dict(value)

@@ -1,0 +1,590 @@
+"""Hyperparameter sweeps: expansion, a resumable runner, a results table and plots.
+
+A sweep file names a base config and the axes to vary::
+
+    base = "qlora_smollm2.toml"              # relative to this file
+    [set]                                    # overrides for every run
+    "train.steps" = 100
+    [grid]                                   # Cartesian product
+    "lora.rank" = [1, 4, 16, 64, 256]
+    "lora.scaling" = ["standard", "rslora"]
+    [zip]                                    # lists walked together (equal lengths)
+    "lora.rank" = [4, 16]
+    "lora.alpha" = [8.0, 32.0]
+    [random]                                 # n samples, seeded
+    n = 8
+    seed = 0
+    "optim.lr" = { low = 1e-5, high = 1e-3, log = true }
+    "lora.dropout" = [0.0, 0.05, 0.1]
+
+The runs are the product of the grid points, the zip rows and the random samples (an absent
+kind contributes one empty point). Each run gets a readable, deterministic name built from
+its swept values (``rank=16,scaling=rslora``) and its own directory under the sweep's output
+folder. :func:`run_sweep` skips runs that finished before, calls ``run_fn`` again on
+unfinished or failed ones (the trainer resumes from its checkpoints), records failures and
+goes on, and writes ``results.csv``, ``results.md`` and PNG plots.
+
+Big_vision declares sweeps next to configs in the same spirit; the file format here is ours.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxlora.config import (
+    SECTIONS,
+    Config,
+    _lookup,
+    _pair_value_type,
+    _read_with_bases,
+    _set_path,
+    closest_key,
+    config_from_dict,
+    config_hash,
+    dump_config,
+    read_toml,
+)
+from jaxlora.errors import ConfigError
+
+__all__ = [
+    "Sweep",
+    "RunSpec",
+    "RunResult",
+    "SweepResult",
+    "RunFn",
+    "load_sweep",
+    "expand",
+    "run_name",
+    "run_sweep",
+    "write_results",
+    "sweep_dir",
+    "plot_results",
+    "STATUS_FILE",
+]
+
+RunFn = Callable[[Config, Path], Mapping[str, Any] | None]
+STATUS_FILE = "sweep_status.json"  # written by the runner into each run directory
+_METRIC_ORDER = ("train_loss", "val_loss", "tokens_per_s", "peak_rss_mb", "adapter_bytes", "wall_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file. Axis values are tuples; keys are dotted config paths."""
+
+    path: Path
+    name: str
+    base: Path
+    output_dir: str | None
+    set: tuple[tuple[str, Any], ...]
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    zip: tuple[tuple[str, tuple[Any, ...]], ...]
+    random: tuple[tuple[str, Any], ...]
+    random_n: int
+    random_seed: int
+
+    @property
+    def axes(self) -> list[str]:
+        """The swept keys, in file order (grid, zip, random)."""
+        return [k for k, _ in (*self.grid, *self.zip, *self.random)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its name, the swept values, and the full validated config."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...]
+    config: Config
+
+
+@dataclasses.dataclass
+class RunResult:
+    name: str
+    run_dir: Path
+    overrides: dict[str, Any]
+    status: str  # "done" | "failed"
+    metrics: dict[str, Any]
+    error: str | None = None
+    skipped: bool = False  # finished in an earlier invocation
+
+
+@dataclasses.dataclass
+class SweepResult:
+    out_dir: Path
+    runs: list[RunResult]
+    csv_path: Path
+    md_path: Path
+    plots: list[Path]
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing and expansion.
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"lora": {"rank": [..]}}`` and ``{"lora.rank": [..]}`` both give ``[("lora.rank", [..])]``.
+
+    Descends only through section names, so a table-valued field stays one value.
+    """
+    out = []
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if _lookup(path) is None and path in SECTIONS and isinstance(value, dict):
+            out += _flatten(value, f"{path}.")
+        else:
+            out.append((path, value))
+    return out
+
+
+def _check_key(src: str, where: str, key: str) -> None:
+    """A swept or set key must name a config field (or a key inside a table-valued field)."""
+    if _lookup(key) is not None:
+        return
+    parts = key.split(".")
+    found = _lookup(".".join(parts[:2])) if len(parts) > 2 else None
+    if found is not None and _pair_value_type(found[2]) is not None:
+        return
+    hint = closest_key(key)
+    suggestion = f"; did you mean '{hint}'?" if hint else ""
+    raise ConfigError(f"{src}: {where}.{key}: unknown config key '{key}'{suggestion}")
+
+
+def _axis(src: str, where: str, key: str, values: Any) -> tuple[str, tuple[Any, ...]]:
+    _check_key(src, where, key)
+    if not isinstance(values, list):
+        raise ConfigError(f"{src}: {where}.{key}: expected a list of values, got {values!r}")
+    if not values:
+        raise ConfigError(f"{src}: {where}.{key}: empty axis (give at least one value)")
+    return key, tuple(values)
+
+
+def _random_axis(src: str, key: str, spec: Any) -> tuple[str, Any]:
+    where = f"random.{key}"
+    _check_key(src, "random", key)
+    if isinstance(spec, list):
+        return _axis(src, "random", key, spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{src}: {where}: expected a list or {{low, high, log}}, got {spec!r}")
+    extra = set(spec) - {"low", "high", "log"}
+    if extra or "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{src}: {where}: a range needs exactly low, high and optional log")
+    low, high, log = spec["low"], spec["high"], spec.get("log", False)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise ConfigError(f"{src}: {where}: low and high must be numbers")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{src}: {where}.log: expected true or false")
+    if not low <= high:
+        raise ConfigError(f"{src}: {where}: low ({low}) is greater than high ({high})")
+    if log and low <= 0:
+        raise ConfigError(f"{src}: {where}: a log range needs low > 0")
+    return key, {"low": low, "high": high, "log": log}
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Parse and check a sweep file (keys exist, axes non-empty, zip lengths equal)."""
+    p = Path(path)
+    raw = read_toml(p, "sweep")
+    src = str(p)
+    allowed = {"base", "name", "output_dir", "set", "grid", "zip", "random"}
+    for key in raw:
+        if key not in allowed:
+            closest = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"; did you mean '{closest[0]}'?" if closest else ""
+            raise ConfigError(f"{src}: unknown sweep key '{key}'{hint}")
+    if "base" not in raw or not isinstance(raw["base"], str):
+        raise ConfigError(f"{src}: base: a sweep needs base = \"path/to/config.toml\"")
+    base = p.parent / raw["base"]
+    if not base.is_file():
+        raise ConfigError(f"{src}: base: base config file not found: {base}")
+    for key in ("set", "grid", "zip", "random"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise ConfigError(f"{src}: {key}: expected a table [{key}]")
+
+    sets = []
+    for key, value in _flatten(raw.get("set", {})):
+        _check_key(src, "set", key)
+        sets.append((key, value))
+    grid = [_axis(src, "grid", k, v) for k, v in _flatten(raw.get("grid", {}))]
+    zipped = [_axis(src, "zip", k, v) for k, v in _flatten(raw.get("zip", {}))]
+    lengths = {k: len(v) for k, v in zipped}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+        raise ConfigError(f"{src}: zip: lists must have equal lengths ({detail})")
+
+    rnd_table = dict(raw.get("random", {}))
+    n = rnd_table.pop("n", None)
+    seed = rnd_table.pop("seed", 0)
+    rnd = [_random_axis(src, k, v) for k, v in _flatten(rnd_table)]
+    if rnd and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ConfigError(f"{src}: random.n: expected the number of samples (>= 1), got {n!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{src}: random.seed: expected an integer, got {seed!r}")
+
+    seen: dict[str, str] = {k: "set" for k, _ in sets}
+    for kind, axes in (("grid", grid), ("zip", zipped), ("random", rnd)):
+        for k, _ in axes:
+            if k in seen:
+                raise ConfigError(f"{src}: {kind}.{k}: key is also in [{seen[k]}]")
+            seen[k] = kind
+
+    name = raw.get("name", p.stem)
+    out = raw.get("output_dir")
+    if not isinstance(name, str) or not name or not isinstance(out, (str, type(None))):
+        raise ConfigError(f"{src}: name/output_dir: expected strings")
+    return Sweep(
+        path=p, name=name, base=base, output_dir=out, set=tuple(sets), grid=tuple(grid),
+        zip=tuple(zipped), random=tuple(rnd), random_n=n if rnd else 0, random_seed=seed,
+    )
+
+
+def _points(sweep: Sweep) -> list[list[tuple[str, Any]]]:
+    grid_pts: list[list[tuple[str, Any]]] = [
+        list(zip([k for k, _ in sweep.grid], combo, strict=True))
+        for combo in itertools.product(*(v for _, v in sweep.grid))
+    ]
+    zip_pts: list[list[tuple[str, Any]]] = [[]]
+    if sweep.zip:
+        keys = [k for k, _ in sweep.zip]
+        zip_pts = [list(zip(keys, row, strict=True)) for row in zip(*(v for _, v in sweep.zip), strict=True)]
+    rnd_pts: list[list[tuple[str, Any]]] = [[]]
+    if sweep.random:
+        rng = random.Random(sweep.random_seed)
+        rnd_pts = []
+        for _ in range(sweep.random_n):
+            point = []
+            for key, spec in sweep.random:
+                if isinstance(spec, tuple):
+                    point.append((key, rng.choice(spec)))
+                    continue
+                low, high, log = spec["low"], spec["high"], spec["log"]
+                u = rng.random()
+                value = math.exp(math.log(low) + u * (math.log(high) - math.log(low))) if log else low + u * (high - low)
+                if isinstance(low, int) and isinstance(high, int):
+                    value = min(high, max(low, round(value)))
+                else:
+                    value = float(f"{value:.4g}")  # readable names, stable across platforms
+                point.append((key, value))
+            rnd_pts.append(point)
+    return [g + z + r for g in grid_pts for z in zip_pts for r in rnd_pts]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "+".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}:{_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def run_name(overrides: Sequence[tuple[str, Any]], *, max_len: int = 80) -> str:
+    """``[("lora.rank", 16), ("lora.scaling", "rslora")]`` -> ``"rank=16,scaling=rslora"``.
+
+    Keys are shortened to their last part unless two swept keys share it; characters other
+    than letters, digits and ``._=,+-`` become ``-``; over-long names end in a short hash.
+    """
+    if not overrides:
+        return "base"
+    leaves = [k.rsplit(".", 1)[-1] for k, _ in overrides]
+    parts = []
+    for (key, value), leaf in zip(overrides, leaves, strict=True):
+        label = leaf if leaves.count(leaf) == 1 else key
+        parts.append(f"{label}={_fmt(value)}")
+    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "-", ",".join(parts)).strip("-.") or "run"
+    if len(name) > max_len:
+        name = f"{name[: max_len - 7]}-{_short_hash(list(overrides))}"
+    return name
+
+
+def expand(sweep: Sweep | str | os.PathLike, *, out_dir: str | os.PathLike | None = None) -> list[RunSpec]:
+    """Every run of a sweep, each with its validated Config.
+
+    The config's ``output_dir`` is the sweep's folder and its ``name`` the run name, so
+    ``spec.config.run_dir`` is the run's directory. A value that is invalid for its key fails
+    here, with the key path, before anything runs.
+    """
+    if not isinstance(sweep, Sweep):
+        sweep = load_sweep(sweep)
+    folder = str(sweep_dir(sweep, out_dir))
+    base_raw = _read_with_bases(sweep.base)
+    base_raw.setdefault("name", sweep.base.stem)
+    for key, value in sweep.set:
+        _set_path(base_raw, key, value, f"{sweep.path} (set.{key})")
+
+    specs: list[RunSpec] = []
+    names: dict[str, int] = {}
+    for point in _points(sweep):
+        name = run_name(point)
+        if name in names:  # e.g. two random samples that print alike
+            name = f"{name}-{_short_hash(point)}"
+        names[name] = 1
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base_raw.items()}
+        for key, value in point:
+            _set_path(raw, key, value, f"{sweep.path} ({key}={_fmt(value)})")
+        raw["name"], raw["output_dir"] = name, folder
+        cfg = config_from_dict(raw, f"{sweep.path} (run {name})")
+        specs.append(RunSpec(name=name, overrides=tuple(point), config=cfg))
+    return specs
+
+
+def sweep_dir(sweep: Sweep, out_dir: str | os.PathLike | None = None) -> Path:
+    """``out_dir``, else the sweep's ``output_dir``, else ``<base config output_dir>/<sweep name>``."""
+    if out_dir is not None:
+        return Path(out_dir)
+    if sweep.output_dir is not None:
+        return Path(sweep.output_dir)
+    base_out = _read_with_bases(sweep.base).get("output_dir", "runs")
+    for key, value in sweep.set:
+        if key == "output_dir":
+            base_out = value
+    return Path(str(base_out)) / sweep.name
+
+
+# ----------------------------------------------------------------------------------------
+# Running.
+
+
+def _scalar_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = {}
+    for k, v in (metrics or {}).items():
+        if hasattr(v, "item") and callable(v.item):  # numpy / jax scalars
+            try:
+                v = v.item()
+            except (TypeError, ValueError):
+                continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[str(k)] = v
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)  # atomic: an interrupt never leaves half a status file
+
+
+def run_sweep(
+    sweep: Sweep | str | os.PathLike,
+    run_fn: RunFn,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = print,
+) -> SweepResult:
+    """Run every run of a sweep that has not finished yet, then write results and plots.
+
+    Args:
+      sweep: a Sweep or the path of a sweep TOML file.
+      run_fn: ``run_fn(config, run_dir) -> metrics`` (e.g. ``jaxlora.train.run``); returns a
+        mapping of final metrics (scalars are kept). It may find a partly written run_dir
+        and should resume from it.
+      out_dir: the sweep folder (default: see :func:`sweep_dir`).
+      log: called with one line per run; ``None`` for silence.
+    Returns:
+      SweepResult with every run's status and metrics and the paths written.
+
+    A run is finished when its ``sweep_status.json`` says ``done`` and its ``config.toml``
+    still matches; finished runs are not run again. Failed runs (an exception from run_fn) are
+    recorded with their error and retried by the next invocation. KeyboardInterrupt stops the
+    sweep after writing the results collected so far.
+    """
+    if not isinstance(sweep, Sweep):
+        sweep = load_sweep(sweep)
+    specs = expand(sweep, out_dir=out_dir)
+    folder = sweep_dir(sweep, out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _msg: None)
+    _write_json(folder / "sweep.json", {
+        "sweep": str(sweep.path), "base": str(sweep.base), "axes": sweep.axes,
+        "runs": [{"name": s.name, "overrides": dict(s.overrides)} for s in specs],
+    })
+
+    results: list[RunResult] = []
+    try:
+        for i, spec in enumerate(specs):
+            run_dir = folder / spec.name
+            text = dump_config(spec.config)
+            status_path = run_dir / STATUS_FILE
+            prior = _read_status(status_path)
+            tag = f"[{i + 1}/{len(specs)}] {spec.name}"
+            if prior.get("status") == "done" and prior.get("config_hash") == config_hash(spec.config):
+                results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "done",
+                                         prior.get("metrics", {}), skipped=True))
+                say(f"{tag}: done before, skipped")
+                continue
+            if prior.get("config_hash") not in (None, config_hash(spec.config)):
+                msg = (f"{run_dir} holds a run of a different config; remove it or rename "
+                       "the sweep")
+                results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "failed", {}, msg))
+                say(f"{tag}: FAILED: {msg}")
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(text)
+            _write_json(status_path, {"status": "running", "config_hash": config_hash(spec.config)})
+            say(f"{tag}: running")
+            t0 = time.perf_counter()
+            try:
+                metrics = _scalar_metrics(run_fn(spec.config, run_dir))
+            except Exception as e:  # a failed run is recorded; the sweep goes on
+                err = f"{type(e).__name__}: {e}".splitlines()[0]
+                _write_json(status_path, {
+                    "status": "failed", "config_hash": config_hash(spec.config), "error": err,
+                    "traceback": traceback.format_exc(),
+                })
+                results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "failed", {}, err))
+                say(f"{tag}: FAILED: {err}")
+                continue
+            metrics.setdefault("wall_s", round(time.perf_counter() - t0, 3))
+            _write_json(status_path, {
+                "status": "done", "config_hash": config_hash(spec.config), "metrics": metrics,
+            })
+            results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "done", metrics))
+            say(f"{tag}: done " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    finally:
+        csv_path, md_path = write_results(folder, results, sweep.axes)
+        plots = plot_results(folder, results, sweep.axes)
+    return SweepResult(folder, results, csv_path, md_path, plots)
+
+
+def _read_status(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------
+# Results.
+
+
+def _metric_keys(runs: Sequence[RunResult]) -> list[str]:
+    keys: list[str] = [k for k in _METRIC_ORDER if any(k in r.metrics for r in runs)]
+    for r in runs:
+        keys += [k for k in r.metrics if k not in keys]
+    return keys
+
+
+def write_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> tuple[Path, Path]:
+    """``results.csv`` and ``results.md``: one row per run, swept values then metrics."""
+    metrics = _metric_keys(runs)
+    header = ["run", "status", *axes, *metrics, "error"]
+    rows = []
+    for r in runs:
+        rows.append([r.name, r.status, *(r.overrides.get(a, "") for a in axes),
+                     *(r.metrics.get(m, "") for m in metrics), r.error or ""])
+    csv_path, md_path = folder / "results.csv", folder / "results.md"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows([[_fmt(v) if isinstance(v, (bool, list, dict)) else v for v in row] for row in rows])
+
+    def cell(v: Any) -> str:
+        s = f"{v:.4g}" if isinstance(v, float) else _fmt(v) if v != "" else ""
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> list[Path]:
+    """PNG plots of a sweep; returns the paths written (possibly none).
+
+    * ``<metric>_vs_<axis>.png``: val_loss (else train_loss) against the first numeric axis
+      with more than one value, one line per combination of the other axes' values.
+    * ``loss_curves.png``: each run's training loss from its ``metrics.jsonl`` lines that
+      hold ``step`` and ``loss``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    written: list[Path] = []
+    done = [r for r in runs if r.status == "done"]
+    metric = next((m for m in ("val_loss", "train_loss") if any(_is_num(r.metrics.get(m)) for r in done)), None)
+    x_axis = next(
+        (a for a in axes
+         if len({_fmt(r.overrides.get(a)) for r in done}) > 1
+         and all(_is_num(r.overrides.get(a)) for r in done)),
+        None,
+    )
+    if metric and x_axis:
+        others = [a for a in axes if a != x_axis]
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in done:
+            if _is_num(r.metrics.get(metric)):
+                label = ", ".join(f"{a.rsplit('.', 1)[-1]}={_fmt(r.overrides.get(a))}" for a in others)
+                lines.setdefault(label or metric, []).append((r.overrides[x_axis], r.metrics[metric]))
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.add_subplot()
+        for label, pts in lines.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        xs = [r.overrides[x_axis] for r in done]
+        if min(xs) > 0 and max(xs) / min(xs) >= 16:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x_axis)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs {x_axis}")
+        ax.grid(True, alpha=0.3)
+        if len(lines) > 1 or others:
+            ax.legend(fontsize=8)
+        path = folder / f"{metric}_vs_{x_axis.replace('.', '_')}.png"
+        FigureCanvasAgg(fig).print_png(str(path))
+        written.append(path)
+
+    curves = {r.name: c for r in runs if (c := _read_curve(r.run_dir / "metrics.jsonl"))}
+    if curves:
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.add_subplot()
+        for name, pts in curves.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("loss curves")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
+        path = folder / "loss_curves.png"
+        FigureCanvasAgg(fig).print_png(str(path))
+        written.append(path)
+    return written
+
+
+def _read_curve(path: Path) -> list[tuple[float, float]]:
+    pts = []
+    try:
+        with path.open() as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by an interrupt
+                if isinstance(rec, dict) and _is_num(rec.get("step")) and _is_num(rec.get("loss")):
+                    pts.append((rec["step"], rec["loss"]))
+    except OSError:
+        return []
+    return sorted(pts)
