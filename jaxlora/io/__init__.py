@@ -1,0 +1,235 @@
+"""Model loading and saving: GGUF files, Hugging Face folders, tokenizers.
+
+`load_model` streams a checkpoint one tensor at a time into the parameter tree of DESIGN.md:
+each tensor is read (memory-mapped), converted to JAX layout, checked against the shape the
+config implies, and either cast to `dtype` into a preallocated `[L, ...]` host buffer or, when
+`quant` selects it, quantized right away per layer. Peak host memory therefore stays near the
+final footprint plus one float tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.errors import ModelLoadError
+from jaxlora.io.gguf import GGUFSource, permute_qk, unpermute_qk
+from jaxlora.io.hf import HFSource, save_hf
+from jaxlora.io.registry import KNOWN_MODELS, resolve
+from jaxlora.io.tokenizer import Tokenizer
+from jaxlora.models.config import ModelConfig
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "open_source",
+    "expected_shapes",
+    "save_hf",
+    "resolve",
+    "KNOWN_MODELS",
+    "Tokenizer",
+    "GGUFSource",
+    "HFSource",
+    "permute_qk",
+    "unpermute_qk",
+]
+
+Params = dict[str, Any]
+# A quantization hook: (path, float32 array of ONE layer (or the whole leaf), layer index or
+# None) -> the quantized leaf, or None to keep the leaf in float.
+QuantHook = Callable[[str, np.ndarray, "int | None"], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What `load_model` returns."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    source: str  # the resolved file or folder
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """DESIGN.md path -> full leaf shape (with the leading `L` for `layers/` leaves)."""
+    L, d, v = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    if cfg.arch == "gpt2":
+        f = cfg.intermediate_size
+        out = {
+            "wte/embedding": (v, d),
+            "wpe/embedding": (cfg.max_position_embeddings, d),
+            "ln_f/scale": (d,),
+            "ln_f/bias": (d,),
+        }
+        for name in ("ln_1", "ln_2"):
+            out[f"layers/{name}/scale"] = (L, d)
+            out[f"layers/{name}/bias"] = (L, d)
+        for name, (i, o) in {
+            "attn/c_attn": (d, 3 * d), "attn/c_proj": (d, d), "mlp/c_fc": (d, f), "mlp/c_proj": (f, d),
+        }.items():
+            out[f"layers/{name}/kernel"] = (L, i, o)
+            out[f"layers/{name}/bias"] = (L, o)
+        return out
+    hq, hkv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out = {
+        "embed/embedding": (v, d),
+        "layers/attn_norm/scale": (L, d),
+        "layers/attn/q_proj/kernel": (L, d, hq),
+        "layers/attn/k_proj/kernel": (L, d, hkv),
+        "layers/attn/v_proj/kernel": (L, d, hkv),
+        "layers/attn/o_proj/kernel": (L, hq, d),
+        "layers/mlp_norm/scale": (L, d),
+        "layers/mlp/gate_proj/kernel": (L, d, f),
+        "layers/mlp/up_proj/kernel": (L, d, f),
+        "layers/mlp/down_proj/kernel": (L, f, d),
+        "final_norm/scale": (d,),
+    }
+    if cfg.attention_bias:
+        out["layers/attn/q_proj/bias"] = (L, hq)
+        out["layers/attn/k_proj/bias"] = (L, hkv)
+        out["layers/attn/v_proj/bias"] = (L, hkv)
+    if not cfg.tie_embeddings:
+        out["lm_head/kernel"] = (d, v)
+    return out
+
+
+def open_source(path: str | os.PathLike[str]) -> GGUFSource | HFSource:
+    """Open a resolved path: a `.gguf` file or a Hugging Face folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return HFSource(path)
+    return GGUFSource(path)
+
+
+def _as_hook(quant: Any) -> QuantHook | None:
+    """Turn `quant` into a per-tensor hook. Accepts None, a hook callable, or an object with a
+    `quantize_leaf(path, array, layer)` method (jaxlora.quant's rules)."""
+    if quant is None:
+        return None
+    if hasattr(quant, "quantize_leaf"):
+        return quant.quantize_leaf
+    if callable(quant):
+        return quant
+    try:  # jaxlora.quant.QuantRules (resolved lazily: quant.py may not exist yet)
+        from jaxlora import quant as _quant
+
+        return _quant.load_hook(quant)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        raise TypeError(f"quant must be None, a QuantRules or a callable hook, got {type(quant).__name__}") from None
+
+
+def _stack_leaves(leaves: list[Any]) -> Any:
+    """Stack per-layer leaves (arrays or QTensors, which stack by their children)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *leaves)
+
+
+def assemble(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, str, int | None, np.ndarray]],
+    *,
+    source: str,
+    dtype: Any = jnp.float32,
+    quant: QuantHook | None = None,
+) -> Params:
+    """Build the nested parameter dict from a stream of `(name, path, layer, array)`.
+
+    Checks every shape against `expected_shapes(cfg)` and that no tensor is missing or repeated.
+    """
+    shapes = expected_shapes(cfg)
+    np_dtype = np.dtype(dtype)
+    L = cfg.num_layers
+    floats: dict[str, np.ndarray] = {}  # stacked float leaves, preallocated [L, ...]
+    quantized: dict[str, list[Any]] = {}  # per-layer quantized leaves
+    done: dict[str, Any] = {}  # finished unstacked leaves
+    seen: dict[str, set[int]] = {}
+    for name, path, layer, arr in tensors:
+        want = shapes.get(path)
+        if want is None:
+            raise ModelLoadError(f"{source}: tensor {name!r} ({path}) is not used by this config ({cfg.arch})")
+        got = tuple(arr.shape) if layer is None else (L, *arr.shape)
+        if got != want:
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {list(arr.shape)}, config implies "
+                f"{list(want if layer is None else want[1:])} for {path}"
+            )
+        hit = seen.setdefault(path, set())
+        key = -1 if layer is None else layer
+        if key in hit:
+            raise ModelLoadError(f"{source}: tensor {name!r} appears twice")
+        hit.add(key)
+        leaf = quant(path, np.asarray(arr, dtype=np.float32), layer) if quant is not None else None
+        if layer is None:
+            done[path] = leaf if leaf is not None else jnp.asarray(np.asarray(arr, dtype=np_dtype))
+        elif leaf is not None:
+            lst = quantized.setdefault(path, [None] * L)
+            lst[layer] = leaf
+        else:
+            buf = floats.get(path)
+            if buf is None:
+                buf = floats[path] = np.empty(want, dtype=np_dtype)
+            buf[layer] = arr
+        del arr, leaf
+    missing = []
+    for path, want in shapes.items():
+        layers = seen.get(path, set())
+        if want and path.startswith("layers/"):
+            lack = sorted(set(range(L)) - layers)
+            if lack:
+                missing.append(f"{path} (layers {lack[:5]}{'...' if len(lack) > 5 else ''})")
+        elif -1 not in layers:
+            missing.append(path)
+    if missing:
+        raise ModelLoadError(f"{source}: missing tensors: {', '.join(missing)}")
+    for path in list(floats):
+        if path in quantized:
+            raise ModelLoadError(f"{source}: {path}: quantization hook quantized only some layers")
+        done[path] = jnp.asarray(floats.pop(path))  # one leaf at a time: peak = final + 1 leaf
+    for path in list(quantized):
+        done[path] = _stack_leaves(quantized.pop(path))
+    params: Params = {}
+    for path, leaf in done.items():
+        node = params
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return params
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str], *, quant: Any = None, dtype: Any = jnp.float32
+) -> LoadedModel:
+    """Load a model by name (`smollm2-135m-instruct`), `.gguf` path or Hugging Face folder.
+
+    Args:
+      name_or_path: a key of `KNOWN_MODELS`, a `.gguf` file or a folder with `config.json`.
+      quant: None for float weights; or quantization rules / a hook
+        `(path, float32 array, layer or None) -> leaf or None` applied to each tensor as it
+        is read (per layer for `layers/` leaves), so the float model never exists in memory.
+      dtype: the float dtype of leaves that are not quantized.
+
+    Returns:
+      `LoadedModel(config, params, tokenizer, source)`.
+    Raises:
+      ModelLoadError: a missing, corrupt or unsupported file, or tensors that do not fit.
+    """
+    path = resolve(name_or_path)
+    src = open_source(path)
+    params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant))
+    return LoadedModel(config=src.config, params=params, tokenizer=src.tokenizer(), source=str(path))
+
+
+def iter_paths(params: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """`(path, leaf)` pairs of a nested parameter dict."""
+    for k, v in params.items():
+        p = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from iter_paths(v, p + "/")
+        else:
+            yield p, v

@@ -1,0 +1,249 @@
+"""GGUF reading (llama.cpp's format): metadata -> `ModelConfig`, tensors -> float numpy arrays.
+
+The file is memory-mapped with `gguf.GGUFReader`; `tensors()` dequantizes one tensor at a time
+(`gguf.quants.dequantize`: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and the rest the package
+knows), undoes llama.cpp's Q/K row permutation, and yields it under its DESIGN.md path in JAX
+layout (kernels `[in, out]`).
+
+The permutation: llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.permute`) rewrites the rows of
+`q_proj` / `k_proj` from Hugging Face's "rotate-half" RoPE layout to GGML's interleaved one:
+
+    w.reshape(n_head, 2, out // n_head // 2, in).swapaxes(1, 2).reshape(out, in)
+
+with `n_head = n_kv_heads` for `k_proj`. It applies to the `llama` architecture only (Mistral
+files say `llama` too; Qwen2 and GPT-2 are stored unpermuted). `unpermute_qk` inverts it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlora.errors import ModelLoadError
+from jaxlora.models.config import ModelConfig
+
+__all__ = ["GGUFSource", "permute_qk", "unpermute_qk", "SUPPORTED_TENSOR_TYPES"]
+
+# Tensor types we accept; the gguf package can dequantize more, but these are the tested ones.
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation of a torch-layout `[out, in]` (or `[out]`) q/k weight."""
+    out = w.shape[0]
+    return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_qk`: GGML interleaved rows back to Hugging Face rotate-half rows."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# GGUF tensor name -> (DESIGN path, kind). kinds: "emb" (as stored), "kernel" (transpose),
+# "vec" (as stored), "q"/"k" (unpermute then transpose for llama), "qb"/"kb" (bias of q/k).
+_LLAMA_GLOBAL = {
+    "token_embd.weight": ("embed/embedding", "emb"),
+    "output_norm.weight": ("final_norm/scale", "vec"),
+    "output.weight": ("lm_head/kernel", "kernel"),
+}
+_LLAMA_BLOCK = {
+    "attn_norm.weight": ("layers/attn_norm/scale", "vec"),
+    "attn_q.weight": ("layers/attn/q_proj/kernel", "q"),
+    "attn_k.weight": ("layers/attn/k_proj/kernel", "k"),
+    "attn_v.weight": ("layers/attn/v_proj/kernel", "kernel"),
+    "attn_output.weight": ("layers/attn/o_proj/kernel", "kernel"),
+    "attn_q.bias": ("layers/attn/q_proj/bias", "qb"),
+    "attn_k.bias": ("layers/attn/k_proj/bias", "kb"),
+    "attn_v.bias": ("layers/attn/v_proj/bias", "vec"),
+    "ffn_norm.weight": ("layers/mlp_norm/scale", "vec"),
+    "ffn_gate.weight": ("layers/mlp/gate_proj/kernel", "kernel"),
+    "ffn_up.weight": ("layers/mlp/up_proj/kernel", "kernel"),
+    "ffn_down.weight": ("layers/mlp/down_proj/kernel", "kernel"),
+}
+_GPT2_GLOBAL = {
+    "token_embd.weight": ("wte/embedding", "emb"),
+    "position_embd.weight": ("wpe/embedding", "emb"),
+    "output_norm.weight": ("ln_f/scale", "vec"),
+    "output_norm.bias": ("ln_f/bias", "vec"),
+    "output.weight": (None, "tied"),  # llama.cpp writes a copy of wte; the LM head is tied
+}
+_GPT2_BLOCK = {
+    "attn_norm.weight": ("layers/ln_1/scale", "vec"),
+    "attn_norm.bias": ("layers/ln_1/bias", "vec"),
+    "attn_qkv.weight": ("layers/attn/c_attn/kernel", "kernel"),
+    "attn_qkv.bias": ("layers/attn/c_attn/bias", "vec"),
+    "attn_output.weight": ("layers/attn/c_proj/kernel", "kernel"),
+    "attn_output.bias": ("layers/attn/c_proj/bias", "vec"),
+    "ffn_norm.weight": ("layers/ln_2/scale", "vec"),
+    "ffn_norm.bias": ("layers/ln_2/bias", "vec"),
+    "ffn_up.weight": ("layers/mlp/c_fc/kernel", "kernel"),
+    "ffn_up.bias": ("layers/mlp/c_fc/bias", "vec"),
+    "ffn_down.weight": ("layers/mlp/c_proj/kernel", "kernel"),
+    "ffn_down.bias": ("layers/mlp/c_proj/bias", "vec"),
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_LLAMA_ARCHS = ("llama", "mistral", "qwen2")
+
+
+class GGUFSource:
+    """An opened GGUF file: `config`, `metadata`, `tokenizer()`, `tensors()`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path}: no such file")
+        try:
+            from gguf import GGUFReader
+
+            self.reader = GGUFReader(str(self.path), "r")
+        except Exception as e:  # the reader raises ValueError, struct errors, IndexError, ...
+            raise ModelLoadError(
+                f"{self.path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
+            ) from None
+        self.arch = str(self._get("general.architecture", required=True))
+        if self.arch not in (*_LLAMA_ARCHS, "gpt2"):
+            raise ModelLoadError(
+                f"{self.path}: architecture {self.arch!r} is not supported "
+                f"(supported: {', '.join((*_LLAMA_ARCHS, 'gpt2'))})"
+            )
+        self.config = self._config()
+
+    # --- metadata -----------------------------------------------------------------------
+    def _get(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            if required:
+                raise ModelLoadError(f"{self.path}: missing metadata key {key!r}")
+            return default
+        try:
+            value = field.contents()
+        except Exception as e:
+            raise ModelLoadError(f"{self.path}: unreadable metadata key {key!r}: {e}") from None
+        return value
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """All metadata except the large tokenizer arrays (for display)."""
+        big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
+        return {k: self._get(k) for k in self.reader.fields if k not in big and not k.startswith("GGUF.")}
+
+    def _names(self) -> set[str]:
+        return {t.name for t in self.reader.tensors}
+
+    def _config(self) -> ModelConfig:
+        a = self.arch
+        g = lambda k, d=None, req=False: self._get(f"{a}.{k}", d, required=req)
+        n_layers = int(g("block_count", req=True))
+        d = int(g("embedding_length", req=True))
+        n_heads = int(g("attention.head_count", req=True))
+        names = self._names()
+        vocab = g("vocab_size")
+        if vocab is None:
+            toks = self.reader.fields.get("tokenizer.ggml.tokens")
+            vocab = len(toks.data) if toks is not None else None
+        if vocab is None:
+            emb = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
+            vocab = int(emb.shape[-1])
+        bos = self._get("tokenizer.ggml.bos_token_id")
+        eos = self._get("tokenizer.ggml.eos_token_id")
+        common = dict(
+            vocab_size=int(vocab), hidden_size=d, num_layers=n_layers, num_heads=n_heads,
+            max_position_embeddings=int(g("context_length", 2048)),
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=None if eos is None else int(eos),
+            name=str(self._get("general.name", self.path.stem)),
+        )
+        ffn = g("feed_forward_length")
+        f32 = lambda x: float(str(np.float32(x)))  # GGUF stores float32: 9.99999974e-06 -> 1e-05
+        if a == "gpt2":
+            return ModelConfig(
+                arch="gpt2", num_kv_heads=n_heads, head_dim=d // n_heads,
+                intermediate_size=int(ffn) if ffn is not None else 4 * d,
+                norm_eps=f32(g("attention.layer_norm_epsilon", 1e-5)), tie_embeddings=True,
+                **common,
+            )
+        if "rope_freqs.weight" in names:
+            raise ModelLoadError(
+                f"{self.path}: tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported "
+                "from GGUF; load the Hugging Face folder instead"
+            )
+        scaling = g("rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise ModelLoadError(f"{self.path}: {a}.rope.scaling.type = {scaling!r} is not supported")
+        head_dim = int(g("attention.key_length", d // n_heads))
+        return ModelConfig(
+            arch="llama", num_kv_heads=int(g("attention.head_count_kv", n_heads)), head_dim=head_dim,
+            intermediate_size=int(g("feed_forward_length", req=True)),
+            rope_theta=f32(g("rope.freq_base", 10000.0)),
+            norm_eps=f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            **common,
+        )
+
+    def tokenizer(self):  # -> Tokenizer
+        """The tokenizer described by the `tokenizer.*` metadata."""
+        from jaxlora.io.tokenizer import Tokenizer
+
+        keys = [k for k in self.reader.fields if k.startswith("tokenizer.")]
+        if "tokenizer.ggml.tokens" not in keys:
+            raise ModelLoadError(f"{self.path}: no tokenizer metadata (tokenizer.ggml.tokens)")
+        meta = {k: self._get(k) for k in keys}
+        return Tokenizer.from_gguf_metadata(meta, source=str(self.path))
+
+    # --- tensors ------------------------------------------------------------------------
+    def tensors(self) -> Iterator[tuple[str, str, int | None, np.ndarray]]:
+        """Yield `(gguf_name, design_path, layer_or_None, float32 array in JAX layout)`."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        cfg = self.config
+        gpt2 = self.arch == "gpt2"
+        glob, block = (_GPT2_GLOBAL, _GPT2_BLOCK) if gpt2 else (_LLAMA_GLOBAL, _LLAMA_BLOCK)
+        permuted = self.arch in ("llama", "mistral")
+        for t in self.reader.tensors:
+            m = _BLOCK_RE.match(t.name)
+            layer: int | None = None
+            if m:
+                layer, key = int(m.group(1)), m.group(2)
+                entry = block.get(key)
+                if layer >= cfg.num_layers:
+                    raise ModelLoadError(
+                        f"{self.path}: tensor {t.name!r} has layer {layer} but block_count = {cfg.num_layers}"
+                    )
+            else:
+                entry = glob.get(t.name)
+            if entry is None:
+                raise ModelLoadError(f"{self.path}: unexpected tensor {t.name!r} for architecture {self.arch!r}")
+            path, kind = entry
+            if kind == "tied":
+                continue
+            qtype = GGMLQuantizationType(t.tensor_type)
+            if qtype.name not in SUPPORTED_TENSOR_TYPES:
+                raise ModelLoadError(f"{self.path}: tensor {t.name!r} has unsupported type {qtype.name}")
+            try:
+                # numpy shape is the reverse of GGUF's ne: [out, in] for a weight (torch layout).
+                w = np.asarray(dequantize(t.data, qtype), dtype=np.float32)
+                w = w.reshape(tuple(int(x) for x in reversed(t.shape)))
+            except Exception as e:
+                raise ModelLoadError(
+                    f"{self.path}: cannot read tensor {t.name!r} ({qtype.name}, shape {list(t.shape)}): {e}"
+                ) from None
+            if permuted and kind in ("q", "qb", "k", "kb"):
+                n = cfg.num_heads if kind in ("q", "qb") else cfg.num_kv_heads
+                if w.shape[0] % (2 * n):
+                    raise ModelLoadError(
+                        f"{self.path}: tensor {t.name!r} has {w.shape[0]} rows, not a multiple of 2 * {n} heads"
+                    )
+                w = unpermute_qk(w, n)
+            if kind in ("q", "k", "kernel"):
+                if w.ndim != 2:
+                    raise ModelLoadError(f"{self.path}: tensor {t.name!r} should be 2-D, has shape {list(w.shape)}")
+                w = w.T
+            yield t.name, path, layer, w

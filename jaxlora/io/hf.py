@@ -1,0 +1,369 @@
+"""Hugging Face model folders: `config.json` + `*.safetensors` (+ `tokenizer.json`), both ways.
+
+Reading streams one tensor at a time from memory-mapped safetensors files (a small reader of the
+format, so BF16 works without torch and a truncated file gives a clear error). Torch `Linear`
+weights `[out, in]` are transposed to kernels `[in, out]`; GPT-2's `Conv1D` weights are already
+`[in, out]` and are kept. `save_hf` writes the inverse, so transformers can load the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlora.errors import ModelLoadError
+from jaxlora.models.config import ModelConfig
+
+__all__ = ["HFSource", "save_hf", "config_from_hf", "config_to_hf", "read_safetensors", "write_safetensors"]
+
+_LLAMA_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+try:
+    import ml_dtypes
+
+    _ST_DTYPES["BF16"] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes comes with jax
+    pass
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+# --- safetensors ----------------------------------------------------------------------------
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Memory-mapped, read-only views of every tensor in a safetensors file (name -> array)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    header.pop("__metadata__", None)
+    base = 8 + n
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        try:
+            dt = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path}: tensor {name!r}: bad or unsupported header entry {info!r}") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != count * dt.itemsize or base + end > size:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r}: data offsets {start}..{end} do not fit its shape "
+                f"{list(shape)} {info['dtype']} or the file size {size} (truncated?)"
+            )
+        out[name] = data[base + start : base + end].view(dt).reshape(shape)
+    return out
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file, one tensor at a time (no second copy of the whole model)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, arr in tensors.items():
+        dt = np.dtype(arr.dtype).newbyteorder("<") if np.dtype(arr.dtype).byteorder == ">" else np.dtype(arr.dtype)
+        if dt not in _ST_NAMES:
+            raise ValueError(f"{name}: dtype {arr.dtype} cannot be written to safetensors")
+        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+# --- config ---------------------------------------------------------------------------------
+def _first(v: Any) -> int | None:
+    if isinstance(v, list):
+        v = v[0] if v else None
+    return None if v is None else int(v)
+
+
+def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> tuple[ModelConfig, str]:
+    """`(ModelConfig, hf_model_type)` from a transformers `config.json` dict."""
+    archs = cfg.get("architectures") or []
+    mtype = cfg.get("model_type")
+    if "GPT2LMHeadModel" in archs or (not archs and mtype == "gpt2"):
+        d, heads = int(cfg["n_embd"]), int(cfg["n_head"])
+        return ModelConfig(
+            arch="gpt2", vocab_size=int(cfg["vocab_size"]), hidden_size=d, num_layers=int(cfg["n_layer"]),
+            num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+            intermediate_size=int(cfg.get("n_inner") or 4 * d),
+            max_position_embeddings=int(cfg.get("n_positions", 1024)),
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), tie_embeddings=True,
+            bos_token_id=_first(cfg.get("bos_token_id")), eos_token_id=_first(cfg.get("eos_token_id")),
+            name=str(cfg.get("_name_or_path") or "gpt2"),
+        ), "gpt2"
+    kind = next((_LLAMA_TYPES[a] for a in archs if a in _LLAMA_TYPES), None)
+    if kind is None and not archs and mtype in _LLAMA_TYPES.values():
+        kind = mtype
+    if kind is None:
+        raise ModelLoadError(
+            f"{source}: architecture {archs or mtype!r} is not supported "
+            f"(supported: {', '.join([*_LLAMA_TYPES, 'GPT2LMHeadModel'])})"
+        )
+    try:
+        d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            rtype = scaling.get("rope_type", scaling.get("type"))
+            if rtype == "default":
+                scaling = None
+            elif rtype != "llama3":
+                raise ModelLoadError(f"{source}: rope_scaling type {rtype!r} is not supported (only 'llama3')")
+            else:
+                keep = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                scaling = tuple(sorted((k, scaling[k]) for k in keep if k in scaling))
+        return ModelConfig(
+            arch="llama", vocab_size=int(cfg["vocab_size"]), hidden_size=d,
+            num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or d // heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_theta=float(theta), rope_scaling=scaling,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=True if kind == "qwen2" else bool(cfg.get("attention_bias", False)),
+            bos_token_id=_first(cfg.get("bos_token_id")), eos_token_id=_first(cfg.get("eos_token_id")),
+            name=str(cfg.get("_name_or_path") or kind),
+        ), kind
+    except KeyError as e:
+        raise ModelLoadError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+    """A transformers `config.json` dict for `config`."""
+    c = config
+    if c.arch == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+            "n_embd": c.hidden_size, "n_layer": c.num_layers, "n_head": c.num_heads,
+            "n_inner": c.intermediate_size, "n_positions": c.max_position_embeddings,
+            "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
+            "tie_word_embeddings": True, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+            "torch_dtype": dtype,
+        }
+    kind = "qwen2" if c.attention_bias else "llama"
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
+        "model_type": kind, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling_dict, "rms_norm_eps": c.norm_eps,
+        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+    }
+    if kind == "llama":
+        out["attention_bias"] = False
+        out["mlp_bias"] = False
+    return out
+
+
+# --- tensor names ---------------------------------------------------------------------------
+# (HF name pattern with {i} for the layer, DESIGN path, transpose?)
+_LLAMA_MAP = [
+    ("model.embed_tokens.weight", "embed/embedding", False),
+    ("model.norm.weight", "final_norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
+    *[(f"model.layers.{{i}}.self_attn.{p}.weight", f"layers/attn/{p}/kernel", True) for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+    *[(f"model.layers.{{i}}.self_attn.{p}.bias", f"layers/attn/{p}/bias", False) for p in ("q_proj", "k_proj", "v_proj")],
+    *[(f"model.layers.{{i}}.mlp.{p}.weight", f"layers/mlp/{p}/kernel", True) for p in ("gate_proj", "up_proj", "down_proj")],
+]
+_GPT2_MAP = [
+    ("wte.weight", "wte/embedding", False),
+    ("wpe.weight", "wpe/embedding", False),
+    ("ln_f.weight", "ln_f/scale", False),
+    ("ln_f.bias", "ln_f/bias", False),
+    *[(f"h.{{i}}.{n}.weight", f"layers/{n}/scale", False) for n in ("ln_1", "ln_2")],
+    *[(f"h.{{i}}.{n}.bias", f"layers/{n}/bias", False) for n in ("ln_1", "ln_2")],
+    *[(f"h.{{i}}.{n}.{w}", f"layers/{n}/{'kernel' if w == 'weight' else 'bias'}", False)
+      for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for w in ("weight", "bias")],
+]
+_GPT2_MAP = [(h, p.replace("layers/attn.", "layers/attn/").replace("layers/mlp.", "layers/mlp/"), t) for h, p, t in _GPT2_MAP]
+# Buffers some checkpoints carry that are not weights.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+def _compile(table: list[tuple[str, str, bool]]) -> list[tuple[re.Pattern[str], str, bool]]:
+    return [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), p, t) for h, p, t in table]
+
+
+_LLAMA_RE, _GPT2_RE = _compile(_LLAMA_MAP), _compile(_GPT2_MAP)
+
+
+class HFSource:
+    """An opened Hugging Face folder: `config`, `tokenizer()`, `tensors()`."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.path = Path(folder)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{self.path}: no config.json")
+        try:
+            self.hf_config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{cfg_path}: not valid JSON: {e}") from None
+        self.config, self.model_type = config_from_hf(self.hf_config, source=str(cfg_path))
+        self.files = self._shards()
+
+    def _shards(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelLoadError(f"{index}: bad index: {e}") from None
+            files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise ModelLoadError(f"{index}: shard {f.name} is missing")
+            return files
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{self.path}: no *.safetensors weights (pytorch .bin is not supported)")
+        return files
+
+    def tokenizer(self):  # -> Tokenizer
+        from jaxlora.io.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.path, self.hf_config)
+
+    def tensors(self) -> Iterator[tuple[str, str, int | None, np.ndarray]]:
+        """Yield `(hf_name, design_path, layer_or_None, float32 array in JAX layout)`."""
+        table = _GPT2_RE if self.config.arch == "gpt2" else _LLAMA_RE
+        tied = self.config.tie_embeddings
+        for file in self.files:
+            for name, arr in read_safetensors(file).items():
+                key = name[len("transformer."):] if self.config.arch == "gpt2" and name.startswith("transformer.") else name
+                if _IGNORED.search(key) or (key == "lm_head.weight" and tied):
+                    continue  # a buffer, or a stored copy of the tied embedding
+                for pat, path, transpose in table:
+                    m = pat.match(key)
+                    if m:
+                        break
+                else:
+                    raise ModelLoadError(f"{file}: unexpected tensor {name!r} for {self.model_type}")
+                if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
+                    raise ModelLoadError(f"{file}: tensor {name!r} has non-float dtype {arr.dtype}")
+                try:
+                    w = np.asarray(arr, dtype=np.float32)
+                except Exception as e:
+                    raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from None
+                if transpose:
+                    if w.ndim != 2:
+                        raise ModelLoadError(f"{file}: tensor {name!r} should be 2-D, has shape {list(w.shape)}")
+                    w = w.T
+                layer = int(m.group(1)) if m.groups() else None
+                if layer is not None and layer >= self.config.num_layers:
+                    raise ModelLoadError(f"{file}: tensor {name!r}: layer {layer} >= num_hidden_layers {self.config.num_layers}")
+                yield name, path, layer, w
+
+
+# --- writing --------------------------------------------------------------------------------
+def _to_numpy(leaf: Any) -> np.ndarray:
+    if hasattr(leaf, "item_shape") and hasattr(leaf, "qtype"):  # a jaxlora.quant.QTensor
+        from jaxlora import quant
+
+        leaf = quant.dequantize(leaf, None)
+    return np.asarray(leaf)
+
+
+def save_hf(
+    folder: str | os.PathLike[str],
+    config: ModelConfig,
+    params: dict[str, Any],
+    tokenizer: Any = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write `params` as a Hugging Face folder: `config.json`, `model.safetensors`
+    (+ `tokenizer.json`, `tokenizer_config.json`). QTensor leaves are dequantized.
+
+    Args:
+      dtype: "float32" or "bfloat16" for the stored weights.
+    Returns:
+      the folder.
+    """
+    import ml_dtypes
+
+    np_dtype = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(params, "")
+    table = _GPT2_MAP if config.arch == "gpt2" else _LLAMA_MAP
+    prefix = "transformer." if config.arch == "gpt2" else ""
+    out: dict[str, np.ndarray] = {}
+    used = set()
+    for hf, path, transpose in table:
+        if path not in flat:
+            continue
+        used.add(path)
+        w = _to_numpy(flat[path])
+        if "{i}" in hf:
+            for i in range(w.shape[0]):
+                x = w[i].T if transpose else w[i]
+                out[prefix + hf.format(i=i)] = np.ascontiguousarray(x.astype(np_dtype))
+        else:
+            out[prefix + hf] = np.ascontiguousarray((w.T if transpose else w).astype(np_dtype))
+    extra = sorted(set(flat) - used)
+    if extra:
+        raise ValueError(f"save_hf: parameters with no Hugging Face name: {extra}")
+    write_safetensors(folder / "model.safetensors", out, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
