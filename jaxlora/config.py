@@ -189,26 +189,20 @@ class DataSection:
     """Training and validation corpora, packed into fixed-length batches."""
 
     sources: tuple[str, ...] = _field(
-        (), "Training data: files, folders or globs of .txt / .jsonl (text, prompt/completion or chat)."
+        (), "Training data: files, folders, globs or 'stdlib:<glob>'; .jsonl holds text, prompt/completion or chat records."
     )
     validation_sources: tuple[str, ...] = _field(
-        (), "Validation data; when empty, `validation_fraction` of the documents is held out."
+        (), "Held-out data; when empty, `validation_fraction` of the documents is held out."
     )
     validation_fraction: float = _field(
         0.05, "Fraction of documents held out for validation when no validation_sources.", ge=0, lt=1
-    )
-    format: str = _field(
-        "auto", "Record format: auto (by extension and fields), text, jsonl, or chat.",
-        choices=("auto", "text", "jsonl", "chat"),
-    )
-    mask_prompt: bool = _field(
-        True, "Train only on completion / assistant tokens of prompt-completion and chat records."
     )
     seq_len: int = _field(256, "Tokens per packed training sequence.", ge=2)
     batch_size: int = _field(8, "Sequences per micro-batch (one jitted step).", ge=1)
     seed: int = _field(0, "Seed of the document shuffle and the train/validation split.", ge=0)
     shuffle: bool = _field(True, "Shuffle documents each epoch (deterministic in `seed`).")
-    max_documents: int = _field(0, "Use at most this many documents (0 = all).", ge=0)
+    max_documents: int = _field(0, "Use only the first N documents in sorted file order (0 = all).", ge=0)
+    pack: bool = _field(True, "Concatenate documents into full rows (false: one document per row).")
 
 
 @dataclasses.dataclass(frozen=True)

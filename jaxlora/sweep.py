@@ -19,7 +19,7 @@ A sweep file names a base config and the axes to vary::
 
 The runs are the product of the grid points, the zip rows and the random samples (an absent
 kind contributes one empty point). Each run gets a readable, deterministic name built from
-its swept values (``rank=16,scaling=rslora``) and its own directory under the sweep's output
+its swept values (``rank-16_scaling-rslora``) and its own directory under the sweep's output
 folder. :func:`run_sweep` skips runs that finished before, calls ``run_fn`` again on
 unfinished or failed ones (the trainer resumes from its checkpoints), records failures and
 goes on, and writes ``results.csv``, ``results.md`` and PNG plots.
@@ -299,10 +299,11 @@ def _short_hash(obj: Any) -> str:
 
 
 def run_name(overrides: Sequence[tuple[str, Any]], *, max_len: int = 80) -> str:
-    """``[("lora.rank", 16), ("lora.scaling", "rslora")]`` -> ``"rank=16,scaling=rslora"``.
+    """``[("lora.rank", 16), ("lora.scaling", "rslora")]`` -> ``"rank-16_scaling-rslora"``.
 
     Keys are shortened to their last part unless two swept keys share it; characters other
-    than letters, digits and ``._=,+-`` become ``-``; over-long names end in a short hash.
+    than letters, digits and ``.-`` become ``-`` (safe in every shell and checkpoint path);
+    over-long names end in a short hash.
     """
     if not overrides:
         return "base"
@@ -310,8 +311,8 @@ def run_name(overrides: Sequence[tuple[str, Any]], *, max_len: int = 80) -> str:
     parts = []
     for (key, value), leaf in zip(overrides, leaves, strict=True):
         label = leaf if leaves.count(leaf) == 1 else key
-        parts.append(f"{label}={_fmt(value)}")
-    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "-", ",".join(parts)).strip("-.") or "run"
+        parts.append(re.sub(r"[^A-Za-z0-9.-]+", "-", f"{label}-{_fmt(value)}"))
+    name = "_".join(parts).strip("-.") or "run"
     if len(name) > max_len:
         name = f"{name[: max_len - 7]}-{_short_hash(list(overrides))}"
     return name
