@@ -437,8 +437,8 @@ class Dataset:
     def __init__(self, docs: _Docs, tokenizer: TokenizerLike, config: DataConfig, name: str):
         if len(docs.length) == 0:
             raise DataError(
-                f"{name} dataset is empty: no documents with tokens in {len(docs.files)} "
-                f"files ({docs.skipped_files} skipped for invalid UTF-8)"
+                f"{name} dataset is empty: no documents with tokens "
+                f"({docs.skipped_files} files skipped for invalid UTF-8)"
             )
         self.name = name
         self.config = config
