@@ -337,14 +337,18 @@ def _lookup(path: str) -> tuple[type, dataclasses.Field, Any] | None:
 def closest_key(path: str, candidates: Iterable[str] | None = None) -> str | None:
     """The valid key closest to a mistyped one (same leaf in another section counts)."""
     candidates = list(field_paths() if candidates is None else candidates)
-    leaf = path.rsplit(".", 1)[-1]
+    head, _, leaf = path.rpartition(".")
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == head}
+    near = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if near:  # a typo inside the right section
+        return siblings[near[0]]
+    same_leaf = [c for c in candidates if c.rpartition(".")[2] == leaf]
+    if same_leaf:  # the right name in the wrong section
+        return same_leaf[0]
     best = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
     if best:
         return best[0]
-    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
-    if same_leaf:
-        return same_leaf[0]
-    leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    leaves = {c.rpartition(".")[2]: c for c in candidates}
     near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
     return leaves[near[0]] if near else None
 
