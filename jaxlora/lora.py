@@ -27,7 +27,8 @@ import dataclasses
 import difflib
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,13 +40,24 @@ __all__ = [
     "Adapters",
     "LoraPair",
     "LoraWeight",
+    "LoraSpec",
+    "Summary",
+    "init",
+    "init_pissa",
     "attach",
     "linear",
     "embed",
     "attend",
+    "merge",
+    "unmerge",
     "check_fit",
+    "resolve_targets",
+    "lora_scale",
+    "summary",
     "flatten_paths",
     "unflatten_paths",
+    "nnx_params",
+    "nnx_bind",
 ]
 
 Array = jax.Array
@@ -349,3 +361,536 @@ def attach(base: Params, adapters: Adapters, dropout_key: Array | None = None) -
             w=flat_base[path], a=pair.a, b=pair.b, key=key, scale=pair.scale, dropout=pair.dropout
         )
     return _replace_paths(base, new)
+
+
+# --------------------------------------------------------------------------------------------
+# Spec and target selection
+# --------------------------------------------------------------------------------------------
+
+Targets = str | tuple[str, ...]
+_SCALINGS = ("standard", "rslora")
+_INITS = ("kaiming", "gaussian", "pissa")
+_ADAPTABLE = ("kernel", "embedding")
+
+
+def _as_pairs(x: Any, name: str) -> tuple[tuple[str, Any], ...]:
+    if x is None:
+        return ()
+    items = x.items() if isinstance(x, Mapping) else x
+    out = []
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"LoraSpec.{name}: expected (regex, value) pairs, got {item!r}")
+        pat, val = item
+        re.compile(pat)
+        out.append((str(pat), val))
+    return tuple(out)
+
+
+def _as_targets(x: Any, name: str) -> Targets | None:
+    if x is None or isinstance(x, str):
+        if isinstance(x, str) and x != "all-linear":
+            try:
+                re.compile(x)
+            except re.error as e:
+                raise ValueError(f"LoraSpec.{name}: bad regex {x!r}: {e}") from None
+        return x
+    if isinstance(x, Sequence) and all(isinstance(t, str) for t in x):
+        return tuple(x)
+    raise ValueError(f"LoraSpec.{name}: expected a regex, a list of module names or 'all-linear'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which base leaves get an adapter, and how the adapters are shaped and initialized.
+
+    Lists and dicts given to the fields are stored as tuples so the spec stays hashable.
+    """
+
+    rank: int = 8
+    """Adapter rank ``r``."""
+    alpha: float = 16.0
+    """Scale numerator: ``s = alpha / r`` ("standard") or ``alpha / sqrt(r)`` ("rslora")."""
+    scaling: str = "standard"
+    """"standard" (LoRA, 2106.09685) or "rslora" (2312.03732)."""
+    dropout: float = 0.0
+    """Dropout rate on the input of the low-rank path (training only: needs a key)."""
+    targets: Targets = ("q_proj", "v_proj")
+    """A regex (``re.search`` over leaf paths), module names (a path component, e.g.
+    ``("q_proj", "v_proj")``) or ``"all-linear"`` (every ``kernel`` leaf except ``lm_head``).
+    Only leaves named ``kernel`` or ``embedding`` are adaptable."""
+    exclude: Targets | None = None
+    """Same forms as ``targets``; matching leaves are removed from the selection."""
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    """``(regex, rank)`` pairs (or a dict), first ``re.search`` match on the path wins."""
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    """``(regex, alpha)`` pairs (or a dict), first match wins."""
+    init: str = "kaiming"
+    """"kaiming" (A ~ U(+-1/sqrt(in)) as loralib's kaiming_uniform(a=sqrt(5)), B = 0),
+    "gaussian" (A ~ N(0, (1/r)^2), B = 0) or "pissa" (top-r SVD; use `init_pissa`).
+    Embedding tables swap the roles as in PEFT: A = 0, B ~ N(0, 1)."""
+    dtype: str = "float32"
+    """Adapter parameter dtype."""
+    stacked: tuple[tuple[str, int], ...] = ((r"^layers/", 1),)
+    """``(regex, n)`` pairs: leaves whose path matches carry ``n`` leading (stacked) axes."""
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("targets", _as_targets(self.targets, "targets"))
+        set_("exclude", _as_targets(self.exclude, "exclude"))
+        set_("rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern"))
+        set_("alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
+        set_("stacked", _as_pairs(self.stacked, "stacked"))
+        if self.targets is None:
+            raise ValueError("LoraSpec.targets must not be None")
+        if self.scaling not in _SCALINGS:
+            raise ValueError(f"LoraSpec.scaling must be one of {_SCALINGS}, got {self.scaling!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"LoraSpec.init must be one of {_INITS}, got {self.init!r}")
+        for where, r in (
+            ("rank", self.rank),
+            *((f"rank_pattern[{p!r}]", v) for p, v in self.rank_pattern),
+        ):
+            if not isinstance(r, (int, np.integer)) or r <= 0:
+                raise ValueError(f"LoraSpec.{where} must be a positive integer, got {r!r}")
+        for where, a in (
+            ("alpha", self.alpha),
+            *((f"alpha_pattern[{p!r}]", v) for p, v in self.alpha_pattern),
+        ):
+            if not a > 0:
+                raise ValueError(f"LoraSpec.{where} must be > 0, got {a!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        jnp.dtype(self.dtype)
+
+
+def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
+    """``alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA)."""
+    if scaling == "rslora":
+        return float(alpha) / math.sqrt(rank)
+    if scaling == "standard":
+        return float(alpha) / rank
+    raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
+
+
+def _first_match(pairs: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
+    for pat, val in pairs:
+        if re.search(pat, path):
+            return val
+    return default
+
+
+def _n_lead(spec: LoraSpec, path: str) -> int:
+    return int(_first_match(spec.stacked, path, 0))
+
+
+def _matches(targets: Targets, path: str, shape: tuple[int, ...], n_lead: int) -> bool:
+    parts = path.split("/")
+    if targets == "all-linear":
+        return (
+            parts[-1] == "kernel"
+            and len(shape) - n_lead >= 2
+            and "lm_head" not in parts
+            and not any("embed" in p for p in parts)
+        )
+    if isinstance(targets, str):
+        return re.search(targets, path) is not None
+    return any(t in parts[:-1] for t in targets)
+
+
+def resolve_targets(base: Params, spec: LoraSpec) -> list[str]:
+    """The sorted paths of the base leaves that ``spec`` adapts (resolved outside jit).
+
+    Raises:
+      ValueError: when a target (or the whole selection) matches nothing; the message lists
+        the closest adaptable paths (difflib).
+    """
+    flat = flatten_paths(base)
+    cands = {
+        p: tuple(v.shape)
+        for p, v in flat.items()
+        if p.split("/")[-1] in _ADAPTABLE and len(v.shape) - _n_lead(spec, p) >= 2
+    }
+
+    def hits(t: Targets) -> list[str]:
+        return [p for p, s in cands.items() if _matches(t, p, s, _n_lead(spec, p))]
+
+    def near(word: str) -> list[str]:
+        return difflib.get_close_matches(word, list(cands), n=3, cutoff=0.0)
+
+    targets = spec.targets
+    if isinstance(targets, tuple):
+        for t in targets:
+            if not hits((t,)):
+                raise ValueError(
+                    f"LoRA target module {t!r} matches no adaptable parameter; closest: {near(t)}"
+                )
+    chosen = set(hits(targets))
+    if not chosen:
+        raise ValueError(
+            f"LoRA targets {targets!r} match no adaptable parameter; closest: {near(str(targets))}"
+        )
+    if spec.exclude is not None:
+        chosen -= set(hits(spec.exclude))
+        if not chosen:
+            raise ValueError(f"LoRA exclude {spec.exclude!r} removes every target {targets!r}")
+    return sorted(chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# init
+# --------------------------------------------------------------------------------------------
+
+
+def _leaf_geometry(path: str, shape: tuple[int, ...], spec: LoraSpec):
+    """``(lead, in, out_axes, rank, scale)`` for one targeted leaf, validated."""
+    n = _n_lead(spec, path)
+    lead, d_in, out = shape[:n], shape[n], shape[n + 1 :]
+    r = int(_first_match(spec.rank_pattern, path, spec.rank))
+    alpha = float(_first_match(spec.alpha_pattern, path, spec.alpha))
+    d_out = int(np.prod(out))
+    if r > min(d_in, d_out):
+        raise ValueError(
+            f"LoRA rank {r} for {path!r} exceeds min(in, out) = min({d_in}, {d_out}) of {shape}"
+        )
+    return lead, d_in, out, r, lora_scale(alpha, r, spec.scaling)
+
+
+def _path_key(key: Array, path: str) -> Array:
+    """A key derived from the path string, so adding a target does not reshuffle the others."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def init(key: Array, base: Params, spec: LoraSpec) -> Adapters:
+    """Create the adapters for ``base`` (Array or QTensor leaves) according to ``spec``.
+
+    Each targeted leaf ``[*lead, in, *out]`` gets ``LoraPair(a [*lead, in, r],
+    b [*lead, r, *out])``. Linear kernels: A kaiming-uniform or gaussian, B = 0; embedding
+    tables (leaf named ``embedding``): A = 0, B ~ N(0, 1). Either way ``A @ B = 0`` at init,
+    so the adapted model starts exactly at the base model.
+
+    For ``spec.init == "pissa"`` the base must change too: call `init_pissa`.
+    """
+    if spec.init == "pissa":
+        raise ValueError(
+            "LoraSpec.init='pissa' replaces the base weights: use init_pissa(base, spec)"
+        )
+    flat = flatten_paths(base)
+    dtype = jnp.dtype(spec.dtype)
+    out = {}
+    for path in resolve_targets(base, spec):
+        lead, d_in, d_out, r, scale = _leaf_geometry(path, tuple(flat[path].shape), spec)
+        a_shape, b_shape = (*lead, d_in, r), (*lead, r, *d_out)
+        k = _path_key(key, path)
+        if path.split("/")[-1] == "embedding":
+            a = jnp.zeros(a_shape, dtype)
+            b = jax.random.normal(k, b_shape, dtype)
+        else:
+            if spec.init == "kaiming":
+                bound = 1.0 / math.sqrt(d_in)
+                a = jax.random.uniform(k, a_shape, dtype, -bound, bound)
+            else:
+                a = jax.random.normal(k, a_shape, dtype) / r
+            b = jnp.zeros(b_shape, dtype)
+        out[path] = LoraPair(a=a, b=b, scale=scale, dropout=float(spec.dropout))
+    return unflatten_paths(out)
+
+
+def _requantize_like(x: Array, like: Any, n_lead: int) -> Any:
+    q = _quant()
+    return q.quantize(
+        x.astype(like.dtype),
+        qtype=like.qtype,
+        block_size=like.block_size,
+        double_quant=like.double_quant,
+        batch_dims=len(like.batch_shape),
+    )
+
+
+def init_pissa(base: Params, spec: LoraSpec) -> tuple[Params, Adapters]:
+    """PiSSA init (Meng et al. 2024, arXiv 2404.02948): adapters from the top-r SVD of W.
+
+    With ``W [in, out] = U S Vh``: ``A = U_r sqrt(S_r / s)``, ``B = sqrt(S_r / s) Vh_r`` and the
+    base becomes the residual ``W - s A @ B`` (so the model's function is unchanged up to
+    rounding). Returns ``(residual_base, adapters)``; a QTensor base is dequantized, decomposed
+    in float32 and the residual re-quantized with the same settings.
+    """
+    flat = flatten_paths(base)
+    dtype = jnp.dtype(spec.dtype)
+    new_base, out = {}, {}
+    for path in resolve_targets(base, spec):
+        w = flat[path]
+        lead, d_in, d_out, r, scale = _leaf_geometry(path, tuple(w.shape), spec)
+        w32 = _dense(w, jnp.float32).reshape(*lead, d_in, -1)  # [*lead, in, out]
+        u, s, vh = jnp.linalg.svd(w32, full_matrices=False)
+        sr = jnp.sqrt(s[..., :r] / scale)  # [*lead, r]
+        a = u[..., :, :r] * sr[..., None, :]  # [*lead, in, r]
+        b = sr[..., :, None] * vh[..., :r, :]  # [*lead, r, out]
+        resid = (w32 - scale * (a @ b)).reshape(w.shape)
+        new_base[path] = (
+            _requantize_like(resid, w, len(lead)) if _is_qtensor(w) else resid.astype(w.dtype)
+        )
+        b = b.reshape(*lead, r, *d_out)
+        out[path] = LoraPair(
+            a.astype(dtype), b.astype(dtype), scale=scale, dropout=float(spec.dropout)
+        )
+    return _replace_paths(base, new_base), unflatten_paths(out)
+
+
+# --------------------------------------------------------------------------------------------
+# merge / unmerge / summary
+# --------------------------------------------------------------------------------------------
+
+
+def _delta(pair: LoraPair) -> Array:
+    """``s * A @ B`` in float32, ``[*lead, in, *out]`` (only for merging, never in forward)."""
+    a = pair.a.astype(jnp.float32)
+    b = pair.b.astype(jnp.float32)
+    n = a.ndim - 2
+    b2 = b.reshape(*b.shape[: n + 1], -1)  # [*lead, r, out]
+    return (pair.scale * (a @ b2)).reshape(*a.shape[:-1], *b.shape[n + 1 :])
+
+
+def merge(base: Params, adapters: Adapters) -> Params:
+    """``W + s * A @ B`` at every adapted leaf: a float tree for export / fast inference.
+
+    Adapted QTensor leaves are dequantized, summed in float32 and cast to their original
+    dtype (they are *not* re-quantized, which would add rounding error; see peft#1043).
+    Leaves without an adapter are returned unchanged.
+    """
+    check_fit(base, adapters)
+    flat = flatten_paths(base)
+    new = {}
+    for path, pair in flatten_paths(adapters).items():
+        w = flat[path]
+        new[path] = (_dense(w, jnp.float32) + _delta(pair)).astype(w.dtype)
+    return _replace_paths(base, new)
+
+
+def unmerge(merged: Params, adapters: Adapters) -> Params:
+    """Inverse of `merge` for float bases: ``W - s * A @ B`` (up to float rounding)."""
+    check_fit(merged, adapters)
+    flat = flatten_paths(merged)
+    new = {}
+    for path, pair in flatten_paths(adapters).items():
+        w = flat[path]
+        new[path] = (_dense(w, jnp.float32) - _delta(pair)).astype(w.dtype)
+    return _replace_paths(merged, new)
+
+
+class Summary(NamedTuple):
+    """Trainable-parameter accounting for a base + adapters pair."""
+
+    trainable: int
+    total: int
+    adapter_bytes: int
+    n_adapted: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {100 * self.fraction:.4f} || adapters: {self.n_adapted} leaves, "
+            f"{self.adapter_bytes / 2**20:.2f} MiB"
+        )
+
+
+def summary(base: Params, adapters: Adapters) -> Summary:
+    """Count adapter parameters vs all parameters (a QTensor counts its logical elements)."""
+    leaves = jax.tree.leaves(adapters)
+    trainable = sum(int(x.size) for x in leaves)
+    nbytes = sum(int(x.size) * x.dtype.itemsize for x in leaves)
+    n_base = sum(int(np.prod(v.shape)) for v in flatten_paths(base).values())
+    return Summary(trainable, n_base + trainable, nbytes, len(flatten_paths(adapters)))
+
+
+# --------------------------------------------------------------------------------------------
+# Flax NNX: run a user's own model with LoRA / QTensor leaves
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """Holds a LoraWeight / QTensor inside an ``nnx.Variable``; ``var[...]`` returns it."""
+
+    w: Any
+
+    def __getitem__(self, index: Any) -> Any:
+        if index is not Ellipsis:
+            raise TypeError("a LoRA/quantized NNX weight only supports var[...]")
+        return self.w
+
+
+jax.tree_util.register_dataclass(_Held, data_fields=["w"], meta_fields=[])
+
+
+def _special(x: Any) -> bool:
+    return isinstance(x, LoraWeight) or _is_qtensor(x)
+
+
+def _nnx_promote(args: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
+    """``nnx.nn.dtypes.promote_dtype`` that lets LoraWeight / QTensor weights pass through."""
+    from flax.nnx.nn import dtypes
+
+    probes = [jnp.zeros((), x.dtype) if _special(x) else x for x in args]
+    dt = dtypes.canonicalize_dtype(*probes, dtype=dtype, inexact=inexact)
+    return tuple(x if x is None or _special(x) else jnp.asarray(x, dt) for x in args)
+
+
+def _lora_einsum(eq: str, x: Array, w: Any, **kwargs: Any) -> Array:
+    """``einsum(eq, x, W)`` where ``W`` may be a QTensor or a LoraWeight.
+
+    The LoRA term factorizes the kernel along its first axis, ``W[k0, k...] = A[k0, r]
+    B[r, k...]``, and is contracted x-with-A first, so it runs through ``[..., r]``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k == "precision"}
+    if not _special(w):
+        return jnp.einsum(eq, x, w, **kwargs)
+    ins, out = eq.replace(" ", "").split("->")
+    lhs, rhs = ins.split(",")
+    base = w.w if isinstance(w, LoraWeight) else w
+    y = jnp.einsum(eq, x, _dense(base, x.dtype), **kwargs)
+    if isinstance(w, LoraWeight):
+        if "." in rhs:
+            raise ValueError(f"LoRA einsum: the kernel spec {rhs!r} must not use '...'")
+        r = next(c for c in "RZYXWVUTSQPONMLKJIHGFEDCBA" if c not in eq)
+        eq3 = f"{lhs},{rhs[0]}{r},{r}{rhs[1:]}->{out}"
+        xd = _dropout(x, w.dropout, w.key)
+        lo = jnp.einsum(
+            eq3, xd, w.a.astype(x.dtype), w.b.astype(x.dtype), optimize=[(0, 1), (0, 1)], **kwargs
+        )
+        y = y + w.scale * lo
+    return y
+
+
+def _nnx_dot_general(
+    lhs: Array,
+    rhs: Any,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    **_: Any,
+) -> Array:
+    """``lax.dot_general`` for nnx.Linear / nnx.LinearGeneral routed through `_lora_einsum`."""
+    if not _special(rhs):
+        return jax.lax.dot_general(
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb:
+        raise NotImplementedError("LoRA on nnx.LinearGeneral with batch axes is not supported")
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    ls = [next(letters) for _ in range(lhs.ndim)]
+    rs = [None] * len(rhs.shape)
+    for i, j in zip(lc, rc, strict=True):
+        rs[j] = ls[i]
+    rs = [c or next(letters) for c in rs]
+    out = [c for i, c in enumerate(ls) if i not in lc] + [
+        c for j, c in enumerate(rs) if j not in rc
+    ]
+    return _lora_einsum(
+        f"{''.join(ls)},{''.join(rs)}->{''.join(out)}", lhs, rhs, precision=precision
+    )
+
+
+_LORA_EMBED: dict[str, type] = {}
+
+
+def _lora_embed_cls() -> type:
+    """A subclass of nnx.Embed whose lookup / attend go through `embed` / `attend`."""
+    if "cls" not in _LORA_EMBED:
+        from flax import nnx
+
+        class LoraEmbed(nnx.Embed):
+            def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
+                return embed(inputs, self.embedding[...], dtype=self.dtype)
+
+            def attend(self, query: Array, out_sharding: Any = None) -> Array:
+                return attend(query, self.embedding[...])
+
+        _LORA_EMBED["cls"] = LoraEmbed
+    return _LORA_EMBED["cls"]
+
+
+def _unflatten_tuples(flat: Mapping[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def nnx_params(model: Any) -> Params:
+    """The pure ``Params`` dict (``nnx.Param`` values, string keys) of any Flax NNX model.
+
+    Paths are the NNX attribute paths, e.g. ``blocks/0/attn/query/kernel``; use them with
+    `LoraSpec` targets, `init`, ``quant.quantize_tree`` and `nnx_bind`.
+    """
+    from flax import nnx
+
+    return _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def nnx_bind(
+    model: Any, params: Params, adapters: Adapters | None = None, dropout_key: Array | None = None
+) -> Any:
+    """A copy of a user's NNX ``model`` running on ``params`` (+ LoRA ``adapters``).
+
+    ``params`` has the layout of `nnx_params` (leaves Array or QTensor). Targeted leaves become
+    `LoraWeight` views (`attach`). nnx.Linear / nnx.LinearGeneral / nnx.Einsum layers holding
+    such a leaf get the module's own extension points set (``promote_dtype`` and
+    ``dot_general`` / ``einsum_op``) so the projection runs the LoRA/QLoRA primitive; nnx.Embed
+    layers become a subclass whose ``__call__`` / ``attend`` call `embed` / `attend`. The user's
+    ``model`` object is never modified. Call it inside your jitted loss:
+    ``nnx_bind(model, base, adapters, key)(x)``; gradients flow to ``params`` / ``adapters``.
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    tree = attach(params, adapters, dropout_key) if adapters else params
+    flat = flatten_paths(tree)
+    found = {"/".join(map(str, k)): k for k, _ in nnx.to_flat_state(state)}
+    missing = sorted(set(flat) - set(found))
+    if missing:
+        raise ValueError(f"params paths not found in the NNX model: {missing[:3]}")
+    pure = {found[p]: _Held(v) if _special(v) else v for p, v in flat.items()}
+    nnx.replace_by_pure_dict(state, _unflatten_tuples(pure))
+    m = nnx.merge(graphdef, state)  # a fresh copy we are free to modify
+    for path, node in nnx.iter_graph(m):
+        if not isinstance(node, nnx.Module):
+            continue
+        pfx = "/".join(map(str, path))
+        name = "embedding" if isinstance(node, nnx.Embed) else "kernel"
+        leaf = flat.get(f"{pfx}/{name}" if pfx else name)
+        if leaf is None or not _special(leaf):
+            continue
+        if isinstance(node, nnx.Embed):
+            object.__setattr__(node, "__class__", _lora_embed_cls())
+        elif isinstance(node, (nnx.Linear, nnx.LinearGeneral)):
+            node.promote_dtype = _nnx_promote
+            node.dot_general = _nnx_dot_general
+            if getattr(node, "dot_general_cls", None) is not None:
+                node.dot_general_cls = None
+        elif isinstance(node, nnx.Einsum):
+            node.promote_dtype = _nnx_promote
+            node.einsum_op = _lora_einsum
+        else:
+            raise ValueError(
+                f"LoRA/quantized leaf at {pfx!r} is in an unsupported module {type(node).__name__}"
+            )
+    return m
