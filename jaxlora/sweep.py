@@ -397,7 +397,8 @@ def run_sweep(
     Args:
       sweep: a Sweep or the path of a sweep TOML file.
       run_fn: ``run_fn(config, run_dir) -> metrics`` (e.g. ``jaxlora.train.run``); returns a
-        mapping of final metrics (scalars are kept). It may find a partly written run_dir
+        mapping of final metrics (scalars are kept; when it returns None, the scalars of
+        ``run_dir/summary.json`` are used). It may find a partly written run_dir
         and should resume from it.
       out_dir: the sweep folder (default: see :func:`sweep_dir`).
       log: called with one line per run; ``None`` for silence.
@@ -445,7 +446,10 @@ def run_sweep(
             say(f"{tag}: running")
             t0 = time.perf_counter()
             try:
-                metrics = _scalar_metrics(run_fn(spec.config, run_dir))
+                returned = run_fn(spec.config, run_dir)
+                if returned is None:  # fall back to the trainer's summary.json
+                    returned = _read_status(run_dir / "summary.json")
+                metrics = _scalar_metrics(returned)
             except Exception as e:  # a failed run is recorded; the sweep goes on
                 err = f"{type(e).__name__}: {e}".splitlines()[0]
                 _write_json(status_path, {
