@@ -48,7 +48,9 @@ Determinism and resumption
     ``shuffle=False``). Only token *lengths* (computed in one scan at load) decide the layout,
     so batch ``(epoch, index)`` is built directly: reading and tokenizing just the documents it
     needs (a small LRU cache holds recently tokenized documents; the corpus text is never held
-    in memory). The iterator position is ``IteratorState(epoch, index)``; resuming from a saved
+    in memory). Loading therefore costs one tokenization pass over the corpus (the whole
+    standard library, ~25 MB of source, takes about a minute on one core; a module subset,
+    seconds). The iterator position is ``IteratorState(epoch, index)``; resuming from a saved
     state yields the identical continuation.
 
 Errors are `jaxlora.errors.DataError` with one line naming the file (and line).
@@ -116,7 +118,7 @@ class DataConfig:
     batch_size: int = 8  # rows per batch
     seed: int = 0  # shuffling and the validation split
     shuffle: bool = True  # reshuffle documents every epoch
-    max_documents: int | None = None  # keep only the first N documents (sorted file order)
+    max_documents: int | None = None  # first N documents (sorted file order) of each source set
     pack: bool = True  # concatenate documents into rows (False: one document per row)
 
     def __post_init__(self):
