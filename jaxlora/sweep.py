@@ -48,7 +48,9 @@ from typing import Any
 from jaxlora.config import (
     SECTIONS,
     Config,
+    Overrides,
     _lookup,
+    _normalize_overrides,
     _pair_value_type,
     _read_with_bases,
     _set_path,
@@ -318,8 +320,16 @@ def run_name(overrides: Sequence[tuple[str, Any]], *, max_len: int = 80) -> str:
     return name
 
 
-def expand(sweep: Sweep | str | os.PathLike, *, out_dir: str | os.PathLike | None = None) -> list[RunSpec]:
+def expand(
+    sweep: Sweep | str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    overrides: Overrides | None = (),
+) -> list[RunSpec]:
     """Every run of a sweep, each with its validated Config.
+
+    ``overrides`` (``["train.steps=5"]`` or a mapping, e.g. from ``--set``) apply to every run
+    after the sweep's ``[set]`` and before the swept values.
 
     The config's ``output_dir`` is the sweep's folder and its ``name`` the run name, so
     ``spec.config.run_dir`` is the run's directory. A value that is invalid for its key fails
@@ -332,6 +342,10 @@ def expand(sweep: Sweep | str | os.PathLike, *, out_dir: str | os.PathLike | Non
     base_raw.setdefault("name", sweep.base.stem)
     for key, value in sweep.set:
         _set_path(base_raw, key, value, f"{sweep.path} (set.{key})")
+    for key, value in _normalize_overrides(overrides):
+        if key in sweep.axes:
+            raise ConfigError(f"{sweep.path}: override {key}: the sweep varies this key")
+        _set_path(base_raw, key, value, f"{sweep.path} (override {key})")
 
     specs: list[RunSpec] = []
     names: dict[str, int] = {}
@@ -390,6 +404,7 @@ def run_sweep(
     run_fn: RunFn,
     *,
     out_dir: str | os.PathLike | None = None,
+    overrides: Overrides | None = (),
     log: Callable[[str], None] | None = print,
 ) -> SweepResult:
     """Run every run of a sweep that has not finished yet, then write results and plots.
@@ -401,6 +416,8 @@ def run_sweep(
         ``run_dir/summary.json`` are used). It may find a partly written run_dir
         and should resume from it.
       out_dir: the sweep folder (default: see :func:`sweep_dir`).
+      overrides: applied to every run (see :func:`expand`); a finished run whose config they
+        change is reported as failed ("different config"), not silently reused.
       log: called with one line per run; ``None`` for silence.
     Returns:
       SweepResult with every run's status and metrics and the paths written.
@@ -412,7 +429,7 @@ def run_sweep(
     """
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
-    specs = expand(sweep, out_dir=out_dir)
+    specs = expand(sweep, out_dir=out_dir, overrides=overrides)
     folder = sweep_dir(sweep, out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)

@@ -266,3 +266,13 @@ def test_run_fn_returning_none_uses_summary_json(tmp_path):
     assert all("nested" not in r.metrics for r in res.runs)
     # one numeric axis and no other: a single line, still plotted
     assert [x.name for x in res.plots] == ["val_loss_vs_lora_rank.png"]
+
+
+def test_overrides_apply_to_every_run_but_not_to_swept_keys(tmp_path):
+    p = make_sweep(tmp_path, GRID_2x2)
+    specs = expand(p, out_dir=tmp_path / "o", overrides=["train.steps=3", "optim.lr=1e-3"])
+    assert {(s.config.train.steps, s.config.optim.lr) for s in specs} == {(3, 1e-3)}
+    with pytest.raises(ConfigError, match="lora.rank"):
+        expand(p, out_dir=tmp_path / "o", overrides=["lora.rank=2"])
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
+        expand(p, out_dir=tmp_path / "o", overrides=["train.stesp=2"])
