@@ -118,7 +118,7 @@ class DataConfig:
     batch_size: int = 8  # rows per batch
     seed: int = 0  # shuffling and the validation split
     shuffle: bool = True  # reshuffle documents every epoch
-    max_documents: int | None = None  # first N documents (sorted file order) of each source set
+    max_documents: int | None = None  # first N documents (sorted order) per source set; 0/None: all
     pack: bool = True  # concatenate documents into rows (False: one document per row)
 
     def __post_init__(self):
@@ -137,7 +137,9 @@ class DataConfig:
             raise DataError(
                 f"data.validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
             )
-        if self.max_documents is not None and self.max_documents <= 0:
+        if self.max_documents == 0:  # the TOML spelling of "all"
+            object.__setattr__(self, "max_documents", None)
+        if self.max_documents is not None and self.max_documents < 0:
             raise DataError(f"data.max_documents must be positive, got {self.max_documents!r}")
 
 
@@ -167,7 +169,7 @@ class IteratorState(NamedTuple):
 
 class DataStats(NamedTuple):
     files: int  # files that contributed documents
-    skipped_files: int  # files skipped for invalid UTF-8
+    skipped_files: int  # files skipped for invalid UTF-8 (while scanning this split's sources)
     documents: int
     empty_documents: int  # documents that tokenized to nothing (dropped)
     tokens: int  # including one EOS per document
@@ -246,14 +248,15 @@ def _chat_pieces(tok: TokenizerLike, messages: list[dict], where: str) -> list[t
     and of the closing text only its first token (the end-of-turn token, e.g. ``<|im_end|>``),
     flagged by the value 2, so the model learns to stop.
     """
-    full = tok.apply_chat_template(messages)
+    # add_generation_prompt is always explicit: jaxlora.io.Tokenizer defaults it to True
+    full = tok.apply_chat_template(messages, add_generation_prompt=False)
     pieces: list[tuple[str, int]] = []
     done = 0  # characters of `full` already assigned
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
         start = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
-        end = tok.apply_chat_template(messages[: i + 1])
+        end = tok.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(end) and end.startswith(start) and len(start) >= done):
             raise DataError(f"{where}: chat template does not render prefixes consistently")
         pieces.append((full[done : len(start)], 0))
@@ -455,7 +458,7 @@ class Dataset:
         )
         rows = len(self._layout(0, shuffle=False).row_start)  # same count every epoch
         self.stats = DataStats(
-            files=len(docs.files),
+            files=len(self.files),
             skipped_files=docs.skipped_files,
             documents=len(docs.length),
             empty_documents=docs.empty_documents,
@@ -471,7 +474,8 @@ class Dataset:
 
     @property
     def files(self) -> tuple[str, ...]:
-        return self._docs.files
+        """The files that hold this split's documents, sorted."""
+        return tuple(self._docs.files[i] for i in np.unique(self._docs.file_idx))
 
     def check(self, max_positions: int) -> None:
         """Raise DataError when `seq_len` exceeds the model's context `max_positions`."""

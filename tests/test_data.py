@@ -43,7 +43,7 @@ class HFTok:
     def decode(self, ids):
         return self.tk.decode(list(ids), skip_special_tokens=False)
 
-    def apply_chat_template(self, messages, add_generation_prompt=False):
+    def apply_chat_template(self, messages, add_generation_prompt=True):  # io.Tokenizer's default
         s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
@@ -320,7 +320,8 @@ def test_chat_mask_only_assistant_content_and_end_token(tmp_path, tok):
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
     cfg = DataConfig(sources=(str(tmp_path),), seq_len=16, batch_size=2, shuffle=False)
     stream, mask = unpack(rows_of(load_datasets(cfg, tok).train.eval_batches()))
-    assert tok.decode(stream) == tok.apply_chat_template(msgs) + "<|endoftext|>"
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    assert tok.decode(stream) == rendered + "<|endoftext|>"
     # runs of trained targets, decoded
     runs, cur = [], []
     for j, m in enumerate(mask):
@@ -420,6 +421,8 @@ def test_validation_fraction_split_is_disjoint_by_document(tmp_path, tok):
     assert len(va) == round(0.25 * len(recs)) and len(tr) + len(va) == len(recs)
     assert not set(tr) & set(va)
     assert sorted(tr + va) == sorted(r["text"] for r in recs)
+    assert ds.train.stats.documents + ds.validation.stats.documents == len(recs)
+    assert ds.validation.stats.files == len(ds.validation.files) <= 2
     cfg2 = DataConfig(**{**cfg.__dict__, "seed": 99})
     assert docs_of(load_datasets(cfg2, tok).validation, tok) != va
     assert (
@@ -432,6 +435,10 @@ def test_max_documents(tmp_path, tok):
     docs = text_corpus(tmp_path, n=6)
     cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=8, max_documents=4)
     assert docs_of(load_datasets(cfg, tok).train, tok) == docs[:4]
+    all_docs = DataConfig(**{**cfg.__dict__, "max_documents": 0})  # TOML's "all"
+    assert load_datasets(all_docs, tok).train.stats.documents == 6
+    with pytest.raises(DataError, match="max_documents"):
+        DataConfig(sources=("x",), max_documents=-1)
 
 
 # ----------------------------------------------------------------------------- errors
