@@ -41,6 +41,7 @@ __all__ = [
     "QuantReport",
     "LeafReport",
     "create_dynamic_map",
+    "DYNAMIC_CODE",
     "quantize",
     "dequantize",
     "quantize_tree",
@@ -80,10 +81,11 @@ _TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
                        total_bits: int = 8) -> np.ndarray:
-    """bitsandbytes' 8-bit dynamic (exponent + fraction) map, sorted, float32 ``[256]``.
+    """The formula of bitsandbytes' 8-bit dynamic (exponent + fraction) map, sorted ``[256]``.
 
-    Reproduces ``bitsandbytes.functional.create_dynamic_map``: it is the code of the double
-    quantized absmax statistics (QLoRA's 8-bit float for the second quantization level).
+    Same construction as ``bitsandbytes.functional.create_dynamic_map`` but in float64, so it
+    is the exact map up to torch's float32 ``linspace`` rounding (<= 1 ulp); the codec uses
+    the bit-exact table `DYNAMIC_CODE`, which the tests check against this formula.
     """
     data: list[float] = []
     non_sign_bits = total_bits - 1
@@ -92,27 +94,92 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
     for i in range(max_exponent_bits):
         n_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
                       else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        bounds = np.linspace(0.1, 1, n_items, dtype=np.float32)  # torch.linspace in float32
-        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
-        data += (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        bounds = np.linspace(0.1, 1.0, n_items)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += (10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
         if signed:
-            data += (-np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+            data += (-10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
     if additional_items > 0:
-        bounds = np.linspace(0.1, 1, additional_items + 1, dtype=np.float32)
-        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
-        data += (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        bounds = np.linspace(0.1, 1.0, additional_items + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += (10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
         if signed:
-            data += (-np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+            data += (-10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
     data += [0.0, 1.0]
     data += [0.0] * (2**total_bits - len(data))
-    return np.sort(np.array(data, dtype=np.float32))
+    return np.sort(np.array(data, dtype=np.float64))
 
 
-DYNAMIC_CODE = create_dynamic_map(signed=True)
-# bitsandbytes' CPU kernel searches a copy whose first entry is forced to -1.0
-# (csrc/cpu_ops.cpp quantize_cpu); dequantization uses the map as stored.
-_DYNAMIC_SEARCH = DYNAMIC_CODE.copy()
-_DYNAMIC_SEARCH[0] = -1.0
+# bitsandbytes' create_dynamic_map(signed=True) exactly as bitsandbytes 0.50 / torch 2.x
+# (float32 linspace) produce it: the code of the double-quantized absmax (QLoRA section 3).
+DYNAMIC_CODE = np.array(
+    [
+        -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624,
+        -0.9085938, -0.89453125, -0.8804687, -0.86640626, -0.85234374, -0.8382813,
+        -0.82421875, -0.8101562, -0.79609376, -0.78203124, -0.7679688, -0.75390625,
+        -0.7398437, -0.72578126, -0.7117188, -0.6976563, -0.68359375, -0.6695312,
+        -0.65546876, -0.6414063, -0.6273438, -0.61328125, -0.5992187, -0.58515626,
+        -0.5710938, -0.5570313, -0.54296875, -0.5289062, -0.5148437, -0.50078124,
+        -0.4867187, -0.47265625, -0.45859373, -0.44453126, -0.43046874, -0.41640624,
+        -0.40234375, -0.38828123, -0.37421876, -0.36015624, -0.34609374, -0.33203125,
+        -0.31796873, -0.30390626, -0.28984374, -0.27578127, -0.26171875, -0.24765624,
+        -0.23359375, -0.21953125, -0.20546874, -0.19140625, -0.17734376, -0.16328125,
+        -0.14921875, -0.13515624, -0.12109375, -0.107031256, -0.09859375, -0.09578126,
+        -0.092968754, -0.09015625, -0.08734375, -0.08453125, -0.08171876, -0.07890625,
+        -0.07609375, -0.07328125, -0.070468746, -0.067656256, -0.06484375, -0.06203125,
+        -0.059218753, -0.05640625, -0.05359375, -0.05078125, -0.04796875, -0.04515625,
+        -0.042343747, -0.03953125, -0.036718752, -0.03390625, -0.03109375, -0.028281251,
+        -0.02546875, -0.02265625, -0.019843752, -0.01703125, -0.01421875, -0.01140625,
+        -0.00971875, -0.009156249, -0.00859375, -0.00803125, -0.00746875, -0.00690625,
+        -0.00634375, -0.00578125, -0.0052187503, -0.0046562497, -0.00409375, -0.0035312497,
+        -0.00296875, -0.00240625, -0.00184375, -0.0012812499, -0.0009437501, -0.00083125,
+        -0.00071875006, -0.0006062501, -0.00049375003, -0.00038125002, -0.00026875004, -0.00015625001,
+        -8.875e-05, -6.625e-05, -4.375e-05, -2.1249998e-05, -7.75e-06, -3.2500002e-06,
+        -5.5000004e-07, 0.0, 5.5000004e-07, 3.2500002e-06, 7.75e-06, 2.1249998e-05,
+        4.375e-05, 6.625e-05, 8.875e-05, 0.00015625001, 0.00026875004, 0.00038125002,
+        0.00049375003, 0.0006062501, 0.00071875006, 0.00083125, 0.0009437501, 0.0012812499,
+        0.00184375, 0.00240625, 0.00296875, 0.0035312497, 0.00409375, 0.0046562497,
+        0.0052187503, 0.00578125, 0.00634375, 0.00690625, 0.00746875, 0.00803125,
+        0.00859375, 0.009156249, 0.00971875, 0.01140625, 0.01421875, 0.01703125,
+        0.019843752, 0.02265625, 0.02546875, 0.028281251, 0.03109375, 0.03390625,
+        0.036718752, 0.03953125, 0.042343747, 0.04515625, 0.04796875, 0.05078125,
+        0.05359375, 0.05640625, 0.059218753, 0.06203125, 0.06484375, 0.067656256,
+        0.070468746, 0.07328125, 0.07609375, 0.07890625, 0.08171876, 0.08453125,
+        0.08734375, 0.09015625, 0.092968754, 0.09578126, 0.09859375, 0.107031256,
+        0.12109375, 0.13515624, 0.14921875, 0.16328125, 0.17734376, 0.19140625,
+        0.20546874, 0.21953125, 0.23359375, 0.24765624, 0.26171875, 0.27578127,
+        0.28984374, 0.30390626, 0.31796873, 0.33203125, 0.34609374, 0.36015624,
+        0.37421876, 0.38828123, 0.40234375, 0.41640624, 0.43046874, 0.44453126,
+        0.45859373, 0.47265625, 0.4867187, 0.50078124, 0.5148437, 0.5289062,
+        0.54296875, 0.5570313, 0.5710938, 0.58515626, 0.5992187, 0.61328125,
+        0.6273438, 0.6414063, 0.65546876, 0.6695312, 0.68359375, 0.6976563,
+        0.7117188, 0.72578126, 0.7398437, 0.75390625, 0.7679688, 0.78203124,
+        0.79609376, 0.8101562, 0.82421875, 0.8382813, 0.85234374, 0.86640626,
+        0.8804687, 0.89453125, 0.9085938, 0.92265624, 0.93671876, 0.9507812,
+        0.96484375, 0.9789063, 0.99296874, 1.0,
+    ],
+    dtype=np.float32,
+)
+
+
+def _dynamic_lut() -> np.ndarray:
+    """``uint8 [65536]``: nearest `DYNAMIC_CODE` index of each point of a 16-bit grid on [-1, 1].
+
+    bitsandbytes 0.50's CPU ``quantize_blockwise`` (used for the double-quantized absmax)
+    does not search the map exactly: it maps ``v`` in [-1, 1] to the grid index
+    ``trunc(((v + 1) * 0.5) * 65535 + 0.5)`` (float32) and looks the code up in such a
+    table. We reproduce that bit for bit (checked against bitsandbytes on ~52k values and
+    the test fixtures); it differs from the exact nearest code only very close to midpoints.
+    """
+    grid = np.arange(65536, dtype=np.float64) / 65535.0 * 2.0 - 1.0
+    code = DYNAMIC_CODE.astype(np.float64)
+    left = np.clip(np.searchsorted(code, grid, side="right") - 1, 0, 255)
+    right = np.minimum(left + 1, 255)
+    closer = np.abs(grid - code[right]) < np.abs(grid - code[left])
+    return np.where(closer, right, left).astype(np.uint8)
+
+
+_DYNAMIC_LUT = _dynamic_lut()
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,12 +328,23 @@ def _blockwise_absmax(xb: Array, n: int, block_size: int) -> tuple[Array, Array]
     return jnp.clip(scaled, -1.0, 1.0), absmax
 
 
+def _mean(a: Array) -> Array:
+    """float32 mean over the last axis with one residual correction step.
+
+    ``jnp.mean``'s float32 reduction order differs from torch's cascade sum; correcting with
+    the mean residual gives (nearly always) the correctly rounded mean, which is what torch
+    produces for bitsandbytes' offset.
+    """
+    m = jnp.mean(a, axis=-1)
+    return m + jnp.mean(a - m[..., None], axis=-1)
+
+
 def _quantize_dynamic(v: Array) -> tuple[Array, Array]:
     """8-bit dynamic-map block quantization (block 256) of ``float32 [*b, m]``.
 
-    Mirrors bitsandbytes' CPU ``quantize_cpu``: absmax per 256-block, ``v / absmax``, search
-    the left neighbour in the map (first entry forced to -1) and step right only when the
-    right neighbour is strictly closer. Returns (``uint8 [*b, m]``, ``float32 [*b, nb2]``).
+    Mirrors bitsandbytes' CPU kernel: absmax per 256-block, ``v / absmax``, then the code
+    from the 16-bit grid table `_dynamic_lut`. Returns (``uint8 [*b, m]``, ``float32
+    [*b, nb2]``).
     """
     m = v.shape[-1]
     nb2 = -(-m // NESTED_BLOCK)
@@ -275,11 +353,10 @@ def _quantize_dynamic(v: Array) -> tuple[Array, Array]:
                                                                   NESTED_BLOCK)
     nabs = jnp.max(jnp.abs(vb), axis=-1)  # [*b, nb2]
     normed = (vb / nabs[..., None]).reshape(*v.shape[:-1], nb2 * NESTED_BLOCK)[..., :m]
-    code = jnp.asarray(_DYNAMIC_SEARCH)
-    left = jnp.clip(jnp.searchsorted(code, normed, side="right") - 1, 0, 255)
-    right = jnp.minimum(left + 1, 255)
-    step = jnp.abs(normed - code[right]) < jnp.abs(normed - code[left])
-    idx = jnp.where(step & (left < 255), right, left)
+    grid = ((jnp.clip(normed, -1.0, 1.0) + np.float32(1.0)) * np.float32(0.5)
+            * np.float32(65535.0) + np.float32(0.5))
+    grid = jnp.clip(jnp.where(jnp.isnan(grid), 0.0, grid), 0.0, 65535.0).astype(jnp.int32)
+    idx = jnp.asarray(_DYNAMIC_LUT)[grid]  # [*b, m]
     idx = jnp.where(jnp.isnan(normed), 0, idx)  # all-equal absmax: 0/0, bnb stores code 0
     return idx.astype(jnp.uint8), nabs
 
@@ -339,7 +416,7 @@ def quantize(x: Any, qtype: str = "nf4", block_size: int = 64, double_quant: boo
         codes = pack_nibbles(q[..., : n + (n % 2)])  # [*b, ceil(n/2)]
     nested = offset = None
     if double_quant:
-        offset = jnp.mean(absmax, axis=-1)  # [*b]
+        offset = _mean(absmax)  # [*b]
         absmax, nested = _quantize_dynamic(absmax - offset[..., None])
     return QTensor(codes, absmax, nested, offset, tuple(int(d) for d in item), orig_dtype,
                    qtype, int(block_size), bool(double_quant))
