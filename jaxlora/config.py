@@ -93,6 +93,12 @@ def _mesh_check(mesh: tuple[tuple[str, int], ...]) -> str | None:
     return None
 
 
+def _targets_check(value: str | tuple[str, ...]) -> str | None:
+    if isinstance(value, tuple) and "all-linear" in value:
+        return "write 'all-linear' as a string, not inside a list (a list holds module names)"
+    return None
+
+
 def _positive_pairs(pairs: tuple[tuple[str, Any], ...]) -> str | None:
     for key, value in pairs:
         if value <= 0:
@@ -140,11 +146,14 @@ class QuantSection:
     double_quant: bool = _field(
         True, "Quantize the per-block absmax scales to 8 bits as well (QLoRA double quantization)."
     )
-    include: tuple[str, ...] = _field(
-        ("^layers/.*/kernel$",), "Regexes over parameter paths that are quantized.", regex=True
+    include: str = _field(
+        r"(^|/)kernel$", "Regex (re.search) over parameter paths of the leaves to quantize.",
+        regex=True,
     )
-    exclude: tuple[str, ...] = _field(
-        (), "Regexes over parameter paths kept in float even if included.", regex=True
+    exclude: str = _field(
+        r"(^|/)(embed|embedding|wte|wpe|lm_head)(/|$)|norm|(^|/)ln_|(^|/)bias$|scale$",
+        "Regex over parameter paths kept in float even if included (embeddings, head, norms).",
+        regex=True,
     )
 
 
@@ -161,13 +170,13 @@ class LoraSection:
         choices=("standard", "rslora"),
     )
     dropout: float = _field(0.0, "Dropout on the adapter input during training, in [0, 1).", ge=0, lt=1)
-    targets: tuple[str, ...] = _field(
-        ("all-linear",),
-        "What to adapt: 'all-linear', module names (q_proj, c_attn, ...) or regexes over parameter paths.",
-        regex=True,
+    targets: str | tuple[str, ...] = _field(
+        "all-linear",
+        "'all-linear', a list of module names (['q_proj', 'v_proj']) or one regex string over parameter paths.",
+        regex=True, check=_targets_check,
     )
-    exclude: tuple[str, ...] = _field(
-        (), "Regexes over parameter paths never adapted (applied after targets).", regex=True
+    exclude: str | tuple[str, ...] = _field(
+        (), "Same forms as targets; matching leaves are not adapted (empty = none).", regex=True
     )
     init: str = _field(
         "kaiming", "Init of A (B starts at zero): kaiming, gaussian; pissa uses the base's SVD.",
@@ -469,6 +478,12 @@ def _is_str_tuple(tp: Any) -> bool:
     return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, Ellipsis)
 
 
+def _is_str_or_tuple(tp: Any) -> bool:
+    """``str | tuple[str, ...]``: one string (e.g. a regex) or a list of names."""
+    args = typing.get_args(tp)
+    return len(args) == 2 and args[0] is str and _is_str_tuple(args[1])
+
+
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
@@ -496,6 +511,14 @@ def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if _is_str_or_tuple(tp):
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(
+                f"{where}: expected a string or a list of strings, got {type(value).__name__} {value!r}"
+            )
+        return tuple(_coerce_scalar(v, str, f"{where}[{i}]") for i, v in enumerate(value))
     if _is_str_tuple(tp):
         if isinstance(value, str):
             return (value,)
@@ -532,7 +555,12 @@ def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: must be finite, got {value!r}")
     if md.get("regex"):
-        patterns = [k for k, _ in value] if value and isinstance(value[0], tuple) else list(value)
+        if isinstance(value, str):  # one regex ("all-linear" is a keyword, and a valid regex)
+            patterns = [value]
+        elif value and isinstance(value[0], tuple):  # regex -> value table
+            patterns = [k for k, _ in value]
+        else:  # a list of strings: module names for lora targets, regexes elsewhere
+            patterns = list(value)
         for pat in patterns:
             try:
                 re.compile(pat)
@@ -625,7 +653,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     def plain(obj: Any, tp: Any) -> Any:
         if _pair_value_type(tp) is not None:
             return {k: v for k, v in obj}
-        if _is_str_tuple(tp):
+        if _is_str_tuple(tp) or (_is_str_or_tuple(tp) and isinstance(obj, tuple)):
             return list(obj)
         return obj
 
@@ -707,6 +735,8 @@ def config_hash(cfg: Config, *, ignore: Sequence[str] = ("name", "output_dir"), 
 def _type_name(tp: Any) -> str:
     if _is_str_tuple(tp):
         return "list of str"
+    if _is_str_or_tuple(tp):
+        return "str or list of str"
     vt = _pair_value_type(tp)
     if vt is not None:
         return f"table str → {vt.__name__}"
@@ -726,7 +756,7 @@ def describe() -> str:
         value = f.default if f.default is not dataclasses.MISSING else None
         if _pair_value_type(tp) is not None:
             value = dict(value)
-        elif _is_str_tuple(tp):
+        elif isinstance(value, tuple):
             value = list(value)
         return f"| `{key}` | {cell(kind)} | `{cell(_toml_value(value))}` | {cell(f.metadata['doc'])} |"
 

@@ -59,15 +59,19 @@ def test_load_sets_fields_and_name_defaults_to_stem(tmp_path):
 [lora]
 rank = 4
 alpha = 8          # an integer where a float is expected is fine
-targets = "q_proj" # a single string where a list is expected is fine
+targets = ["q_proj", "v_proj"]
 rank_pattern = { "attn/q_proj" = 16, "mlp/.*" = 2 }
+[data]
+sources = "corpus.txt"  # a single string where a list is expected is fine
 [sharding]
 mesh = { data = 2, fsdp = -1 }
 """, "my_run.toml")
     cfg = load_config(p)
     assert cfg.name == "my_run"
     assert cfg.lora.rank == 4 and cfg.lora.alpha == 8.0 and isinstance(cfg.lora.alpha, float)
-    assert cfg.lora.targets == ("q_proj",)
+    assert cfg.lora.targets == ("q_proj", "v_proj")  # module names
+    assert cfg.data.sources == ("corpus.txt",)
+    assert load_config(p, ["lora.targets=attn/(q|v)_proj"]).lora.targets == "attn/(q|v)_proj"
     assert dict(cfg.lora.rank_pattern) == {"attn/q_proj": 16, "mlp/.*": 2}
     assert list(dict(cfg.lora.rank_pattern)) == ["attn/q_proj", "mlp/.*"]  # order kept
     assert cfg.sharding.mesh == (("data", 2), ("fsdp", -1))
@@ -80,7 +84,8 @@ name = "weird \"name\" ü"
 [lora]
 rank = 32
 scaling = "rslora"
-targets = ["q_proj", "layers/.*/v_proj$"]
+targets = "layers/.*/(q|v)_proj/kernel$"
+exclude = ["o_proj"]
 rank_pattern = { "a.b|c" = 3 }
 alpha_pattern = { "x" = 0.5 }
 [data]
@@ -153,7 +158,10 @@ BAD_CASES = [
     ("[lora]\nrank = 0\n", (), ["lora.rank", ">= 1"]),
     ("[lora]\nscaling = \"rs\"\n", (), ["lora.scaling", "'rs'", "'rslora'"]),
     ("[lora]\ndropout = 1.0\n", (), ["lora.dropout", "< 1"]),
-    ("[lora]\ntargets = [\"(\"]\n", (), ["lora.targets", "invalid regex"]),
+    ("[lora]\ntargets = \"(\"\n", (), ["lora.targets", "invalid regex"]),
+    ("[lora]\ntargets = [\"all-linear\"]\n", (), ["lora.targets", "as a string"]),
+    ("[lora]\ntargets = 3\n", (), ["lora.targets", "string or a list"]),
+    ("[quant]\ninclude = \"[\"\n", (), ["quant.include", "invalid regex"]),
     ("[lora]\nrank_pattern = { q = 0 }\n", (), ["lora.rank_pattern", "'q'"]),
     ("[lora]\nrank_pattern = { q = \"x\" }\n", (), ["lora.rank_pattern.q", "expected an integer"]),
     ("[quant]\nqtype = \"nf3\"\n", (), ["quant.qtype", "'nf3'", "'nf4'"]),
@@ -210,3 +218,17 @@ def test_config_hash_ignores_name_and_tracks_values():
     b = C.apply_overrides(a, ["lora.rank=9"])
     assert C.config_hash(a) != C.config_hash(b)
     assert len(C.config_hash(a)) == 10
+
+
+def test_sections_map_onto_lora_spec_and_quant_rules():
+    """The trainer builds LoraSpec / QuantRules from these sections field by field."""
+    from jaxlora.lora import LoraSpec
+    from jaxlora.quant import QuantRules
+
+    cfg = Config()
+    lora = dataclasses.asdict(cfg.lora)
+    lora["exclude"] = lora["exclude"] or None
+    spec = LoraSpec(**lora)
+    assert (spec.rank, spec.targets, spec.scaling) == (8, "all-linear", "standard")
+    rules = QuantRules(**dataclasses.asdict(cfg.quant))
+    assert rules == QuantRules()  # same defaults in both places
