@@ -160,44 +160,18 @@ def check_base_record(saved: Mapping[str, Any], current: Mapping[str, Any]) -> N
         raise CheckpointError("checkpoint was made with a different base model: " + "; ".join(diffs))
 
 
-def _iter_pairs(adapters: Any, prefix: str = ""):
-    """Yield (path, pair) for each LoraPair-like leaf of a nested-dict Adapters tree."""
-    if isinstance(adapters, Mapping):
-        for k, v in adapters.items():
-            yield from _iter_pairs(v, f"{prefix}/{k}" if prefix else str(k))
-    elif adapters is not None and hasattr(adapters, "a") and hasattr(adapters, "b"):
-        yield prefix, adapters
-
-
-def _lookup(tree: Any, path: str) -> Any:
-    node = tree
-    for k in path.split("/"):
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
 def check_adapters_fit(base: Any, adapters: Any) -> None:
     """Raise CheckpointError if an adapter pair does not fit the base leaf it targets.
 
-    A pair at path P needs a base leaf at P of shape ``[*lead, in, out]`` with
-    ``a: [*lead, in, r]`` and ``b: [*lead, r, out]``.
+    A pair at path P needs a base leaf at P of shape ``[*lead, in, *out]`` with
+    ``a: [*lead, in, r]`` and ``b: [*lead, r, *out]`` (`jaxlora.lora.check_fit`).
     """
-    for path, pair in _iter_pairs(adapters):
-        w = _lookup(base, path)
-        if w is None:
-            raise CheckpointError(f"adapter {path}: no such leaf in the base model")
-        ws = tuple(w.shape)
-        a, b = tuple(pair.a.shape), tuple(pair.b.shape)
-        ok = (
-            len(a) == len(ws) and len(b) == len(ws)
-            and a[:-1] == ws[:-1] and b[:-2] == ws[:-2] and b[-1] == ws[-1] and a[-1] == b[-2]
-        )
-        if not ok:
-            raise CheckpointError(
-                f"adapter {path} does not fit the base: base {list(ws)}, a {list(a)}, b {list(b)}"
-            )
+    from jaxlora import lora
+
+    try:
+        lora.check_fit(base, adapters)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint adapters do not fit the base: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ import pytest
 
 from jaxlora.checkpoint import CheckpointManager, base_record, check_adapters_fit, fingerprint
 from jaxlora.errors import CheckpointError
+from jaxlora.lora import LoraPair
 
 
-class Pair(NamedTuple):  # the LoraPair children; checkpointing only sees arrays
-    a: jax.Array
-    b: jax.Array
+def Pair(a, b):  # noqa: N802
+    return LoraPair(a, b, scale=2.0, dropout=0.0)
 
 
 class State(NamedTuple):  # same fields as jaxlora.train.TrainState
@@ -30,25 +30,24 @@ class State(NamedTuple):  # same fields as jaxlora.train.TrainState
 
 
 def _base(seed: int = 0, out: int = 16) -> dict:
-    k = jax.random.key(seed)
+    rng = np.random.default_rng(seed)
     return {
-        "embed": {"embedding": jax.random.normal(k, (32, 8))},
-        "layers": {"attn": {"q_proj": {"kernel": jax.random.normal(k, (2, 8, out))}}},
+        "embed": {"embedding": jnp.asarray(rng.standard_normal((32, 8), np.float32))},
+        "layers": {"attn": {"q_proj": {"kernel": jnp.asarray(
+            rng.standard_normal((2, 8, out), np.float32))}}},
     }
 
 
 def _state(seed: int = 0, r: int = 4, out: int = 16) -> State:
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    adapters = {
-        "layers": {"attn": {"q_proj": {"kernel": Pair(
-            jax.random.normal(k1, (2, 8, r)), jax.random.normal(k2, (2, r, out)))}}}
-    }
-    opt = optax.adamw(1e-3)
-    opt_state = opt.init(adapters)
-    # make the optimizer moments non-trivial
-    _, opt_state = opt.update(jax.tree.map(jnp.ones_like, adapters), opt_state, adapters)
-    return State(jnp.asarray(seed, jnp.int32), adapters, opt_state,
-                 jax.random.key_data(jax.random.key(seed + 100)))
+    """A TrainState with random values everywhere (numpy: no XLA compiles in these tests)."""
+    rng = np.random.default_rng(seed)
+    rnd = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+    adapters = {"layers": {"attn": {"q_proj": {"kernel": Pair(rnd(2, 8, r), rnd(2, r, out))}}}}
+    opt_state = optax.adamw(1e-3).init(adapters)
+    leaves, treedef = jax.tree.flatten(opt_state)
+    leaves = [jnp.asarray(seed + 3, x.dtype) if x.ndim == 0 else rnd(*x.shape) for x in leaves]
+    rng_key = jnp.asarray(rng.integers(0, 2**32 - 1, (2,), dtype=np.uint32))
+    return State(jnp.asarray(seed, jnp.int32), adapters, jax.tree.unflatten(treedef, leaves), rng_key)
 
 
 def _assert_equal(x: Any, y: Any) -> None:

@@ -1,0 +1,172 @@
+"""jaxlora.io.peft: PEFT folder round trip, key names, config fields and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxlora import lora
+from jaxlora.errors import CheckpointError
+from jaxlora.io.peft import load_peft, save_peft
+from jaxlora.models import ModelConfig, init_params  # noqa: F401 (eval_shape only)
+
+LLAMA = ModelConfig.tiny_llama()
+GPT2 = ModelConfig.tiny_gpt2()
+
+
+def _shapes(cfg):
+    """The base tree as ShapeDtypeStructs: PEFT loading only reads shapes (and it is fast)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def _random_adapters(base, spec, seed=1):
+    """Adapters shaped by ``spec`` with non-zero A and B (numpy; B = 0 would hide transposes)."""
+    rng = np.random.default_rng(seed)
+    flat = lora.flatten_paths(base)
+    out = {}
+    for p in lora.resolve_targets(base, spec):
+        lead, d_in, d_out, r, scale = lora._leaf_geometry(p, tuple(flat[p].shape), spec)
+        a = rng.standard_normal((*lead, d_in, r), np.float32)
+        b = rng.standard_normal((*lead, r, *d_out), np.float32)
+        out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, float(spec.dropout))
+    return lora.unflatten_paths(out)
+
+
+def _assert_same(x, y):
+    fx, fy = lora.flatten_paths(x), lora.flatten_paths(y)
+    assert sorted(fx) == sorted(fy)
+    for p in fx:
+        assert fx[p].scale == pytest.approx(fy[p].scale, rel=1e-12), p
+        assert fx[p].dropout == fy[p].dropout
+        for u, v in ((fx[p].a, fy[p].a), (fx[p].b, fy[p].b)):
+            assert u.dtype == v.dtype and u.shape == v.shape
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_llama_round_trip_bit_exact(tmp_path: Path, scaling: str) -> None:
+    base = _shapes(LLAMA)
+    spec = lora.LoraSpec(rank=4, alpha=8, scaling=scaling, targets="all-linear",
+                         rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3.0},
+                         dropout=0.05)
+    ad = _random_adapters(base, spec)
+    save_peft(tmp_path, ad, spec, base_model_name="tiny", arch="llama")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] == (scaling == "rslora")
+    assert cfg["rank_pattern"] == {"down_proj": 2}
+    assert cfg["alpha_pattern"] == {"v_proj": 3}
+    assert cfg["lora_dropout"] == 0.05 and cfg["base_model_name_or_path"] == "tiny"
+    assert sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(t) == 2 * 7 * LLAMA.num_layers
+    qa = t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+    qb = t["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    q = ad["layers"]["attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(qa, np.asarray(q.a[1]).T)  # (r, in)
+    np.testing.assert_array_equal(qb, np.asarray(q.b[1]).T)  # (out, r)
+    assert t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (2, LLAMA.intermediate_size)
+    back = load_peft(tmp_path, base, "llama")
+    _assert_same(back, ad)
+
+
+def test_gpt2_round_trip_and_names(tmp_path: Path) -> None:
+    base = _shapes(GPT2)
+    spec = lora.LoraSpec(rank=4, alpha=16, targets=r"^layers/.*/(c_attn|c_proj|c_fc)/kernel$")
+    ad = _random_adapters(base, spec)
+    save_peft(tmp_path, ad, spec, "gpt2", arch=GPT2)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    assert sorted(cfg["target_modules"]) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    d = GPT2.hidden_size
+    assert t["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, d)
+    assert t["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"].shape == (3 * d, 4)
+    assert "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight" in t
+    _assert_same(load_peft(tmp_path, base, GPT2), ad)
+
+
+def test_forward_unchanged_by_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    base = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)),
+                        _shapes(LLAMA))
+    spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    ad = _random_adapters(base, spec)
+    save_peft(tmp_path, ad, spec, "tiny", "llama")
+    from jaxlora.models import forward
+    fwd = jax.jit(lambda p, t, a: forward(LLAMA, p, t, adapters=a))
+    tokens = jnp.arange(12).reshape(2, 6) % LLAMA.vocab_size
+    ref = fwd(base, tokens, ad)
+    got = fwd(base, tokens, load_peft(tmp_path, base, "llama"))
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(got))
+    zero = jax.tree.map(jnp.zeros_like, ad)
+    assert not np.allclose(np.asarray(ref), np.asarray(fwd(base, tokens, zero)))
+
+
+@pytest.fixture
+def saved(tmp_path: Path):
+    base = _shapes(LLAMA)
+    spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    save_peft(tmp_path, _random_adapters(base, spec), spec, "tiny", "llama")
+    return tmp_path, base
+
+
+def _edit(folder: Path, fn) -> None:
+    path = folder / "adapter_model.safetensors"
+    t = dict(load_file(str(path)))
+    fn(t)
+    save_file(t, str(path))
+
+
+def test_missing_key_is_named(saved) -> None:
+    folder, base = saved
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    _edit(folder, lambda t: t.pop(key))
+    with pytest.raises(CheckpointError, match=r"missing keys: .*layers\.1\.self_attn\.v_proj\.lora_B"):
+        load_peft(folder, base, "llama")
+
+
+def test_missing_target_module(saved) -> None:
+    folder, base = saved
+    _edit(folder, lambda t: [t.pop(k) for k in list(t) if "v_proj" in k])
+    with pytest.raises(CheckpointError, match="missing keys for target module 'v_proj'"):
+        load_peft(folder, base, "llama")
+
+
+def test_other_architecture(saved) -> None:
+    folder, base = saved
+    gbase = _shapes(GPT2)
+    with pytest.raises(CheckpointError, match="do not map to a gpt2 model"):
+        load_peft(folder, gbase, "gpt2")
+
+
+def test_shape_mismatch_named(saved) -> None:
+    folder, _ = saved
+    wide = _shapes(ModelConfig.tiny_llama(hidden_size=96))
+    with pytest.raises(CheckpointError,
+                       match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 64\), expected \(4, 96\)"):
+        load_peft(folder, wide, "llama")
+    deeper = _shapes(ModelConfig.tiny_llama(num_layers=3))
+    with pytest.raises(CheckpointError, match=r"missing keys: .*layers\.2\."):
+        load_peft(folder, deeper, "llama")
+
+
+def test_unsupported_options_and_save_errors(saved, tmp_path: Path) -> None:
+    folder, base = saved
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="use_dora"):
+        load_peft(folder, base, "llama")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_peft(tmp_path / "nope", base, "llama")
+    emb = _random_adapters(base, lora.LoraSpec(targets=r"^embed/embedding$"))
+    with pytest.raises(CheckpointError, match="no PEFT module name"):
+        save_peft(tmp_path / "e", emb, None, "tiny", "llama")
