@@ -107,21 +107,50 @@ def open_source(path: str | os.PathLike[str]) -> GGUFSource | HFSource:
     return GGUFSource(path)
 
 
-def _as_hook(quant: Any) -> QuantHook | None:
-    """Turn `quant` into a per-tensor hook. Accepts None, a hook callable, or an object with a
-    `quantize_leaf(path, array, layer)` method (jaxlora.quant's rules)."""
+def _rules_hook(rules: Any, dtype: Any) -> QuantHook | None:
+    """A hook that applies `jaxlora.quant.QuantRules` to one tensor (one layer) at a time.
+
+    Quantizing each layer's slice and stacking equals `quantize_tree` on the stacked leaf
+    (`quantize(..., batch_dims=1)`), so loading with `quant=rules` gives the same tree as
+    `quantize_tree(load_model(...).params, rules)` without ever holding the float model.
+    """
+    import re
+
+    from jaxlora import quant as q
+
+    if rules.qtype == "none":
+        return None
+    inc, exc = re.compile(rules.include), re.compile(rules.exclude)
+
+    # One jitted function, compiled once per tensor shape: eager quantization of ~200 tensors
+    # costs ~45 s of op dispatch for SmolLM2, jitted ~1 s of compiles.
+    fn = jax.jit(lambda x: q.quantize(x, rules.qtype, rules.block_size, rules.double_quant))
+
+    def hook(path: str, arr: np.ndarray, layer: int | None) -> Any:
+        if inc.search(path) is None or exc.search(path) is not None:
+            return None
+        if not np.isfinite(arr).all():  # the check quantize() does eagerly, which jit skips
+            where = path if layer is None else f"{path}[layer {layer}]"
+            raise ModelLoadError(f"cannot quantize {where}: it contains NaN or Inf")
+        return fn(jnp.asarray(arr, dtype=dtype))
+
+    return hook
+
+
+def _as_hook(quant: Any, dtype: Any) -> QuantHook | None:
+    """Turn `quant` into a per-tensor hook: None, a `jaxlora.quant.QuantRules`, a qtype string
+    ("nf4", "int8", ... with the default rules), or a hook callable."""
     if quant is None:
         return None
-    if hasattr(quant, "quantize_leaf"):
-        return quant.quantize_leaf
+    from jaxlora import quant as q
+
+    if isinstance(quant, str):
+        quant = q.QuantRules(qtype=quant)
+    if isinstance(quant, q.QuantRules):
+        return _rules_hook(quant, dtype)
     if callable(quant):
         return quant
-    try:  # jaxlora.quant.QuantRules (resolved lazily: quant.py may not exist yet)
-        from jaxlora import quant as _quant
-
-        return _quant.load_hook(quant)  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        raise TypeError(f"quant must be None, a QuantRules or a callable hook, got {type(quant).__name__}") from None
+    raise TypeError(f"quant must be None, a QuantRules, a qtype string or a callable, got {type(quant).__name__}")
 
 
 def _stack_leaves(leaves: list[Any]) -> Any:
@@ -209,9 +238,10 @@ def load_model(
 
     Args:
       name_or_path: a key of `KNOWN_MODELS`, a `.gguf` file or a folder with `config.json`.
-      quant: None for float weights; or quantization rules / a hook
-        `(path, float32 array, layer or None) -> leaf or None` applied to each tensor as it
-        is read (per layer for `layers/` leaves), so the float model never exists in memory.
+      quant: None for float weights; a `jaxlora.quant.QuantRules` (or a qtype string like
+        "nf4" for the default rules); or a hook `(path, float32 array, layer or None) -> leaf
+        or None`. It is applied to each tensor as it is read (per layer for `layers/` leaves),
+        so the float model never exists in memory.
       dtype: the float dtype of leaves that are not quantized.
 
     Returns:
@@ -221,7 +251,7 @@ def load_model(
     """
     path = resolve(name_or_path)
     src = open_source(path)
-    params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant))
+    params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant, dtype))
     return LoadedModel(config=src.config, params=params, tokenizer=src.tokenizer(), source=str(path))
 
 

@@ -16,8 +16,10 @@ files say `llama` too; Qwen2 and GPT-2 are stored unpermuted). `unpermute_qk` in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import numpy as np
 from jaxlora.errors import ModelLoadError
 from jaxlora.models.config import ModelConfig
 
-__all__ = ["GGUFSource", "permute_qk", "unpermute_qk", "SUPPORTED_TENSOR_TYPES"]
+__all__ = ["GGUFSource", "GGUFFile", "TensorInfo", "permute_qk", "unpermute_qk", "SUPPORTED_TENSOR_TYPES"]
 
 # Tensor types we accept; the gguf package can dequantize more, but these are the tested ones.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -87,6 +89,108 @@ _GPT2_BLOCK = {
     "ffn_down.weight": ("layers/mlp/c_proj/kernel", "kernel"),
     "ffn_down.bias": ("layers/mlp/c_proj/bias", "vec"),
 }
+
+# --- a small, fast GGUF reader ---------------------------------------------------------------
+# gguf.GGUFReader builds a numpy memmap view for every metadata string, which takes ~10 s for
+# SmolLM2's 98k tokenizer strings. This reader parses the header with `struct` from one mmap
+# (~0.1 s) and gives each tensor's bytes as a memory-mapped uint8 view [rows, row_bytes], the
+# input `gguf.quants.dequantize` takes. It follows the GGUF v2/v3 spec (little-endian only).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: `shape` is GGUF's `ne` order (innermost first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: int
+    data: np.ndarray  # uint8 [rows, row_bytes], memory-mapped
+
+
+class GGUFFile:
+    """Parsed GGUF header (`fields`: key -> Python value) and tensors (`tensors`)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.path = Path(path)
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        buf = memoryview(self._mm)
+        self._buf, self._pos = buf, 0
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError(f"bad magic {bytes(buf[:4])!r} (expected b'GGUF')")
+        self._pos = 4
+        version = self._scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
+        self.fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.fields[key] = self._value(self._scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._scalar("<I")
+            shape = tuple(self._scalar("<Q") for _ in range(n_dims))
+            ttype, offset = self._scalar("<I"), self._scalar("<Q")
+            infos.append((name, shape, ttype, offset))
+        align = int(self.fields.get("general.alignment", 32))
+        start = self._pos + (-self._pos % align)
+        self.tensors: list[TensorInfo] = []
+        for name, shape, ttype, offset in infos:
+            try:
+                qt = GGMLQuantizationType(ttype)
+            except ValueError:
+                raise ValueError(f"tensor {name!r} has unknown type id {ttype}") from None
+            block, size = GGML_QUANT_SIZES[qt]
+            if not shape or shape[0] % block:
+                raise ValueError(f"tensor {name!r}: shape {list(shape)} does not fit {qt.name} blocks of {block}")
+            rows = int(np.prod(shape[1:], dtype=np.int64))
+            row_bytes = shape[0] // block * size
+            a, b = start + offset, start + offset + rows * row_bytes
+            if b > len(self._mm):
+                raise ValueError(
+                    f"tensor {name!r} ({qt.name} {list(shape)}) needs bytes {a}..{b}, "
+                    f"file has {len(self._mm)} (truncated?)"
+                )
+            self.tensors.append(TensorInfo(name, shape, ttype, self._mm[a:b].reshape(rows, row_bytes)))
+
+    def _scalar(self, fmt: str) -> Any:
+        (v,) = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return v
+
+    def _string(self) -> str:
+        n = self._scalar("<Q")
+        if self._pos + n > len(self._buf):
+            raise ValueError("string runs past the end of the file")
+        s = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8", errors="replace")
+        self._pos += n
+        return s
+
+    def _value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            itype, n = self._scalar("<I"), self._scalar("<Q")
+            if itype in _SCALARS and itype != 7:  # fast path: one numpy read
+                dt = np.dtype(_SCALARS[itype])
+                end = self._pos + n * dt.itemsize
+                if end > len(self._buf):
+                    raise ValueError("array runs past the end of the file")
+                arr = np.frombuffer(self._buf[self._pos : end], dtype=dt).tolist()
+                self._pos = end
+                return arr
+            return [self._value(itype) for _ in range(n)]
+        fmt = _SCALARS.get(vtype)
+        if fmt is None:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return self._scalar(fmt)
+
+
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LLAMA_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -99,10 +203,8 @@ class GGUFSource:
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such file")
         try:
-            from gguf import GGUFReader
-
-            self.reader = GGUFReader(str(self.path), "r")
-        except Exception as e:  # the reader raises ValueError, struct errors, IndexError, ...
+            self.reader = GGUFFile(self.path)
+        except Exception as e:  # ValueError, struct.error, OSError, ...
             raise ModelLoadError(
                 f"{self.path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
             ) from None
@@ -117,15 +219,11 @@ class GGUFSource:
     # --- metadata -----------------------------------------------------------------------
     def _get(self, key: str, default: Any = None, *, required: bool = False) -> Any:
         field = self.reader.fields.get(key)
-        if field is None:
+        if key not in self.reader.fields:
             if required:
                 raise ModelLoadError(f"{self.path}: missing metadata key {key!r}")
             return default
-        try:
-            value = field.contents()
-        except Exception as e:
-            raise ModelLoadError(f"{self.path}: unreadable metadata key {key!r}: {e}") from None
-        return value
+        return field
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -146,7 +244,7 @@ class GGUFSource:
         vocab = g("vocab_size")
         if vocab is None:
             toks = self.reader.fields.get("tokenizer.ggml.tokens")
-            vocab = len(toks.data) if toks is not None else None
+            vocab = len(toks) if toks is not None else None
         if vocab is None:
             emb = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
             vocab = int(emb.shape[-1])
