@@ -1,0 +1,165 @@
+"""Optax transformations for training LoRA adapters only.
+
+LoRA (Hu et al. 2021, arXiv 2106.09685) trains the low-rank factors A, B and keeps the base
+frozen; rsLoRA (arXiv 2312.03732) only changes the scale. So the optimizer here acts on the
+adapter tree. When users hand a combined tree (``{"base": ..., "adapters": ...}`` or an
+`lora.attach`-ed tree of `LoraWeight` views) `adapters_only` composes ``optax.partition``
+with ``optax.set_to_zero`` (the optax freezing idiom): frozen leaves get zero updates and
+carry no optimizer state, and gradient clipping / weight decay see the adapters only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from jaxlora.lora import LoraPair, LoraWeight
+
+__all__ = [
+    "TRAINABLE",
+    "FROZEN",
+    "make_schedule",
+    "make_optimizer",
+    "adapter_labels",
+    "adapters_only",
+]
+
+TRAINABLE = "adapters"
+FROZEN = "frozen"
+_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def make_schedule(
+    lr: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> optax.Schedule:
+    """Learning rate vs step: linear warmup from 0 over ``warmup_steps``, then
+    "constant", "linear" (to 0 at ``total_steps``) or "cosine" (to 0 at ``total_steps``)."""
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if schedule != "constant":
+        if total_steps is None or total_steps <= warmup_steps:
+            raise ValueError(
+                f"schedule {schedule!r} needs total_steps > warmup_steps, got "
+                f"total_steps={total_steps}, warmup_steps={warmup_steps}"
+            )
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps, 0.0)
+    if schedule == "linear":
+        decay = optax.linear_schedule(lr, 0.0, total_steps - warmup_steps)
+    else:
+        decay = optax.constant_schedule(lr)
+    if warmup_steps == 0:
+        return decay
+    warm = optax.linear_schedule(0.0, lr, warmup_steps)
+    return optax.join_schedules([warm, decay], [warmup_steps])
+
+
+def make_optimizer(
+    name: str = "adamw",
+    lr: float = 2e-4,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+    """An optax optimizer for the adapter tree: ``clip_by_global_norm -> optax.<name>``.
+
+    Args:
+      name: any optax optimizer alias taking ``learning_rate`` ("adamw", "adam", "sgd",
+        "lion", "adafactor", ...).
+      lr, schedule, warmup_steps, total_steps: see `make_schedule`.
+      weight_decay: passed to optimizers that take ``weight_decay`` (decoupled, e.g. adamw);
+        a ValueError for optimizers that do not.
+      max_grad_norm: global-norm clipping threshold, or None for no clipping.
+      **kwargs: extra keyword arguments of the optax optimizer (``b1``, ``eps``, ...).
+    """
+    fn = getattr(optax, name, None)
+    params = inspect.signature(fn).parameters if callable(fn) else {}
+    if "learning_rate" not in params:
+        names = [n for n in dir(optax) if not n.startswith("_")]
+        near = difflib.get_close_matches(name, names, n=3)
+        raise ValueError(f"unknown optax optimizer {name!r}; closest: {near}")
+    opt_kwargs = dict(kwargs)
+    if weight_decay:
+        if "weight_decay" not in params:
+            raise ValueError(f"optax.{name} takes no weight_decay; use e.g. 'adamw'")
+        opt_kwargs["weight_decay"] = weight_decay
+    opt = fn(learning_rate=make_schedule(lr, schedule, warmup_steps, total_steps), **opt_kwargs)
+    if max_grad_norm is None:
+        return opt
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
+
+
+def adapter_labels(tree: Any) -> Any:
+    """A label pytree (same structure as ``tree``): ``"adapters"`` or ``"frozen"`` per leaf.
+
+    Trainable leaves are the ``a`` / ``b`` children of every `LoraPair` / `LoraWeight` and
+    everything under a top-level ``"adapters"`` key; all other leaves (base arrays, QTensor
+    codes and scales, dropout keys) are frozen.
+    """
+
+    def lab(node: Any, trainable: bool) -> Any:
+        if isinstance(node, LoraPair):
+            return LoraPair(
+                a=lab(node.a, True), b=lab(node.b, True), scale=node.scale, dropout=node.dropout
+            )
+        if isinstance(node, LoraWeight):
+            return LoraWeight(
+                w=lab(node.w, False),
+                a=lab(node.a, True),
+                b=lab(node.b, True),
+                key=lab(node.key, False),
+                scale=node.scale,
+                dropout=node.dropout,
+            )
+        if isinstance(node, Mapping):
+            return {k: lab(v, trainable) for k, v in node.items()}
+        return jax.tree.map(lambda _: TRAINABLE if trainable else FROZEN, node)
+
+    if isinstance(tree, Mapping):
+        return {k: lab(v, k == TRAINABLE) for k, v in tree.items()}
+    return lab(tree, False)
+
+
+def adapters_only(
+    tx: optax.GradientTransformation, tree_or_labels: Any | Callable[[Any], Any]
+) -> optax.GradientTransformation:
+    """Apply ``tx`` to the adapter leaves only; every other leaf is frozen.
+
+    Built from ``optax.partition({"adapters": tx, "frozen": optax.set_to_zero()}, labels)``:
+    frozen leaves get exact zero updates and hold no optimizer state (Adam state is
+    ``2 x`` the adapter bytes), and clipping / weight decay inside ``tx`` see adapters only.
+
+    Args:
+      tx: the adapter optimizer, e.g. from `make_optimizer`.
+      tree_or_labels: a parameter tree (labels are derived with `adapter_labels`), a label
+        tree of "adapters" / "frozen" strings, or a callable ``params -> labels``.
+    """
+    if callable(tree_or_labels):
+        labels = tree_or_labels
+    else:
+        leaves = jax.tree.leaves(tree_or_labels)
+        if leaves and all(isinstance(x, str) for x in leaves):
+            bad = sorted({x for x in leaves} - {TRAINABLE, FROZEN})
+            if bad:
+                raise ValueError(f"labels must be {TRAINABLE!r} or {FROZEN!r}, got {bad}")
+            labels = tree_or_labels
+        else:
+            labels = adapter_labels(tree_or_labels)
+            if TRAINABLE not in jax.tree.leaves(labels):
+                raise ValueError("adapters_only: the tree has no adapter (LoraPair) leaves")
+    return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
