@@ -434,7 +434,8 @@ class CheckpointManager:
                 check_adapters_fit(base, adapters)
         return out
 
-    def _restore_step(self, step: int, template: Any) -> Restored:
+    def _read_step(self, step: int) -> tuple[dict, list[np.ndarray], dict]:
+        """(meta, leaves in manifest order, data position) of one step, all checksummed."""
         where = self.directory / str(step)
         try:
             meta = self._mgr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
@@ -448,10 +449,8 @@ class CheckpointManager:
                 f"{str(meta.get('base_fingerprint'))[:20]}... vs {str(self._base.get('fingerprint'))[:20]}...)"
             )
         manifest = meta["manifest"]
-        table = _leaf_table(template)
-        _check_template(where, manifest, table)
         abstract = {
-            f"leaf_{i:05d}": np.zeros(s, dtype=np.dtype(d)) for i, (_, s, d, _) in enumerate(table)
+            f"leaf_{i:05d}": np.zeros(m["shape"], dtype=np.dtype(m["dtype"])) for i, m in enumerate(manifest)
         }
         try:
             got = self._mgr.restore(
@@ -460,8 +459,7 @@ class CheckpointManager:
                     **{_STATE: ocp.args.StandardRestore(abstract), _DATA: ocp.args.JsonRestore()}
                 ),
             )
-            arrays = got[_STATE]
-            pos = got[_DATA]
+            arrays, pos = got[_STATE], got[_DATA]
         except Exception as e:  # noqa: BLE001
             raise _Corrupt(f"{where}: state unreadable ({type(e).__name__}: {str(e)[:200]})") from e
         leaves = []
@@ -473,19 +471,72 @@ class CheckpointManager:
             if _crc(x) != entry["crc32"]:
                 raise _Corrupt(f"{where}: leaf {entry['path']} fails its checksum")
             leaves.append(x)
-        treedef = jax.tree_util.tree_structure(template)
-        tmpl_leaves = jax.tree_util.tree_leaves(template)
-        leaves = [
-            jax.numpy.asarray(x) if isinstance(t, jax.Array) else x
-            for x, t in zip(leaves, tmpl_leaves)
-        ]
-        state = jax.tree_util.tree_unflatten(treedef, leaves)
+        return dict(meta), leaves, {k: int(v) for k, v in dict(pos or {}).items()}
+
+    def _restore_step(self, step: int, template: Any) -> Restored:
+        meta, leaves, pos = self._read_step(step)
+        table = _leaf_table(template)
+        _check_template(self.directory / str(step), meta["manifest"], table)
         return Restored(
             step=step,
-            state=state,
-            data_position={k: int(v) for k, v in dict(pos or {}).items()},
+            state=_unflatten_like(template, leaves),
+            data_position=pos,
             metrics=dict(meta.get("metrics", {})),
         )
+
+    def restore_adapters(self, template_adapters: Any, *, step: int | str | None = None) -> Restored:
+        """Restore only the adapters (for export / inference): no optimizer template needed.
+
+        Args:
+          template_adapters: an Adapters tree (e.g. ``jax.eval_shape`` of ``lora.init``) giving
+            structure, shapes and the static scales.
+          step: a step, "best", or None / "latest".
+
+        Returns:
+          `Restored` whose ``state`` is the adapters tree.
+        """
+        self.wait()
+        if step == "best":
+            step = self.best_step()
+            if step is None:
+                raise CheckpointError(f"{self.directory}: no checkpoint with a {self.best_metric!r} metric")
+        if step == "latest":
+            step = None
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        candidates = [int(step)] if step is not None else list(reversed(steps))
+        if step is not None and int(step) not in steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint for step {step}; have {steps}")
+        errors = []
+        for s in candidates:
+            try:
+                meta, leaves, pos = self._read_step(s)
+            except _Corrupt as e:
+                if step is not None:
+                    raise
+                errors.append(str(e))
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+                continue
+            sub = [(m, x) for m, x in zip(meta["manifest"], leaves) if m["path"].startswith("adapters/")]
+            manifest = [dict(m, path=m["path"][len("adapters/"):]) for m, _ in sub]
+            _check_template(self.directory / str(s), manifest, _leaf_table(template_adapters))
+            return Restored(
+                step=s,
+                state=_unflatten_like(template_adapters, [x for _, x in sub]),
+                data_position=pos,
+                metrics=dict(meta.get("metrics", {})),
+            )
+        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+
+
+def _unflatten_like(template: Any, leaves: list[np.ndarray]) -> Any:
+    treedef = jax.tree_util.tree_structure(template)
+    tmpl_leaves = jax.tree_util.tree_leaves(template)
+    out = [
+        x if isinstance(t, np.ndarray) else jax.numpy.asarray(x) for x, t in zip(leaves, tmpl_leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class _Corrupt(CheckpointError):

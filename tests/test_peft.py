@@ -170,3 +170,96 @@ def test_unsupported_options_and_save_errors(saved, tmp_path: Path) -> None:
     emb = _random_adapters(base, lora.LoraSpec(targets=r"^embed/embedding$"))
     with pytest.raises(CheckpointError, match="no PEFT module name"):
         save_peft(tmp_path / "e", emb, None, "tiny", "llama")
+
+
+# --------------------------------------------------------------------------------------------
+# jaxlora.export: merged export and the export() entry (kept here: both are export formats)
+# --------------------------------------------------------------------------------------------
+
+
+def _byte_tokenizer():
+    import tokenizers
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    from jaxlora.io import Tokenizer
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = tokenizers.Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return Tokenizer(backend, bos_id=1, eos_id=2, pad_id=2), len(vocab)
+
+
+@pytest.fixture(scope="module")
+def qlora_model():
+    """A tiny Llama with an NF4 base and random non-zero adapters on all linear layers."""
+    from jaxlora import quant
+
+    tok, vocab = _byte_tokenizer()
+    cfg = ModelConfig.tiny_llama(vocab_size=vocab)
+    rng = np.random.default_rng(0)
+    base = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)),
+                        _shapes(cfg))
+    qbase, _ = quant.quantize_tree(base, quant.QuantRules(qtype="nf4"))
+    assert isinstance(qbase["layers"]["attn"]["q_proj"]["kernel"], quant.QTensor)
+    spec = lora.LoraSpec(rank=4, alpha=8, targets="all-linear")
+    ad = jax.tree.map(lambda x: 0.1 * x, _random_adapters(base, spec))
+    return cfg, qbase, ad, tok, spec
+
+
+def test_merged_export_equals_unmerged_qlora(tmp_path: Path, qlora_model) -> None:
+    from jaxlora.export import export_merged
+    from jaxlora.io import load_model
+    from jaxlora.models import forward
+
+    cfg, qbase, ad, tok, _ = qlora_model
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 8)))
+    ref = jax.jit(lambda p, t, a: forward(cfg, p, t, adapters=a))(qbase, tokens, ad)
+    out = export_merged(tmp_path / "merged", cfg, qbase, ad, tok, dtype="float32")
+    loaded = load_model(out)
+    assert not any(isinstance(x, lora.LoraWeight) for x in jax.tree.leaves(loaded.params))
+    got = jax.jit(lambda p, t: forward(loaded.config, p, t))(loaded.params, tokens)
+    ref, got = np.asarray(ref), np.asarray(got)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # the adapters matter: the plain quantized base is far from it
+    base_only = np.asarray(jax.jit(lambda p, t: forward(cfg, p, t))(qbase, tokens))
+    assert np.abs(base_only - ref).max() > 100 * np.abs(got - ref).max()
+    # bfloat16 storage: same model up to bf16 rounding of the weights
+    export_merged(tmp_path / "bf16", cfg, qbase, ad, tok, dtype="bfloat16")
+    st = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(v.dtype.itemsize == 2 for v in st.values())
+
+
+def test_export_refuses_to_overwrite_and_is_atomic(tmp_path: Path, qlora_model) -> None:
+    from jaxlora.export import RunPieces, atomic_dir, export, export_merged
+
+    cfg, qbase, ad, tok, spec = qlora_model
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        export_merged(out, cfg, qbase, ad, tok)
+    pieces = RunPieces(cfg, qbase, ad, tok, spec, "tiny-llama", 3)
+    for fmt in ("peft", "merged"):
+        with pytest.raises(CheckpointError, match="refusing to overwrite"):
+            export(None, fmt, out, pieces=pieces)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(CheckpointError, match="unknown format"):
+        export(None, "gguf", tmp_path / "x", pieces=pieces)
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        export(tmp_path / "no_run", "peft", tmp_path / "y")
+    # a failure half-way leaves neither the output nor a temporary folder behind
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "z") as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # an existing empty folder is fine; PEFT export through the entry point loads back
+    (tmp_path / "peft").mkdir()
+    export(None, "peft", tmp_path / "peft", pieces=pieces)
+    from jaxlora.io.peft import load_peft
+
+    _assert_same(load_peft(tmp_path / "peft", qbase, cfg), ad)
