@@ -1,0 +1,216 @@
+"""The `jaxlora` command: train, sweep, eval, generate, export, info, config.
+
+Exit status: 0 on success, 2 on a usage or config error, 1 when a run fails. User mistakes
+print one line, ``jaxlora: error: ...``, and no traceback (set JAXLORA_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from jaxlora.errors import ConfigError, JaxloraError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: one line, exit 2
+        self.exit(2, f"jaxlora: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _config(args) -> Any:
+    from jaxlora.config import load_config
+
+    return load_config(args.config, overrides=args.set or ())
+
+
+def cmd_train(args) -> int:
+    from jaxlora import train
+
+    cfg = _config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output_dir) / cfg.name
+    if not args.resume and (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists():
+        print(f"jaxlora: {run_dir} holds checkpoints of an unfinished run; resuming it",
+              file=sys.stderr)
+    summary = train.run(cfg, run_dir)
+    if "stopped" in summary:
+        return 0
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
+    def f(x, fmt=".4f"):
+        return "n/a" if x is None else format(x, fmt)
+
+    print(f"run directory        {run_dir}")
+    print(f"held-out loss        {f(s.get('val_loss_before'))} -> {f(s.get('val_loss'))} "
+          f"(perplexity {f(s.get('val_ppl'), '.2f')})")
+    print(f"train loss (last)    {f(s.get('train_loss'))}")
+    print(f"adapters             {s['adapter_params']:,} params, "
+          f"{s['adapter_bytes'] / 2**20:.2f} MiB (base {s['base_bytes'] / 2**20:.1f} MiB, "
+          f"{s['qtype']})")
+    print(f"throughput           {f(s.get('tokens_per_s'), '.0f')} tokens/s, peak RSS "
+          f"{f(s.get('peak_rss_mb'), '.0f')} MiB, wall {f(s.get('wall_s'), '.0f')} s")
+    for sample in s.get("samples", []):
+        print(f"\nprompt: {sample['prompt']}\n--- before ---\n{sample['base']}\n"
+              f"--- after ----\n{sample['adapted']}")
+
+
+def cmd_sweep(args) -> int:
+    from jaxlora import sweep, train
+
+    result = sweep.run_sweep(args.sweep, train.run, out_dir=args.out, overrides=args.set or ())
+    print(f"results: {result.markdown}")
+    failed = [r for r in result.runs if r.status != "done"]
+    return 1 if failed else 0
+
+
+def cmd_eval(args) -> int:
+    from jaxlora import train
+
+    out = train.evaluate_run(args.run_dir, max_batches=args.batches)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from jaxlora import generate, train
+
+    loaded, adapters = train.load_for_inference(args.model, args.adapter, qtype=args.qtype)
+    outs = generate.generate(
+        loaded.config, loaded.base, loaded.tokenizer, [args.prompt], adapters=adapters,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, chat=args.chat,
+    )
+    print(outs[0])
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxlora import export
+
+    path = export.export(args.run_dir, args.format, args.out, dtype=args.dtype)
+    print(f"exported {args.format} to {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from jaxlora import train
+
+    print(train.describe(args.target, qtype=args.qtype))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from jaxlora.config import describe, dump_config
+
+    if args.config:
+        print(dump_config(_config(args)), end="")
+    else:
+        print(describe())
+    return 0
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set lora.rank=32 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxlora import __version__
+
+    p = _Parser(prog="jaxlora", description="LoRA / QLoRA fine-tuning in JAX.")
+    p.add_argument("--version", action="version", version=f"jaxlora {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="run one experiment from a TOML config",
+                       description="Train adapters as a config file describes. A run directory "
+                       "that holds the same config resumes from its latest checkpoint.")
+    t.add_argument("config", help="TOML config (see `jaxlora config`)")
+    _add_set(t)
+    t.add_argument("--run-dir", help="run directory (default: output_dir/name)")
+    t.add_argument("--resume", action="store_true",
+                   help="resume from the run directory's latest checkpoint (also automatic)")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sweep", help="run a sweep file (skips finished runs)")
+    s.add_argument("sweep", help="sweep TOML file")
+    s.add_argument("--out", help="sweep folder (default: from the sweep file)")
+    _add_set(s)
+    s.set_defaults(fn=cmd_sweep)
+
+    e = sub.add_parser("eval", help="held-out loss of a run's adapters and of the base")
+    e.add_argument("run_dir")
+    e.add_argument("--batches", type=int, default=None, help="at most this many batches")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate a completion (printed alone to stdout)")
+    g.add_argument("prompt")
+    g.add_argument("--model", required=True, help="model name, GGUF file or HF folder")
+    g.add_argument("--adapter", help="a run directory or a PEFT adapter folder")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--qtype", default="none", help="quantize the base on load (none, nf4, ...)")
+    g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="export a run's adapters (PEFT) or a merged model")
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=("peft", "merged"), required=True)
+    x.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="merged weights dtype")
+    x.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("info", help="summary of a model or a run directory")
+    i.add_argument("target", help="model name, GGUF file, HF folder or run directory")
+    i.add_argument("--qtype", default="nf4", help="quantization to report for a model")
+    i.set_defaults(fn=cmd_info)
+
+    c = sub.add_parser("config", help="list every config field, or print a resolved config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_epilog())
+    c.add_argument("config", nargs="?", help="a TOML config to resolve and print")
+    _add_set(c)
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def _config_epilog() -> str:
+    from jaxlora.config import describe
+
+    return describe()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("JAXLORA_DEBUG"))
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"jaxlora: error: {e}", file=sys.stderr)
+        return 2
+    except (JaxloraError, ValueError, FileNotFoundError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"jaxlora: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jaxlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
