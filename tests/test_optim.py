@@ -1,0 +1,174 @@
+"""Tests for jaxlora.optim: adapters-only optimization, state size, schedules, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlora import lora, optim, quant
+from jaxlora.lora import LoraSpec
+
+L, D, F = 2, 32, 64
+
+
+def tiny():
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    base = {
+        "layers": {
+            "q_proj": {"kernel": jax.random.normal(ks[0], (L, D, D)) / math.sqrt(D)},
+            "up_proj": {"kernel": jax.random.normal(ks[1], (L, D, F)) / math.sqrt(D)},
+            "norm": {"scale": jnp.ones((L, D))},
+        },
+        "lm_head": {"kernel": jax.random.normal(ks[2], (F, 8))},
+    }
+    ad = lora.init(ks[3], base, LoraSpec(rank=4, targets=("q_proj", "up_proj")))
+    return base, ad
+
+
+def forward(tree, x):
+    def body(h, layer):
+        h = lora.linear(h, layer["q_proj"]["kernel"]) * layer["norm"]["scale"]
+        return h, lora.linear(h, layer["up_proj"]["kernel"])
+
+    h, ups = jax.lax.scan(body, x, tree["layers"])
+    return lora.linear(jnp.tanh(ups[-1]), tree["lm_head"]["kernel"])
+
+
+def loss_fn(params, x):
+    """Loss on a combined {"base", "adapters"} tree (gradients flow to both)."""
+    return jnp.mean(forward(lora.attach(params["base"], params["adapters"]), x) ** 2)
+
+
+def nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if x.ndim > 0)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_base_bit_identical_only_adapters_change_and_state_size(quantized):
+    base, ad = tiny()
+    if quantized:
+        base, _ = quant.quantize_tree(base)
+    params = {"base": base, "adapters": ad}
+    tx = optim.adapters_only(optim.make_optimizer("adamw", lr=1e-2, weight_decay=0.1), params)
+    state = tx.init(params)
+    # Adam keeps mu and nu for the adapters only: exactly 2 x the adapter bytes.
+    assert nbytes(state) == 2 * nbytes(ad)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, D))
+
+    if quantized:
+        # QLoRA: integer QTensor codes have no gradient; differentiate the adapters only and
+        # hand the optimizer zero (float) gradients for the frozen float leaves.
+        def grads(params):
+            g_ad = jax.grad(lambda a: loss_fn({"base": params["base"], "adapters": a}, x))(
+                params["adapters"]
+            )
+            return {"base": jax.tree.map(jnp.zeros_like, params["base"]), "adapters": g_ad}
+    else:
+
+        def grads(params):
+            return jax.grad(loss_fn)(params, x)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(grads(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    new = params
+    for _ in range(3):
+        new, state = step(new, state)
+    for before, after in zip(
+        jax.tree.leaves(params["base"]), jax.tree.leaves(new["base"]), strict=True
+    ):
+        assert before.dtype == after.dtype
+        np.testing.assert_array_equal(before, after)
+    changed = [
+        not np.array_equal(b, a)
+        for b, a in zip(jax.tree.leaves(ad), jax.tree.leaves(new["adapters"]), strict=True)
+    ]
+    assert all(changed)
+    assert float(loss_fn(new, x)) < float(loss_fn(params, x))
+
+
+def test_attached_tree_labels_and_frozen_w():
+    base, ad = tiny()
+    tree = lora.attach(base, ad, jax.random.PRNGKey(0))
+    labels = optim.adapter_labels(tree)
+    w = labels["layers"]["q_proj"]["kernel"]
+    assert (w.w, w.a, w.b) == ("frozen", "adapters", "adapters")
+    assert labels["lm_head"]["kernel"] == "frozen"
+    tx = optim.adapters_only(optax.adam(1e-2), tree)
+    state = tx.init(tree)
+    assert nbytes(state) == 2 * nbytes(ad)
+    g = jax.tree.map(jnp.ones_like, tree)
+    updates, _ = tx.update(g, state, tree)
+    u = updates["layers"]["q_proj"]["kernel"]
+    assert not jnp.any(u.w) and jnp.all(u.a != 0) and not jnp.any(updates["lm_head"]["kernel"])
+
+
+def test_clipping_and_weight_decay_see_adapters_only():
+    base, ad = tiny()
+    params = {"base": base, "adapters": ad}
+    # huge base gradients must not shrink the clipped adapter update
+    g = {
+        "base": jax.tree.map(lambda v: 1e6 * jnp.ones_like(v), base),
+        "adapters": jax.tree.map(lambda v: jnp.full_like(v, 1e-4), ad),
+    }
+    gnorm = float(optax.tree.norm(g["adapters"]))
+    assert gnorm < 1.0
+    tx = optim.adapters_only(optim.make_optimizer("sgd", lr=1.0, max_grad_norm=1.0), params)
+    u, _ = tx.update(g, tx.init(params), params)
+    for ua, ga in zip(jax.tree.leaves(u["adapters"]), jax.tree.leaves(g["adapters"]), strict=True):
+        np.testing.assert_allclose(ua, -ga, rtol=1e-6)
+    # decoupled weight decay, zero gradients: adapters shrink by lr * wd * p, base untouched
+    tx = optim.adapters_only(
+        optim.make_optimizer("adamw", lr=0.1, weight_decay=0.5, max_grad_norm=None), params
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    u, _ = tx.update(zeros, tx.init(params), params)
+    for ua, pa in zip(jax.tree.leaves(u["adapters"]), jax.tree.leaves(ad), strict=True):
+        np.testing.assert_allclose(ua, -0.05 * pa, rtol=1e-6, atol=1e-12)
+    assert not any(jnp.any(x) for x in jax.tree.leaves(u["base"]))
+
+
+def test_explicit_labels_and_callable():
+    base, ad = tiny()
+    params = {"base": base, "adapters": ad}
+    labels = optim.adapter_labels(params)
+    for t in (labels, optim.adapter_labels):
+        tx = optim.adapters_only(optax.adam(1e-3), t)
+        assert nbytes(tx.init(params)) == 2 * nbytes(ad)
+    with pytest.raises(ValueError, match="labels must be"):
+        optim.adapters_only(optax.adam(1e-3), jax.tree.map(lambda _: "oops", labels))
+    with pytest.raises(ValueError, match="no adapter"):
+        optim.adapters_only(optax.adam(1e-3), base)
+
+
+def test_schedules():
+    s = optim.make_schedule(1.0, "constant", warmup_steps=10)
+    assert [float(s(i)) for i in (0, 5, 10, 100)] == [0.0, 0.5, 1.0, 1.0]
+    s = optim.make_schedule(1.0, "linear", warmup_steps=10, total_steps=110)
+    np.testing.assert_allclose([float(s(i)) for i in (5, 10, 60, 110)], [0.5, 1.0, 0.5, 0.0])
+    s = optim.make_schedule(2.0, "cosine", warmup_steps=0, total_steps=100)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 50, 100)], [2.0, 1.0, 0.0], atol=1e-6)
+    assert float(optim.make_schedule(3.0)(1000)) == 3.0
+
+
+def test_optimizer_by_name_and_errors():
+    p = {"w": jnp.ones(3)}
+    for name in ("adamw", "adam", "sgd", "lion", "adafactor"):
+        tx = optim.make_optimizer(name, lr=1e-3)
+        u, _ = tx.update({"w": jnp.ones(3)}, tx.init(p), p)
+        assert jnp.all(u["w"] < 0)
+    with pytest.raises(ValueError, match="adamw"):
+        optim.make_optimizer("adamww")
+    with pytest.raises(ValueError, match="weight_decay"):
+        optim.make_optimizer("sgd", weight_decay=0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        optim.make_optimizer(schedule="cosine")
+    with pytest.raises(ValueError, match="schedule"):
+        optim.make_optimizer(schedule="step")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        optim.make_optimizer(max_grad_norm=0.0)
