@@ -179,7 +179,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
             "n_inner": c.intermediate_size, "n_positions": c.max_position_embeddings,
             "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
             "tie_word_embeddings": True, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-            "torch_dtype": dtype,
+            "torch_dtype": dtype, "_name_or_path": c.name,
         }
     kind = "qwen2" if c.attention_bias else "llama"
     out = {
@@ -191,6 +191,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling_dict, "rms_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+        "_name_or_path": c.name,
     }
     if kind == "llama":
         out["attention_bias"] = False
