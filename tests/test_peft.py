@@ -203,7 +203,8 @@ def qlora_model():
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)),
                         _shapes(cfg))
-    qbase, _ = quant.quantize_tree(base, quant.QuantRules(qtype="nf4"))
+    # jitted: one compile instead of one per eager op
+    qbase = jax.jit(lambda b: quant.quantize_tree(b, quant.QuantRules(qtype="nf4"))[0])(base)
     assert isinstance(qbase["layers"]["attn"]["q_proj"]["kernel"], quant.QTensor)
     spec = lora.LoraSpec(rank=4, alpha=8, targets="all-linear")
     ad = jax.tree.map(lambda x: 0.1 * x, _random_adapters(base, spec))

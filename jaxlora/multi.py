@@ -1,0 +1,262 @@
+"""Several LoRA adapters on one (quantized) base, chosen per batch row.
+
+Serving many fine-tunes of one base (S-LoRA, Sheng et al. 2023, arXiv 2311.03285; Punica,
+Chen et al. 2023, arXiv 2310.18547): keep one copy of the base, stack the adapters, and let
+every row ``i`` of a batch pick adapter ``ids[i]``:
+
+    y_i = x_i @ W + s_{ids[i]} * (x_i @ A_{ids[i]}) @ B_{ids[i]}
+
+The base matmul ``x @ W`` runs once for the whole batch (a QTensor base is dequantized once);
+only the low-rank path is per row, through gathered ``A [B, in, r]`` / ``B [B, r, out]``.
+Switching adapters is just a different ``ids`` array: same compiled program, base untouched.
+
+Adapters of different ranks are zero-padded to the largest rank (zero columns of A and rows
+of B add nothing) and their scales kept per adapter; an adapter that does not target a leaf
+gets zeros there. ``ids[i] = -1`` selects the plain base model for row ``i``.
+
+How it plugs into the model: `attach_multi` puts a `MultiLoraWeight` at each adapted leaf and
+the model code calls ``lora.linear`` on it as on any leaf. ``lora.linear`` has no dispatch hook
+for foreign weight types yet, so `forward` routes ``lora.linear`` to `multi_linear` for
+`MultiLoraWeight` leaves while it traces (see `routed_linear`); once ``lora`` offers
+``register_linear`` this module registers itself instead and the routing is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import lora
+
+__all__ = [
+    "StackedLoraPair",
+    "MultiLoraWeight",
+    "stack_adapters",
+    "attach_multi",
+    "multi_linear",
+    "routed_linear",
+    "forward",
+]
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedLoraPair:
+    """N adapters of one base leaf, stacked after the leading (layer) axes.
+
+    Attributes:
+      a: ``[*lead, N, in, r_max]``; b: ``[*lead, N, r_max, *out]``.
+      scales: static, one per adapter (0.0 where an adapter does not target this leaf).
+    """
+
+    a: Array
+    b: Array
+    scales: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.scales)
+
+
+jax.tree_util.register_dataclass(StackedLoraPair, data_fields=["a", "b"], meta_fields=["scales"])
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLoraWeight:
+    """A base weight with N stacked adapters and the per-row choice (what `attach_multi` puts).
+
+    Attributes:
+      w: base ``[*lead, in, *out]`` (Array or QTensor).
+      a: ``[*lead, N, in, r]``; b: ``[*lead, N, r, *out]``.
+      ids: ``[*lead, B]`` int32: adapter of each batch row (-1 = none); repeated over the
+        leading axes so that ``lax.scan`` slices it together with the weights.
+      scales: static ``(s_0, ..., s_{N-1})``.
+    """
+
+    w: Any
+    a: Array
+    b: Array
+    ids: Array
+    scales: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.w.dtype
+
+
+jax.tree_util.register_dataclass(
+    MultiLoraWeight, data_fields=["w", "a", "b", "ids"], meta_fields=["scales"]
+)
+
+
+def stack_adapters(adapters: Sequence[lora.Adapters]) -> lora.Adapters:
+    """Stack N adapter trees (same base) into one tree of `StackedLoraPair` leaves.
+
+    Args:
+      adapters: N >= 1 Adapters trees; they may target different leaves and use different
+        ranks and scales. Only linear kernels are supported (no ``embedding`` leaves).
+
+    Returns:
+      A nested dict over the union of the targeted paths.
+
+    Raises:
+      ValueError: no adapters, an embedding adapter, or adapters whose shapes disagree.
+    """
+    if not adapters:
+        raise ValueError("stack_adapters: need at least one adapter tree")
+    flats = [lora.flatten_paths(ad) for ad in adapters]
+    paths = sorted(set().union(*flats))
+    out = {}
+    for path in paths:
+        if path.split("/")[-1] == "embedding":
+            raise ValueError(f"stack_adapters: {path!r} is an embedding table, not a linear kernel (unsupported)")
+        present = [f[path] for f in flats if path in f]
+        ref = present[0]
+        n_lead = ref.a.ndim - 2
+        lead, d_in = ref.a.shape[:n_lead], ref.a.shape[n_lead]
+        out_axes = ref.b.shape[n_lead + 1 :]
+        r_max = max(p.rank for p in present)
+        dtype = jnp.result_type(*[p.a.dtype for p in present], *[p.b.dtype for p in present])
+        a_list, b_list, scales = [], [], []
+        for i, f in enumerate(flats):
+            p = f.get(path)
+            if p is None:
+                a_list.append(jnp.zeros((*lead, d_in, r_max), dtype))
+                b_list.append(jnp.zeros((*lead, r_max, *out_axes), dtype))
+                scales.append(0.0)
+                continue
+            if p.a.shape[: n_lead + 1] != (*lead, d_in) or p.b.shape[n_lead + 1 :] != out_axes:
+                raise ValueError(
+                    f"stack_adapters: adapter {i} at {path!r} has a {p.a.shape}, b {p.b.shape}; "
+                    f"adapter 0 has a {ref.a.shape}, b {ref.b.shape}"
+                )
+            pad = r_max - p.rank
+            a = jnp.pad(p.a.astype(dtype), [(0, 0)] * (n_lead + 1) + [(0, pad)])
+            b = jnp.pad(p.b.astype(dtype), [(0, 0)] * n_lead + [(0, pad)] + [(0, 0)] * len(out_axes))
+            a_list.append(a)
+            b_list.append(b)
+            scales.append(float(p.scale))
+        out[path] = StackedLoraPair(
+            a=jnp.stack(a_list, axis=n_lead),  # [*lead, N, in, r]
+            b=jnp.stack(b_list, axis=n_lead),  # [*lead, N, r, *out]
+            scales=tuple(scales),
+        )
+    return lora.unflatten_paths(out)
+
+
+def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array) -> lora.Params:
+    """Put a `MultiLoraWeight` at each leaf adapted by ``stacked``, choosing per row by ``ids``.
+
+    Args:
+      base: base Params (Array or QTensor leaves).
+      stacked: from `stack_adapters`.
+      ids: ``[B]`` int, the adapter of each batch row (-1: base only).
+    """
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.ndim != 1:
+        raise ValueError(f"attach_multi: ids must be [batch], got shape {ids.shape}")
+    flat_base = lora.flatten_paths(base)
+    new = {}
+    for path, sp in lora.flatten_paths(stacked).items():
+        if path not in flat_base:
+            raise ValueError(f"attach_multi: adapter path {path!r} is not in the base params")
+        w = flat_base[path]
+        n_lead = sp.a.ndim - 3
+        lead = tuple(sp.a.shape[:n_lead])
+        if tuple(w.shape[:n_lead]) != lead or w.shape[n_lead] != sp.a.shape[-2]:
+            raise ValueError(f"attach_multi: {path!r}: base {tuple(w.shape)} vs a {tuple(sp.a.shape)}")
+        new[path] = MultiLoraWeight(
+            w=w, a=sp.a, b=sp.b, ids=jnp.broadcast_to(ids, (*lead, ids.shape[0])), scales=sp.scales
+        )
+    return lora._replace_paths(base, new)
+
+
+def multi_linear(x: Array, w: MultiLoraWeight, bias: Array | None = None) -> Array:
+    """``y[i] = x[i] @ W + s[ids[i]] * (x[i] @ A[ids[i]]) @ B[ids[i]] (+ bias)``.
+
+    Args:
+      x: ``[B, ..., in]`` (batch rows first, as in the models).
+      w: a `MultiLoraWeight` without leading axes (inside the layer scan).
+      bias: optional ``[*out]``.
+
+    Returns:
+      ``[B, ..., *out]`` in ``x.dtype``: one base matmul for the whole batch, the low-rank path
+      through gathered per-row ``A [B, in, r]`` and ``B [B, r, out]``.
+    """
+    y = lora.linear(x, w.w, bias)  # [B, ..., *out] the shared base matmul (dequantized once)
+    ids = w.ids  # [B]
+    safe = jnp.clip(ids, 0, len(w.scales) - 1)
+    scale = jnp.where(ids >= 0, jnp.asarray(w.scales, x.dtype)[safe], 0.0).astype(x.dtype)  # [B]
+    a = jnp.take(w.a, safe, axis=0).astype(x.dtype)  # [B, in, r]
+    r = a.shape[-1]
+    b = jnp.take(w.b, safe, axis=0).astype(x.dtype).reshape(ids.shape[0], r, -1)  # [B, r, out]
+    xb = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, M, in]
+    h = jax.lax.dot_general(xb, a, (((2,), (1,)), ((0,), (0,))))  # [B, M, r]
+    d = jax.lax.dot_general(h, b, (((2,), (1,)), ((0,), (0,))))  # [B, M, out]
+    d = d * scale[:, None, None]
+    return y + d.reshape(y.shape).astype(y.dtype)
+
+
+_ROUTE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def routed_linear() -> Iterator[None]:
+    """While active (during tracing), ``lora.linear`` sends `MultiLoraWeight` to `multi_linear`.
+
+    A stopgap until ``jaxlora.lora`` has a dispatch hook (``register_linear``); with the hook
+    this context does nothing. Only tracing needs it: compiled programs keep the routing.
+    """
+    if getattr(lora, "register_linear", None) is not None:
+        yield
+        return
+    with _ROUTE_LOCK:
+        original = lora.linear
+
+        def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
+            if isinstance(w, MultiLoraWeight):
+                return multi_linear(x, w, bias)
+            return original(x, w, bias)
+
+        lora.linear = linear
+        try:
+            yield
+        finally:
+            lora.linear = original
+
+
+if getattr(lora, "register_linear", None) is not None:  # pragma: no cover - once the hook lands
+    lora.register_linear(MultiLoraWeight, multi_linear)
+
+
+def forward(cfg: Any, params: lora.Params, tokens: Array, stacked: lora.Adapters, ids: Array,
+            **kwargs: Any) -> Array:
+    """`jaxlora.models.forward` where batch row ``i`` uses adapter ``ids[i]`` of ``stacked``.
+
+    Args:
+      cfg, params, tokens: as for `jaxlora.models.forward` (tokens ``[B, T]``).
+      stacked: from `stack_adapters`.
+      ids: ``[B]`` int adapter index per row (-1 = base model).
+      **kwargs: passed on (``segment_ids``, ``positions``, ``compute_dtype``, ...); no
+        ``adapters`` and no dropout (inference).
+    """
+    from jaxlora import models
+
+    if kwargs.get("adapters") is not None or kwargs.get("dropout_key") is not None:
+        raise ValueError("multi.forward: pass adapters via `stacked`; no dropout in multi-adapter inference")
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.shape != (tokens.shape[0],):
+        raise ValueError(f"multi.forward: ids must be [{tokens.shape[0]}], got shape {ids.shape}")
+    with routed_linear():
+        return models.forward(cfg, attach_multi(params, stacked, ids), tokens, **kwargs)
