@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -64,8 +65,14 @@ def init_params(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Param
     Returns a nested dict with the docs/DESIGN.md paths; leaves under `layers/` are `[L, ...]`.
     """
     _arch(cfg)
+    return _init_params_jit(cfg, key, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params_jit(cfg: ModelConfig, key: Array, dtype: Any) -> Params:
+    # Jitted: one compiled program instead of hundreds of eagerly dispatched NNX init ops.
     model = _MODULES[cfg.arch](cfg, dtype=dtype, rngs=nnx.Rngs(params=key))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _positions(tokens: Array, segment_ids: Array | None, positions: Array | None) -> Array:

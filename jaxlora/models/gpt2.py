@@ -83,7 +83,7 @@ class GPT2(nnx.Module):
         self.ln_f = _ln(d, cfg.norm_eps, dtype, rngs)
 
     def params(self) -> Params:
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def __call__(self, tokens: Array, **kwargs: Any) -> Array:
         from jaxlora.models import forward

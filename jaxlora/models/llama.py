@@ -93,7 +93,7 @@ class Llama(nnx.Module):
             self.lm_head = _dense(d, cfg.vocab_size, False, dtype, rngs)
 
     def params(self) -> Params:
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def __call__(self, tokens: Array, **kwargs: Any) -> Array:
         from jaxlora.models import forward
