@@ -182,7 +182,6 @@ def save_peft(
         "layers_to_transform": None,
         "inference_mode": True,
         "revision": None,
-        "library": "jaxlora",
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
