@@ -23,6 +23,7 @@ Formats (``qtype``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping
@@ -279,7 +280,7 @@ def _check_args(qtype: str, block_size: int, where: str) -> None:
 
 
 def _check_input(x: Any, batch_dims: int, where: str) -> None:
-    dt = jnp.result_type(x)
+    dt = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"{where}: cannot quantize dtype {dt}; expected float32, bfloat16 or "
                          "float16")
@@ -319,12 +320,15 @@ def _blockwise_absmax(xb: Array, n: int, block_size: int) -> tuple[Array, Array]
     clamped to 1e-38 (bitsandbytes' default backend does exactly this).
     """
     absmax = jnp.max(jnp.abs(xb), axis=-1)  # [*b, nblocks]
-    safe = jnp.maximum(absmax, np.float32(1e-38))
-    scaled = xb * (np.float32(1.0) / safe)[..., None]
+    # bitsandbytes clamps absmax to 1e-38, a float32 subnormal that XLA flushes to zero:
+    # all-zero blocks are handled explicitly instead (they scale to 0, code "0.0").
+    nonzero = (absmax > 0)[..., None]
+    safe = jnp.where(absmax > 0, absmax, np.float32(1.0))
+    scaled = jnp.where(nonzero, xb * (np.float32(1.0) / safe)[..., None], 0.0)
     if n % block_size:
-        last = xb[..., -1, :] / safe[..., -1:]
+        last = jnp.where(nonzero[..., -1, :], xb[..., -1, :] / safe[..., -1:], 0.0)
         scaled = scaled.at[..., -1, :].set(last)
-        absmax = absmax.at[..., -1].set(safe[..., -1])
+        absmax = absmax.at[..., -1].set(jnp.maximum(absmax[..., -1], np.float32(1e-38)))
     return jnp.clip(scaled, -1.0, 1.0), absmax
 
 
@@ -395,19 +399,26 @@ def quantize(x: Any, qtype: str = "nf4", block_size: int = 64, double_quant: boo
     where = f"quantize {name!r}" if name else "quantize"
     _check_args(qtype, block_size, where)
     _check_input(x, batch_dims, where)
-    x = jnp.asarray(x)
+    if math.prod(np.shape(x)[batch_dims:]) == 0:
+        raise ValueError(f"{where}: cannot quantize an empty tensor of shape {np.shape(x)}")
+    return _quantize_impl(jnp.asarray(x), qtype, int(block_size), bool(double_quant),
+                          batch_dims)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize_impl(x: Array, qtype: str, block_size: int, double_quant: bool,
+                   batch_dims: int) -> QTensor:
+    """The jitted codec behind `quantize` (one compiled program per shape and format)."""
     orig_dtype = jnp.dtype(x.dtype).name
     batch, item = x.shape[:batch_dims], x.shape[batch_dims:]
     n = math.prod(item)
-    if n == 0:
-        raise ValueError(f"{where}: cannot quantize an empty tensor of shape {x.shape}")
     nblocks = -(-n // block_size)
     flat = x.astype(jnp.float32).reshape(*batch, n)
     xb = jnp.pad(flat, [(0, 0)] * batch_dims + [(0, nblocks * block_size - n)])
     xb = xb.reshape(*batch, nblocks, block_size)  # [*b, nblocks, block]
     if qtype == "int8":
         absmax = jnp.max(jnp.abs(xb), axis=-1)
-        safe = jnp.maximum(absmax, np.float32(1e-38))
+        safe = jnp.where(absmax > 0, absmax, np.float32(1.0))  # all-zero block -> codes 0
         q = jnp.round(xb / safe[..., None] * np.float32(127.0))
         codes = q.astype(jnp.int8).reshape(*batch, nblocks * block_size)[..., :n]
     else:
@@ -435,7 +446,12 @@ def dequantize(q: QTensor, dtype: Any = None) -> Array:
     Pure and jittable: a table lookup of the codes times the block absmax (float32 math,
     like bitsandbytes), then a cast.
     """
-    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    return _dequantize_impl(q, q.dtype if dtype is None else jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize_impl(q: QTensor, dtype: np.dtype) -> Array:
+    """The jitted body of `dequantize` (inlined when called under an outer jit)."""
     batch = q.batch_shape
     n = math.prod(q.item_shape)
     nblocks = -(-n // q.block_size)
