@@ -329,13 +329,15 @@ class CheckpointManager:
         """Save ``state`` at ``step`` if it is a multiple of ``save_every`` (or ``force``).
 
         Returns whether a save was started. Asynchronous: the arrays are copied to host now,
-        written in the background. Saving a step that already exists raises CheckpointError.
+        written in the background. A step is written once: saving a step that already exists
+        (e.g. the final save right after resuming a finished run, or re-saving the last good
+        state after a non-finite step) writes nothing and returns False.
         """
         step = int(step)
         if not (force or self.should_save(step)):
             return False
-        if step in self.all_steps() or step in self._started:
-            raise CheckpointError(f"{self.directory}/{step}: checkpoint already exists")
+        if step in self._started or step in self.all_steps():
+            return False
         table = _leaf_table(state)
         host = {f"leaf_{i:05d}": np.asarray(leaf) for i, (_, _, _, leaf) in enumerate(table)}
         manifest = [

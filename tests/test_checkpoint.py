@@ -155,8 +155,9 @@ def test_no_checkpoint_and_template_mismatch(tmp_path: Path) -> None:
         CheckpointManager(tmp_path).restore(_state(0))
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, _state(1, r=4))
-        with pytest.raises(CheckpointError, match="already exists"):
-            ckpt.save(1, _state(1, r=4))
+        assert not ckpt.save(1, _state(5, r=4), force=True)  # a step is written once
+    assert not CheckpointManager(tmp_path).save(1, _state(5, r=4), force=True)
+    _assert_equal(CheckpointManager(tmp_path).restore(_state(0)).state, _state(1))
     with pytest.raises(CheckpointError, match=r"q_proj/kernel/a.*\[2, 8, 4\].*\[2, 8, 8\]"):
         CheckpointManager(tmp_path).restore(_state(0, r=8))
 
@@ -212,3 +213,19 @@ def test_smollm2_adapter_checkpoint_is_megabytes(tmp_path: Path) -> None:
     assert 2e6 < adapter_bytes < 2e7  # ~4.9M params -> ~19.5 MB float32
     assert disk < 2.5 * adapter_bytes + opt_bytes
     assert disk < 135e6 * 4 / 5  # far below the 135M-param base (540 MB in float32)
+
+
+def test_restore_adapters_only(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep=1) as ckpt:
+        for s, v in {1: 0.2, 2: 0.9, 3: 0.7}.items():
+            ckpt.save(s, _state(s), metrics={"val_loss": v})
+    template = jax.eval_shape(lambda: _state(0).adapters)  # shapes + static scales only
+    mgr = CheckpointManager(tmp_path)
+    best = mgr.restore_adapters(template, step="best")
+    assert best.step == 1
+    _assert_equal(best.state, _state(1).adapters)
+    latest = mgr.restore_adapters(template)
+    assert latest.step == 3
+    _assert_equal(latest.state, _state(3).adapters)
+    with pytest.raises(CheckpointError, match=r"\[2, 8, 4\].*\[2, 8, 2\]"):
+        mgr.restore_adapters(jax.eval_shape(lambda: _state(0, r=2).adapters))
