@@ -251,8 +251,11 @@ def load_model(
     """
     path = resolve(name_or_path)
     src = open_source(path)
+    # The tokenizer first: building it has a transient of ~100-250 MB (Rust BPE construction),
+    # which would otherwise add to the peak on top of the loaded weights.
+    tokenizer = src.tokenizer()
     params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant, dtype))
-    return LoadedModel(config=src.config, params=params, tokenizer=src.tokenizer(), source=str(path))
+    return LoadedModel(config=src.config, params=params, tokenizer=tokenizer, source=str(path))
 
 
 def iter_paths(params: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -195,6 +195,24 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LLAMA_ARCHS = ("llama", "mistral", "qwen2")
 
 
+def _dequantize_rows(data: np.ndarray, qtype: Any, dequantize: Any, chunk_bytes: int = 8 << 20) -> np.ndarray:
+    """Dequantize `[rows, row_bytes]` into float32 `[rows, cols]`, a few MB of rows at a time.
+
+    gguf's numpy dequantizers make several full-size float temporaries; chunking bounds them,
+    so the peak stays near the output tensor (113 MB for SmolLM2's embedding, not ~4x that).
+    """
+    rows = data.shape[0]
+    step = max(1, chunk_bytes // max(1, data.shape[1]))
+    if rows <= step:
+        return np.asarray(dequantize(data, qtype), dtype=np.float32)
+    first = np.asarray(dequantize(data[:step], qtype), dtype=np.float32)
+    out = np.empty((rows, first.shape[1]), dtype=np.float32)
+    out[:step] = first
+    for i in range(step, rows, step):
+        out[i : i + step] = dequantize(data[i : i + step], qtype)
+    return out
+
+
 class GGUFSource:
     """An opened GGUF file: `config`, `metadata`, `tokenizer()`, `tensors()`."""
 
@@ -327,7 +345,7 @@ class GGUFSource:
                 raise ModelLoadError(f"{self.path}: tensor {t.name!r} has unsupported type {qtype.name}")
             try:
                 # numpy shape is the reverse of GGUF's ne: [out, in] for a weight (torch layout).
-                w = np.asarray(dequantize(t.data, qtype), dtype=np.float32)
+                w = _dequantize_rows(t.data, qtype, dequantize)
                 w = w.reshape(tuple(int(x) for x in reversed(t.shape)))
             except Exception as e:
                 raise ModelLoadError(
