@@ -61,7 +61,9 @@ def main() -> None:
             if out.returncode != 0:
                 sys.exit(f"{variant}: child failed:\n{out.stderr[-2000:]}")
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        med = lambda k: statistics.median(r[k] for r in runs)
+        def med(k: str, runs: list[dict] = runs) -> float:
+            return statistics.median(r[k] for r in runs)
+
         rows.append((variant, med("load_s"), min(r["load_s"] for r in runs), med("peak_rss_mb"),
                      med("base_rss_mb"), med("final_rss_mb"), med("params_mb")))
     print(f"load_model({args.model!r}), {args.repeats} fresh processes per row, CPU, {os.cpu_count()} cores\n")

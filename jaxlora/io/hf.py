@@ -282,12 +282,10 @@ class HFSource:
                 key = name[len("transformer."):] if self.config.arch == "gpt2" and name.startswith("transformer.") else name
                 if _IGNORED.search(key) or (key == "lm_head.weight" and tied):
                     continue  # a buffer, or a stored copy of the tied embedding
-                for pat, path, transpose in table:
-                    m = pat.match(key)
-                    if m:
-                        break
-                else:
+                hit = next(((pat.match(key), p, t) for pat, p, t in table if pat.match(key)), None)
+                if hit is None:
                     raise ModelLoadError(f"{file}: unexpected tensor {name!r} for {self.model_type}")
+                m, path, transpose = hit
                 if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
                     raise ModelLoadError(f"{file}: tensor {name!r} has non-float dtype {arr.dtype}")
                 try:
