@@ -23,8 +23,9 @@ Asking for a specific step that is damaged raises ``CheckpointError``.
 
 The base fingerprint (`fingerprint`) is a sha256 over every base leaf's path, shape, dtype and
 bytes (for a QTensor: the packed codes and the absmax scales). Cost: it reads every byte of the
-base once, about 0.3-1 s per GB on one CPU core (SmolLM2-135M in float32 is 0.54 GB); pass
-``fingerprint_bytes=False`` to hash only paths/shapes/dtypes.
+base once (host copy + sha256): measured 3.6 s for 0.54 GB (SmolLM2-135M in float32) on a
+busy 2-core machine; an NF4 SmolLM2 base (codes + scales + float embeddings) is ~0.16 GB. Pass
+``include_bytes=False`` to `base_record` to hash only paths/shapes/dtypes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
 import orbax.checkpoint as ocp
 
 from jaxlora.errors import CheckpointError
@@ -520,7 +520,7 @@ class CheckpointManager:
                 errors.append(str(e))
                 warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
                 continue
-            sub = [(m, x) for m, x in zip(meta["manifest"], leaves) if m["path"].startswith("adapters/")]
+            sub = [(m, x) for m, x in zip(meta["manifest"], leaves, strict=True) if m["path"].startswith("adapters/")]
             manifest = [dict(m, path=m["path"][len("adapters/"):]) for m, _ in sub]
             _check_template(self.directory / str(s), manifest, _leaf_table(template_adapters))
             return Restored(
@@ -536,7 +536,7 @@ def _unflatten_like(template: Any, leaves: list[np.ndarray]) -> Any:
     treedef = jax.tree_util.tree_structure(template)
     tmpl_leaves = jax.tree_util.tree_leaves(template)
     out = [
-        x if isinstance(t, np.ndarray) else jax.numpy.asarray(x) for x, t in zip(leaves, tmpl_leaves)
+        x if isinstance(t, np.ndarray) else jax.numpy.asarray(x) for x, t in zip(leaves, tmpl_leaves, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -557,7 +557,7 @@ def _check_template(where: Path, manifest: list, table: list) -> None:
         if extra:
             parts.append(f"template leaves not in the checkpoint: {', '.join(extra[:5])}")
         raise CheckpointError(f"{where}: state does not match the template: " + "; ".join(parts))
-    for m, (p, s, d, _) in zip(manifest, table):
+    for m, (p, s, d, _) in zip(manifest, table, strict=True):
         if m["path"] != p:
             raise CheckpointError(f"{where}: leaf order differs at {p} (saved {m['path']})")
         if tuple(m["shape"]) != s or m["dtype"] != d:

@@ -25,8 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-
 from jaxlora import lora
 from jaxlora.errors import CheckpointError
 

@@ -54,7 +54,7 @@ def _assert_equal(x: Any, y: Any) -> None:
     lx, tx = jax.tree.flatten(x)
     ly, ty = jax.tree.flatten(y)
     assert tx == ty
-    for a, b in zip(lx, ly):
+    for a, b in zip(lx, ly, strict=True):
         assert np.asarray(a).dtype == np.asarray(b).dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -29,7 +29,7 @@ def main() -> None:
         d = root / case
         m = load_model(d / "base")
         ad = load_peft(d / "torch_adapter", m.params, m.config)
-        got = np.asarray(jax.jit(lambda p, t, a: forward(m.config, p, t, adapters=a))(m.params, tokens, ad))
+        got = np.asarray(jax.jit(lambda p, t, a, c=m.config: forward(c, p, t, adapters=a))(m.params, tokens, ad))
         ref = np.load(d / "torch_logits.npy")
         jb = np.load(d / "jax_base_logits.npy")
         results[case].update({
