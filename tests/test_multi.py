@@ -29,14 +29,21 @@ def _adapters(base, spec, seed):
 def model():
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
-    base = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)), shapes)
+    base = jax.tree.map(
+        lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)), shapes
+    )
     # jitted: one compile instead of one per eager op
     qbase = jax.jit(lambda b: quant.quantize_tree(b, quant.QuantRules(qtype="nf4"))[0])(base)
     ads = [
         _adapters(base, lora.LoraSpec(rank=4, alpha=8, targets="all-linear"), 1),
         _adapters(base, lora.LoraSpec(rank=2, alpha=16, targets=("q_proj", "v_proj")), 2),
-        _adapters(base, lora.LoraSpec(rank=8, alpha=4, scaling="rslora",
-                                      targets=("o_proj", "up_proj", "down_proj")), 3),
+        _adapters(
+            base,
+            lora.LoraSpec(
+                rank=8, alpha=4, scaling="rslora", targets=("o_proj", "up_proj", "down_proj")
+            ),
+            3,
+        ),
     ]
     return qbase, ads
 
@@ -44,9 +51,14 @@ def model():
 def test_single_linear_matches_per_row() -> None:
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((16, 12), np.float32))
-    pairs = [lora.LoraPair(jnp.asarray(rng.standard_normal((16, r), np.float32)),
-                           jnp.asarray(rng.standard_normal((r, 12), np.float32)), s)
-             for r, s in ((2, 0.5), (4, 3.0))]
+    pairs = [
+        lora.LoraPair(
+            jnp.asarray(rng.standard_normal((16, r), np.float32)),
+            jnp.asarray(rng.standard_normal((r, 12), np.float32)),
+            s,
+        )
+        for r, s in ((2, 0.5), (4, 3.0))
+    ]
     stacked = multi.stack_adapters([{"k": p} for p in pairs])["k"]
     ids = jnp.asarray([1, 0, -1, 1], jnp.int32)
     x = jnp.asarray(rng.standard_normal((4, 3, 16), np.float32))
@@ -87,7 +99,9 @@ def test_per_row_adapters_equal_separate_runs(model) -> None:
         np.testing.assert_allclose(got2[row], ref, rtol=1e-5, atol=1e-5)
     assert run._cache_size() == 1
     # the routing is undone after tracing
-    assert not isinstance(lora.linear, type(multi.forward)) or lora.linear.__module__ == "jaxlora.lora"
+    assert (
+        not isinstance(lora.linear, type(multi.forward)) or lora.linear.__module__ == "jaxlora.lora"
+    )
 
 
 def test_stack_shapes_and_errors(model) -> None:
@@ -103,5 +117,10 @@ def test_stack_shapes_and_errors(model) -> None:
     with pytest.raises(ValueError, match="not a linear kernel"):
         multi.stack_adapters([emb])
     with pytest.raises(ValueError, match="ids must be"):
-        multi.forward(CFG, qbase, jnp.zeros((2, 3), jnp.int32), multi.stack_adapters(ads),
-                      jnp.zeros((3,), jnp.int32))
+        multi.forward(
+            CFG,
+            qbase,
+            jnp.zeros((2, 3), jnp.int32),
+            multi.stack_adapters(ads),
+            jnp.zeros((3,), jnp.int32),
+        )

@@ -283,7 +283,7 @@ def load_peft(
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         for path, (template, short) in table.items():
-            if any(template.endswith(t) or template.split(".")[-1] == t for t in targets) and path not in found:
+            if any(("." + template).endswith("." + t) for t in targets) and path not in found:
                 if path in flat_base:
                     raise CheckpointError(
                         f"{w_path}: missing keys for target module {short!r}, e.g. "
