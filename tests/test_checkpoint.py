@@ -33,8 +33,11 @@ def _base(seed: int = 0, out: int = 16) -> dict:
     rng = np.random.default_rng(seed)
     return {
         "embed": {"embedding": jnp.asarray(rng.standard_normal((32, 8), np.float32))},
-        "layers": {"attn": {"q_proj": {"kernel": jnp.asarray(
-            rng.standard_normal((2, 8, out), np.float32))}}},
+        "layers": {
+            "attn": {
+                "q_proj": {"kernel": jnp.asarray(rng.standard_normal((2, 8, out), np.float32))}
+            }
+        },
     }
 
 
@@ -47,7 +50,9 @@ def _state(seed: int = 0, r: int = 4, out: int = 16) -> State:
     leaves, treedef = jax.tree.flatten(opt_state)
     leaves = [jnp.asarray(seed + 3, x.dtype) if x.ndim == 0 else rnd(*x.shape) for x in leaves]
     rng_key = jnp.asarray(rng.integers(0, 2**32 - 1, (2,), dtype=np.uint32))
-    return State(jnp.asarray(seed, jnp.int32), adapters, jax.tree.unflatten(treedef, leaves), rng_key)
+    return State(
+        jnp.asarray(seed, jnp.int32), adapters, jax.tree.unflatten(treedef, leaves), rng_key
+    )
 
 
 def _assert_equal(x: Any, y: Any) -> None:
@@ -63,7 +68,9 @@ def test_round_trip_bit_exact(tmp_path: Path) -> None:
     rec = base_record(_base(), name="tiny", quant={"qtype": "nf4"})
     state = _state(7)
     with CheckpointManager(tmp_path, save_every=1, base=rec) as ckpt:
-        assert ckpt.save(7, state, data_position={"epoch": 1, "index": 42}, metrics={"val_loss": 1.5})
+        assert ckpt.save(
+            7, state, data_position={"epoch": 1, "index": 42}, metrics={"val_loss": 1.5}
+        )
     got = CheckpointManager(tmp_path, base=rec).restore(_state(0), base=_base())
     assert got.step == 7
     assert got.data_position == {"epoch": 1, "index": 42}
@@ -114,7 +121,9 @@ def test_damaged_newest_falls_back(tmp_path: Path, damage: str) -> None:
         expect = 2
     else:
         shutil.copytree(root / "2", root / "3")
-        files = [p for p in (root / "3" / "state").rglob("*") if p.is_file() and p.stat().st_size > 0]
+        files = [
+            p for p in (root / "3" / "state").rglob("*") if p.is_file() and p.stat().st_size > 0
+        ]
         assert files
         for p in files:
             if damage == "delete_files":
@@ -140,8 +149,10 @@ def test_corrupt_bytes_detected_by_checksum(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, _state(1))
     # flip bytes in the biggest data file: either the reader or the crc32 must catch it
-    files = sorted((p for p in (tmp_path / "checkpoints" / "1" / "state").rglob("*") if p.is_file()),
-                   key=lambda p: p.stat().st_size)
+    files = sorted(
+        (p for p in (tmp_path / "checkpoints" / "1" / "state").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
     data = bytearray(files[-1].read_bytes())
     for i in range(len(data) // 2, min(len(data), len(data) // 2 + 64)):
         data[i] ^= 0xFF
@@ -195,16 +206,21 @@ def test_fingerprint_is_content_sensitive() -> None:
 def test_smollm2_adapter_checkpoint_is_megabytes(tmp_path: Path) -> None:
     L, d, ffn, r, kv = 30, 576, 1536, 16, 192  # SmolLM2-135M: 3 KV heads x 64
     shapes = {
-        ("attn", "q_proj"): (d, d), ("attn", "k_proj"): (d, kv), ("attn", "v_proj"): (d, kv),
-        ("attn", "o_proj"): (d, d), ("mlp", "gate_proj"): (d, ffn),
-        ("mlp", "up_proj"): (d, ffn), ("mlp", "down_proj"): (ffn, d),
+        ("attn", "q_proj"): (d, d),
+        ("attn", "k_proj"): (d, kv),
+        ("attn", "v_proj"): (d, kv),
+        ("attn", "o_proj"): (d, d),
+        ("mlp", "gate_proj"): (d, ffn),
+        ("mlp", "up_proj"): (d, ffn),
+        ("mlp", "down_proj"): (ffn, d),
     }
     adapters: dict = {"layers": {"attn": {}, "mlp": {}}}
     for (blk, name), (i, o) in shapes.items():
         adapters["layers"][blk][name] = {"kernel": Pair(jnp.zeros((L, i, r)), jnp.zeros((L, r, o)))}
     opt_state = optax.adamw(1e-4).init(adapters)
-    state = State(jnp.asarray(0, jnp.int32), adapters, opt_state,
-                  jax.random.key_data(jax.random.key(0)))
+    state = State(
+        jnp.asarray(0, jnp.int32), adapters, opt_state, jax.random.key_data(jax.random.key(0))
+    )
     nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree.leaves(t))  # noqa: E731
     adapter_bytes, opt_bytes = nbytes(adapters), nbytes(opt_state)
     with CheckpointManager(tmp_path) as ckpt:

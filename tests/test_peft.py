@@ -52,9 +52,15 @@ def _assert_same(x, y):
 @pytest.mark.parametrize("scaling", ["standard", "rslora"])
 def test_llama_round_trip_bit_exact(tmp_path: Path, scaling: str) -> None:
     base = _shapes(LLAMA)
-    spec = lora.LoraSpec(rank=4, alpha=8, scaling=scaling, targets="all-linear",
-                         rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3.0},
-                         dropout=0.05)
+    spec = lora.LoraSpec(
+        rank=4,
+        alpha=8,
+        scaling=scaling,
+        targets="all-linear",
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+        dropout=0.05,
+    )
     ad = _random_adapters(base, spec)
     save_peft(tmp_path, ad, spec, base_model_name="tiny", arch="llama")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -64,7 +70,8 @@ def test_llama_round_trip_bit_exact(tmp_path: Path, scaling: str) -> None:
     assert cfg["alpha_pattern"] == {"v_proj": 3}
     assert cfg["lora_dropout"] == 0.05 and cfg["base_model_name_or_path"] == "tiny"
     assert sorted(cfg["target_modules"]) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     t = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert len(t) == 2 * 7 * LLAMA.num_layers
     qa = t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
@@ -72,7 +79,10 @@ def test_llama_round_trip_bit_exact(tmp_path: Path, scaling: str) -> None:
     q = ad["layers"]["attn"]["q_proj"]["kernel"]
     np.testing.assert_array_equal(qa, np.asarray(q.a[1]).T)  # (r, in)
     np.testing.assert_array_equal(qb, np.asarray(q.b[1]).T)  # (out, r)
-    assert t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (2, LLAMA.intermediate_size)
+    assert t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (
+        2,
+        LLAMA.intermediate_size,
+    )
     back = load_peft(tmp_path, base, "llama")
     _assert_same(back, ad)
 
@@ -95,12 +105,14 @@ def test_gpt2_round_trip_and_names(tmp_path: Path) -> None:
 
 def test_forward_unchanged_by_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    base = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)),
-                        _shapes(LLAMA))
+    base = jax.tree.map(
+        lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)), _shapes(LLAMA)
+    )
     spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
     ad = _random_adapters(base, spec)
     save_peft(tmp_path, ad, spec, "tiny", "llama")
     from jaxlora.models import forward
+
     fwd = jax.jit(lambda p, t, a: forward(LLAMA, p, t, adapters=a))
     tokens = jnp.arange(12).reshape(2, 6) % LLAMA.vocab_size
     ref = fwd(base, tokens, ad)
@@ -129,7 +141,9 @@ def test_missing_key_is_named(saved) -> None:
     folder, base = saved
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     _edit(folder, lambda t: t.pop(key))
-    with pytest.raises(CheckpointError, match=r"missing keys: .*layers\.1\.self_attn\.v_proj\.lora_B"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys: .*layers\.1\.self_attn\.v_proj\.lora_B"
+    ):
         load_peft(folder, base, "llama")
 
 
@@ -150,8 +164,10 @@ def test_other_architecture(saved) -> None:
 def test_shape_mismatch_named(saved) -> None:
     folder, _ = saved
     wide = _shapes(ModelConfig.tiny_llama(hidden_size=96))
-    with pytest.raises(CheckpointError,
-                       match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 64\), expected \(4, 96\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 64\), expected \(4, 96\)",
+    ):
         load_peft(folder, wide, "llama")
     deeper = _shapes(ModelConfig.tiny_llama(num_layers=3))
     with pytest.raises(CheckpointError, match=r"missing keys: .*layers\.2\."):
@@ -201,8 +217,9 @@ def qlora_model():
     tok, vocab = _byte_tokenizer()
     cfg = ModelConfig.tiny_llama(vocab_size=vocab)
     rng = np.random.default_rng(0)
-    base = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)),
-                        _shapes(cfg))
+    base = jax.tree.map(
+        lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)), _shapes(cfg)
+    )
     # jitted: one compile instead of one per eager op
     qbase = jax.jit(lambda b: quant.quantize_tree(b, quant.QuantRules(qtype="nf4"))[0])(base)
     assert isinstance(qbase["layers"]["attn"]["q_proj"]["kernel"], quant.QTensor)

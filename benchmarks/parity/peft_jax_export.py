@@ -1,6 +1,6 @@
 """Step 1 (project venv): write HF base folders, PEFT adapters and jaxlora logits to --dir.
 
-    .venv/bin/python benchmarks/parity/jax_export.py --dir /tmp/peft_parity
+    .venv/bin/python benchmarks/parity/peft_jax_export.py --dir /tmp/peft_parity
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_jax import byte_tokenizer, random_adapters, random_base, tiny_config  # noqa: E402
+from peft_common import byte_tokenizer, random_adapters, random_base, tiny_config  # noqa: E402
 
 from jaxlora import lora  # noqa: E402
 from jaxlora.io import save_hf  # noqa: E402

@@ -1,6 +1,6 @@
 """Step 3 (project venv): load the PEFT adapters made in torch into jaxlora, compare logits.
 
-    .venv/bin/python benchmarks/parity/jax_import.py --dir /tmp/peft_parity
+    .venv/bin/python benchmarks/parity/peft_jax_import.py --dir /tmp/peft_parity
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Step 2 (scratch venv with torch, transformers, peft -- NOT a jaxlora dependency).
 
-    /tmp/scratch/bin/python benchmarks/parity/torch_check.py --dir /tmp/peft_parity
+    /tmp/scratch/bin/python benchmarks/parity/peft_torch_check.py --dir /tmp/peft_parity
 
-For each case written by jax_export.py:
+For each case written by peft_jax_export.py:
   a) loads base + jaxlora's PEFT adapter with `PeftModel.from_pretrained`, compares logits
      with jaxlora's adapter forward (jax_logits.npy);
   b) the reverse: makes a random PEFT adapter in torch (init_lora_weights=False so B != 0),
-     saves it to <case>/torch_adapter and its logits to torch_logits.npy for jax_import.py.
+     saves it to <case>/torch_adapter and its logits to torch_logits.npy for peft_jax_import.py.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
             "jax_to_peft_max_rel_diff": rel(got, ref),
             "adapter_effect_max_abs": float(np.abs(ref - jb).max()),
         }
-        # reverse: a PEFT adapter made here, loaded by jax_import.py
+        # reverse: a PEFT adapter made here, loaded by peft_jax_import.py
         torch.manual_seed(0)
         fresh = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32).eval()
         cfg = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **TORCH_TARGETS[case])
