@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import zlib
@@ -576,24 +577,40 @@ def init(key: Array, base: Params, spec: LoraSpec) -> Adapters:
             "LoraSpec.init='pissa' replaces the base weights: use init_pissa(base, spec)"
         )
     flat = flatten_paths(base)
-    dtype = jnp.dtype(spec.dtype)
+    geometry = {
+        path: _leaf_geometry(path, tuple(flat[path].shape), spec)
+        for path in resolve_targets(base, spec)
+    }  # static, resolved outside jit
+    shapes = tuple((p, lead, d_in, d_out, r) for p, (lead, d_in, d_out, r, _) in geometry.items())
+    arrays = _init_arrays(key, shapes, spec.init, spec.dtype)
+    return unflatten_paths(
+        {
+            p: LoraPair(a=a, b=b, scale=geometry[p][4], dropout=float(spec.dropout))
+            for p, (a, b) in arrays.items()
+        }
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_arrays(key: Array, shapes: tuple, init: str, dtype: str) -> dict[str, tuple]:
+    """All adapter arrays in one compiled program (cached per geometry, not per call)."""
+    dtype = jnp.dtype(dtype)
     out = {}
-    for path in resolve_targets(base, spec):
-        lead, d_in, d_out, r, scale = _leaf_geometry(path, tuple(flat[path].shape), spec)
+    for path, lead, d_in, d_out, r in shapes:
         a_shape, b_shape = (*lead, d_in, r), (*lead, r, *d_out)
         k = _path_key(key, path)
-        if path.split("/")[-1] == "embedding":
+        if path.split("/")[-1] == "embedding":  # PEFT: roles swap for embeddings
             a = jnp.zeros(a_shape, dtype)
             b = jax.random.normal(k, b_shape, dtype)
-        else:
-            if spec.init == "kaiming":
-                bound = 1.0 / math.sqrt(d_in)
-                a = jax.random.uniform(k, a_shape, dtype, -bound, bound)
-            else:
-                a = jax.random.normal(k, a_shape, dtype) / r
+        elif init == "kaiming":  # loralib kaiming_uniform_(a=sqrt(5)) on A (r, in)
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(k, a_shape, dtype, -bound, bound)
             b = jnp.zeros(b_shape, dtype)
-        out[path] = LoraPair(a=a, b=b, scale=scale, dropout=float(spec.dropout))
-    return unflatten_paths(out)
+        else:  # "gaussian": PEFT normal(std=1/r)
+            a = jax.random.normal(k, a_shape, dtype) / r
+            b = jnp.zeros(b_shape, dtype)
+        out[path] = (a, b)
+    return out
 
 
 def _requantize_like(x: Array, like: Any, n_lead: int) -> Any:
