@@ -15,9 +15,14 @@ jittable; inside a jitted matmul XLA fuses it with the consumer.
 
 Formats (``qtype``):
 - ``"nf4"``: the 16 NF4 values (quantiles of N(0, 1), exact zero), 4 bits per weight.
-- ``"fp4"``: bitsandbytes' FP4 (E2M1) table, codes indexed by bit pattern.
+- ``"fp4"``: bitsandbytes' FP4 (E2M1) table, codes indexed by bit pattern. Like bitsandbytes,
+  values in (0, 1/384] of the absmax get code 8 (-0) and [-1/384, 0] code 0 (+0).
 - ``"int4"``: symmetric absmax integers ``k / 7`` for ``k`` in -7..7 (code ``k + 8``).
 - ``"int8"``: symmetric absmax integers ``k / 127`` stored as ``int8``, one code per byte.
+
+Two documented deviations from bitsandbytes: the double-quant offset is the correctly rounded
+float32 mean (torch's float32 sum can differ by 1 ulp), and an all-zero block is scaled to
+zero explicitly (bitsandbytes relies on a 1e-38 clamp, a subnormal that XLA flushes to zero).
 """
 
 from __future__ import annotations

