@@ -85,26 +85,45 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file, one tensor at a time (no second copy of the whole model)."""
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    `tensors` maps names to arrays, or to `(shape, dtype, make)` triples where `make()` returns
+    the array only when it is written, so the caller never holds a second copy of the model.
+    """
+    specs: dict[str, tuple[tuple[int, ...], np.dtype, Any]] = {}
+    for name, v in tensors.items():
+        if isinstance(v, tuple):
+            shape, dt, make = v
+            specs[name] = (tuple(shape), np.dtype(dt), make)
+        else:
+            arr = np.asarray(v)
+            specs[name] = (arr.shape, arr.dtype, lambda arr=arr: arr)
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, arr in tensors.items():
-        dt = np.dtype(arr.dtype).newbyteorder("<") if np.dtype(arr.dtype).byteorder == ">" else np.dtype(arr.dtype)
+    for name, (shape, dt, _) in specs.items():
+        dt = dt.newbyteorder("<") if dt.byteorder == ">" else dt
         if dt not in _ST_NAMES:
-            raise ValueError(f"{name}: dtype {arr.dtype} cannot be written to safetensors")
-        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+            raise ValueError(f"{name}: dtype {dt} cannot be written to safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for name, (shape, dt, make) in specs.items():
+            arr = np.ascontiguousarray(make(), dtype=dt.newbyteorder("<"))
+            if arr.shape != shape:
+                raise ValueError(f"{name}: produced shape {arr.shape}, declared {shape}")
+            f.write(arr.reshape(-1).view(np.uint8).data)  # no extra copy of the bytes
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -304,11 +323,12 @@ class HFSource:
 
 # --- writing --------------------------------------------------------------------------------
 def _to_numpy(leaf: Any) -> np.ndarray:
+    """A host view/copy of `leaf` (Array, QTensor or numpy); QTensors are dequantized."""
     if hasattr(leaf, "item_shape") and hasattr(leaf, "qtype"):  # a jaxlora.quant.QTensor
         from jaxlora import quant
 
-        leaf = quant.dequantize(leaf, None)
-    return np.asarray(leaf)
+        return np.asarray(quant.dequantize(leaf, None))
+    return np.asarray(leaf)  # zero-copy for CPU jax arrays
 
 
 def save_hf(
@@ -345,22 +365,37 @@ def save_hf(
     walk(params, "")
     table = _GPT2_MAP if config.arch == "gpt2" else _LLAMA_MAP
     prefix = "transformer." if config.arch == "gpt2" else ""
-    out: dict[str, np.ndarray] = {}
-    used = set()
+    extra = sorted(set(flat) - {path for _, path, _ in table})
+    if extra:
+        raise ValueError(f"save_hf: parameters with no Hugging Face name: {extra}")
+    # Lazy tensors: each layer slice is converted (dequantized, transposed, cast) only when
+    # written, so export needs about one leaf of extra host memory, not a copy of the model.
+    cache: dict[str, np.ndarray] = {}
+
+    def leaf(path: str) -> np.ndarray:
+        if path not in cache:
+            cache.clear()  # the table visits one leaf's layers consecutively
+            cache[path] = _to_numpy(flat[path])
+        return cache[path]
+
+    def make(path: str, i: int | None, transpose: bool) -> Any:
+        def f() -> np.ndarray:
+            w = leaf(path) if i is None else leaf(path)[i]
+            return (w.T if transpose else w).astype(np_dtype, copy=False)
+
+        return f
+
+    out: dict[str, Any] = {}
     for hf, path, transpose in table:
         if path not in flat:
             continue
-        used.add(path)
-        w = _to_numpy(flat[path])
+        shape = tuple(flat[path].shape)
         if "{i}" in hf:
-            for i in range(w.shape[0]):
-                x = w[i].T if transpose else w[i]
-                out[prefix + hf.format(i=i)] = np.ascontiguousarray(x.astype(np_dtype))
+            item = shape[1:][::-1] if transpose else shape[1:]
+            for i in range(shape[0]):
+                out[prefix + hf.format(i=i)] = (item, np_dtype, make(path, i, transpose))
         else:
-            out[prefix + hf] = np.ascontiguousarray((w.T if transpose else w).astype(np_dtype))
-    extra = sorted(set(flat) - used)
-    if extra:
-        raise ValueError(f"save_hf: parameters with no Hugging Face name: {extra}")
+            out[prefix + hf] = (shape[::-1] if transpose else shape, np_dtype, make(path, None, transpose))
     write_safetensors(folder / "model.safetensors", out, metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
     if tokenizer is not None:
