@@ -19,6 +19,20 @@ Design (see ``docs/DESIGN.md``):
   dequantized inside the jitted program (XLA fuses it).
 * Stacked leaves (under ``layers/``) carry leading axes ``[*lead, ...]`` on every child
   (``w``, ``a``, ``b``, the dropout key), so ``jax.lax.scan`` slices them all together.
+* Selection (`LoraSpec.targets`) is static: regexes / module names over ``/``-joined paths,
+  resolved once outside jit by `resolve_targets`; a target that matches nothing is an error
+  that lists the closest paths.
+* PiSSA (arXiv 2404.02948) changes the base as well as the adapters, so it has its own entry
+  point, `init_pissa(base, spec) -> (residual_base, adapters)`; `init` refuses it.
+* Any Flax NNX model: `nnx_params(model)` gives its ``Params``; `nnx_bind(model, params,
+  adapters)` returns a copy whose nnx.Linear / LinearGeneral / Einsum / Embed layers run
+  this same primitive (with float or QTensor bases).
+
+Example::
+
+    spec = LoraSpec(rank=16, alpha=32.0, targets="all-linear")
+    adapters = init(jax.random.key(0), base, spec)
+    y = model_forward(attach(base, adapters, dropout_key), tokens)  # model calls `linear`
 """
 
 from __future__ import annotations
@@ -676,23 +690,23 @@ def merge(base: Params, adapters: Adapters) -> Params:
     Leaves without an adapter are returned unchanged.
     """
     check_fit(base, adapters)
-    flat = flatten_paths(base)
-    new = {}
-    for path, pair in flatten_paths(adapters).items():
-        w = flat[path]
-        new[path] = (_dense(w, jnp.float32) + _delta(pair)).astype(w.dtype)
-    return _replace_paths(base, new)
+    flat, flat_ad = flatten_paths(base), flatten_paths(adapters)
+    return _replace_paths(base, _merge_leaves({p: flat[p] for p in flat_ad}, flat_ad, 1.0))
 
 
 def unmerge(merged: Params, adapters: Adapters) -> Params:
     """Inverse of `merge` for float bases: ``W - s * A @ B`` (up to float rounding)."""
     check_fit(merged, adapters)
-    flat = flatten_paths(merged)
-    new = {}
-    for path, pair in flatten_paths(adapters).items():
-        w = flat[path]
-        new[path] = (_dense(w, jnp.float32) - _delta(pair)).astype(w.dtype)
-    return _replace_paths(merged, new)
+    flat, flat_ad = flatten_paths(merged), flatten_paths(adapters)
+    return _replace_paths(merged, _merge_leaves({p: flat[p] for p in flat_ad}, flat_ad, -1.0))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _merge_leaves(ws: dict[str, Any], pairs: dict[str, LoraPair], sign: float) -> dict:
+    """``W + sign * s * A @ B`` per path, in float32, cast back to each base dtype."""
+    return {
+        p: (_dense(w, jnp.float32) + sign * _delta(pairs[p])).astype(w.dtype) for p, w in ws.items()
+    }
 
 
 class Summary(NamedTuple):
