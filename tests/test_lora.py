@@ -1,5 +1,6 @@
 """Tests for jaxlora.lora: the primitive, spec/targets, init, merge, NNX binding."""
 
+import dataclasses
 import math
 import zlib
 
@@ -325,8 +326,12 @@ def test_summary_counts():
     assert s.adapter_bytes == 4 * trainable
     assert abs(s.fraction - trainable / (n_base + trainable)) < 1e-12
     assert "trainable params" in str(s)
-    qs = lora.summary(quant.quantize_tree(base)[0], ad)
+    qbase = quant.quantize_tree(base)[0]
+    qs = lora.summary(qbase, ad)
     assert qs.total == s.total
+    # init on a QTensor base gives the same adapter geometry as on the float base
+    qad = lora.init(jax.random.PRNGKey(0), qbase, LoraSpec(rank=4, targets=("q_proj", "up_proj")))
+    assert jax.tree.map(jnp.shape, qad) == jax.tree.map(jnp.shape, ad)
 
 
 def test_bad_inputs():
@@ -397,6 +402,13 @@ def test_user_nnx_model_with_adapters_and_qtensor_base():
     y_merged = jax.jit(lambda p: lora.nnx_bind(model, p)(ids))(lora.merge(base, ad))
     assert relerr(y, f64(y_merged)) < 1e-5
     assert relerr(y, f64(y0)) > 1e-3
+    # dropout (in the Einsum / LinearGeneral / Linear paths) only when a key is given
+    drop = jax.tree.map(
+        lambda p: dataclasses.replace(p, dropout=0.5), ad, is_leaf=lambda x: isinstance(x, LoraPair)
+    )
+    run_key = jax.jit(lambda p, a, k: lora.nnx_bind(model, p, a, k)(ids))
+    np.testing.assert_array_equal(run(base, drop), y)
+    assert relerr(run_key(base, drop, jax.random.PRNGKey(1)), f64(y)) > 1e-3
     # gradients reach the adapters through the user's model
     g = jax.jit(jax.grad(lambda a: jnp.sum(lora.nnx_bind(model, base, a)(ids) ** 2)))(ad)
     assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g))
