@@ -25,8 +25,12 @@ import numpy as np
 from jaxlora.quant import QuantRules, dequantize, quantize, quantize_tree
 
 SMOLLM2_135M = {  # name: (in, out); 30 layers, d=576, 9 q heads / 3 kv heads of 64, ffn 1536
-    "attn/q_proj": (576, 576), "attn/k_proj": (576, 192), "attn/v_proj": (576, 192),
-    "attn/o_proj": (576, 576), "mlp/gate_proj": (576, 1536), "mlp/up_proj": (576, 1536),
+    "attn/q_proj": (576, 576),
+    "attn/k_proj": (576, 192),
+    "attn/v_proj": (576, 192),
+    "attn/o_proj": (576, 576),
+    "mlp/gate_proj": (576, 1536),
+    "mlp/up_proj": (576, 1536),
     "mlp/down_proj": (1536, 576),
 }
 N_LAYERS = 30
@@ -46,18 +50,29 @@ def timeit(fn, *args, repeats: int = 5) -> float:
 def bench_throughput(repeats: int) -> list[str]:
     x = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
     rows = []
-    for qtype, dq in (("nf4", True), ("nf4", False), ("fp4", True), ("int4", False),
-                      ("int8", False)):
+    for qtype, dq in (
+        ("nf4", True),
+        ("nf4", False),
+        ("fp4", True),
+        ("int4", False),
+        ("int8", False),
+    ):
         qf = jax.jit(lambda a, t=qtype, d=dq: quantize(a, t, 64, d))
         q = qf(x)
         df = jax.jit(dequantize)
         tq, td = timeit(qf, x, repeats=repeats), timeit(df, q, repeats=repeats)
-        rows.append(f"| {qtype}{'+DQ' if dq else ''} | {tq * 1e3:.1f} | "
-                    f"{x.size / tq / 1e6:.0f} | {td * 1e3:.1f} | {x.size / td / 1e6:.0f} | "
-                    f"{8 * q.nbytes / q.size:.3f} |")
-    return ["### quantize / dequantize, 4096 x 4096 float32 (block 64)", "",
-            "| qtype | quantize ms | Mparam/s | dequantize ms | Mparam/s | bits/param |",
-            "|---|---:|---:|---:|---:|---:|", *rows]
+        rows.append(
+            f"| {qtype}{'+DQ' if dq else ''} | {tq * 1e3:.1f} | "
+            f"{x.size / tq / 1e6:.0f} | {td * 1e3:.1f} | {x.size / td / 1e6:.0f} | "
+            f"{8 * q.nbytes / q.size:.3f} |"
+        )
+    return [
+        "### quantize / dequantize, 4096 x 4096 float32 (block 64)",
+        "",
+        "| qtype | quantize ms | Mparam/s | dequantize ms | Mparam/s | bits/param |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def bench_smollm2() -> list[str]:
@@ -70,24 +85,33 @@ def bench_smollm2() -> list[str]:
     jax.block_until_ready(params)
     n = sum(x.size for x in jax.tree.leaves(params))
     rows = []
-    for rules in (QuantRules("nf4", 64, True), QuantRules("nf4", 64, False),
-                  QuantRules("int8", 64, False)):
+    for rules in (
+        QuantRules("nf4", 64, True),
+        QuantRules("nf4", 64, False),
+        QuantRules("int8", 64, False),
+    ):
         quantize_tree(params, rules)  # warm-up: compile each shape once
         t0 = time.perf_counter()
         qp, rep = quantize_tree(params, rules)
         jax.block_until_ready(qp)
         dt = time.perf_counter() - t0
-        rows.append(f"| {rules.qtype}{'+DQ' if rules.double_quant else ''} | {n / 1e6:.2f} | "
-                    f"{4 * n / 2**20:.1f} | {rep.quantized_bytes / 2**20:.2f} | "
-                    f"{rep.quantized_bits_per_param:.3f} | {dt:.2f} |")
-    return ["### SmolLM2-135M linear weights (random stand-in, 30 x 7 kernels, stacked)", "",
-            "| qtype | params (M) | float32 MiB | stored MiB | bits/param | quantize s (warm) |",
-            "|---|---:|---:|---:|---:|---:|", *rows]
+        rows.append(
+            f"| {rules.qtype}{'+DQ' if rules.double_quant else ''} | {n / 1e6:.2f} | "
+            f"{4 * n / 2**20:.1f} | {rep.quantized_bytes / 2**20:.2f} | "
+            f"{rep.quantized_bits_per_param:.3f} | {dt:.2f} |"
+        )
+    return [
+        "### SmolLM2-135M linear weights (random stand-in, 30 x 7 kernels, stacked)",
+        "",
+        "| qtype | params (M) | float32 MiB | stored MiB | bits/param | quantize s (warm) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def bench_matmul(repeats: int) -> list[str]:
     rows = []
-    for (m, k, n) in ((1024, 576, 1536), (1024, 4096, 4096)):
+    for m, k, n in ((1024, 576, 1536), (1024, 4096, 4096)):
         kx, kw = jax.random.split(jax.random.key(2))
         x = jax.random.normal(kx, (m, k), jnp.float32)
         w = jax.random.normal(kw, (k, n), jnp.float32) * 0.02
@@ -95,11 +119,16 @@ def bench_matmul(repeats: int) -> list[str]:
         f_float = jax.jit(lambda a, b: a @ b)
         f_q = jax.jit(lambda a, b: a @ dequantize(b))
         t_f, t_q = timeit(f_float, x, w, repeats=repeats), timeit(f_q, x, q, repeats=repeats)
-        rows.append(f"| [{m},{k}] x [{k},{n}] | {t_f * 1e3:.2f} | {t_q * 1e3:.2f} | "
-                    f"{t_q / t_f:.2f} |")
-    return ["### dequantize(nf4+DQ) + matmul vs float32 matmul, inside jit", "",
-            "| shape | float ms | nf4 dequant+matmul ms | ratio |", "|---|---:|---:|---:|",
-            *rows]
+        rows.append(
+            f"| [{m},{k}] x [{k},{n}] | {t_f * 1e3:.2f} | {t_q * 1e3:.2f} | {t_q / t_f:.2f} |"
+        )
+    return [
+        "### dequantize(nf4+DQ) + matmul vs float32 matmul, inside jit",
+        "",
+        "| shape | float ms | nf4 dequant+matmul ms | ratio |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def main() -> None:

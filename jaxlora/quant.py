@@ -31,7 +31,8 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,17 +67,30 @@ NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax
 # bitsandbytes get_4bit_type("nf4"), index 0..15 (sorted, so index order == value order).
 NF4_CODE = np.array(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=np.float32,
 )
 # bitsandbytes get_4bit_type("fp4"): E2M1 values by bit pattern, normalised by 12.
 FP4_CODE = (
-    np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3],
-             dtype=np.float32)
+    np.array(
+        [0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=np.float32
+    )
     / np.float32(12.0)
 ).astype(np.float32)
 # int4: code c holds (c - 8) / 7; code 0 (-8/7) is never produced by quantize.
@@ -85,8 +99,9 @@ INT4_CODE = ((np.arange(16, dtype=np.float32) - 8.0) / np.float32(7.0)).astype(n
 _TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 
 
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
-                       total_bits: int = 8) -> np.ndarray:
+def create_dynamic_map(
+    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
+) -> np.ndarray:
     """The formula of bitsandbytes' 8-bit dynamic (exponent + fraction) map, sorted ``[256]``.
 
     Same construction as ``bitsandbytes.functional.create_dynamic_map`` but in float64, so it
@@ -98,19 +113,22 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     i = 0
     for i in range(max_exponent_bits):
-        n_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                      else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        n_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
         bounds = np.linspace(0.1, 1.0, n_items)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         data += (10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
         if signed:
-            data += (-10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
+            data += (-(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     if additional_items > 0:
         bounds = np.linspace(0.1, 1.0, additional_items + 1)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         data += (10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
         if signed:
-            data += (-10.0 ** (-(max_exponent_bits - 1) + i) * means).tolist()
+            data += (-(10.0 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     data += [0.0, 1.0]
     data += [0.0] * (2**total_bits - len(data))
     return np.sort(np.array(data, dtype=np.float64))
@@ -120,49 +138,262 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
 # (float32 linspace) produce it: the code of the double-quantized absmax (QLoRA section 3).
 DYNAMIC_CODE = np.array(
     [
-        -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624,
-        -0.9085938, -0.89453125, -0.8804687, -0.86640626, -0.85234374, -0.8382813,
-        -0.82421875, -0.8101562, -0.79609376, -0.78203124, -0.7679688, -0.75390625,
-        -0.7398437, -0.72578126, -0.7117188, -0.6976563, -0.68359375, -0.6695312,
-        -0.65546876, -0.6414063, -0.6273438, -0.61328125, -0.5992187, -0.58515626,
-        -0.5710938, -0.5570313, -0.54296875, -0.5289062, -0.5148437, -0.50078124,
-        -0.4867187, -0.47265625, -0.45859373, -0.44453126, -0.43046874, -0.41640624,
-        -0.40234375, -0.38828123, -0.37421876, -0.36015624, -0.34609374, -0.33203125,
-        -0.31796873, -0.30390626, -0.28984374, -0.27578127, -0.26171875, -0.24765624,
-        -0.23359375, -0.21953125, -0.20546874, -0.19140625, -0.17734376, -0.16328125,
-        -0.14921875, -0.13515624, -0.12109375, -0.107031256, -0.09859375, -0.09578126,
-        -0.092968754, -0.09015625, -0.08734375, -0.08453125, -0.08171876, -0.07890625,
-        -0.07609375, -0.07328125, -0.070468746, -0.067656256, -0.06484375, -0.06203125,
-        -0.059218753, -0.05640625, -0.05359375, -0.05078125, -0.04796875, -0.04515625,
-        -0.042343747, -0.03953125, -0.036718752, -0.03390625, -0.03109375, -0.028281251,
-        -0.02546875, -0.02265625, -0.019843752, -0.01703125, -0.01421875, -0.01140625,
-        -0.00971875, -0.009156249, -0.00859375, -0.00803125, -0.00746875, -0.00690625,
-        -0.00634375, -0.00578125, -0.0052187503, -0.0046562497, -0.00409375, -0.0035312497,
-        -0.00296875, -0.00240625, -0.00184375, -0.0012812499, -0.0009437501, -0.00083125,
-        -0.00071875006, -0.0006062501, -0.00049375003, -0.00038125002, -0.00026875004, -0.00015625001,
-        -8.875e-05, -6.625e-05, -4.375e-05, -2.1249998e-05, -7.75e-06, -3.2500002e-06,
-        -5.5000004e-07, 0.0, 5.5000004e-07, 3.2500002e-06, 7.75e-06, 2.1249998e-05,
-        4.375e-05, 6.625e-05, 8.875e-05, 0.00015625001, 0.00026875004, 0.00038125002,
-        0.00049375003, 0.0006062501, 0.00071875006, 0.00083125, 0.0009437501, 0.0012812499,
-        0.00184375, 0.00240625, 0.00296875, 0.0035312497, 0.00409375, 0.0046562497,
-        0.0052187503, 0.00578125, 0.00634375, 0.00690625, 0.00746875, 0.00803125,
-        0.00859375, 0.009156249, 0.00971875, 0.01140625, 0.01421875, 0.01703125,
-        0.019843752, 0.02265625, 0.02546875, 0.028281251, 0.03109375, 0.03390625,
-        0.036718752, 0.03953125, 0.042343747, 0.04515625, 0.04796875, 0.05078125,
-        0.05359375, 0.05640625, 0.059218753, 0.06203125, 0.06484375, 0.067656256,
-        0.070468746, 0.07328125, 0.07609375, 0.07890625, 0.08171876, 0.08453125,
-        0.08734375, 0.09015625, 0.092968754, 0.09578126, 0.09859375, 0.107031256,
-        0.12109375, 0.13515624, 0.14921875, 0.16328125, 0.17734376, 0.19140625,
-        0.20546874, 0.21953125, 0.23359375, 0.24765624, 0.26171875, 0.27578127,
-        0.28984374, 0.30390626, 0.31796873, 0.33203125, 0.34609374, 0.36015624,
-        0.37421876, 0.38828123, 0.40234375, 0.41640624, 0.43046874, 0.44453126,
-        0.45859373, 0.47265625, 0.4867187, 0.50078124, 0.5148437, 0.5289062,
-        0.54296875, 0.5570313, 0.5710938, 0.58515626, 0.5992187, 0.61328125,
-        0.6273438, 0.6414063, 0.65546876, 0.6695312, 0.68359375, 0.6976563,
-        0.7117188, 0.72578126, 0.7398437, 0.75390625, 0.7679688, 0.78203124,
-        0.79609376, 0.8101562, 0.82421875, 0.8382813, 0.85234374, 0.86640626,
-        0.8804687, 0.89453125, 0.9085938, 0.92265624, 0.93671876, 0.9507812,
-        0.96484375, 0.9789063, 0.99296874, 1.0,
+        -0.99296874,
+        -0.9789063,
+        -0.96484375,
+        -0.9507812,
+        -0.93671876,
+        -0.92265624,
+        -0.9085938,
+        -0.89453125,
+        -0.8804687,
+        -0.86640626,
+        -0.85234374,
+        -0.8382813,
+        -0.82421875,
+        -0.8101562,
+        -0.79609376,
+        -0.78203124,
+        -0.7679688,
+        -0.75390625,
+        -0.7398437,
+        -0.72578126,
+        -0.7117188,
+        -0.6976563,
+        -0.68359375,
+        -0.6695312,
+        -0.65546876,
+        -0.6414063,
+        -0.6273438,
+        -0.61328125,
+        -0.5992187,
+        -0.58515626,
+        -0.5710938,
+        -0.5570313,
+        -0.54296875,
+        -0.5289062,
+        -0.5148437,
+        -0.50078124,
+        -0.4867187,
+        -0.47265625,
+        -0.45859373,
+        -0.44453126,
+        -0.43046874,
+        -0.41640624,
+        -0.40234375,
+        -0.38828123,
+        -0.37421876,
+        -0.36015624,
+        -0.34609374,
+        -0.33203125,
+        -0.31796873,
+        -0.30390626,
+        -0.28984374,
+        -0.27578127,
+        -0.26171875,
+        -0.24765624,
+        -0.23359375,
+        -0.21953125,
+        -0.20546874,
+        -0.19140625,
+        -0.17734376,
+        -0.16328125,
+        -0.14921875,
+        -0.13515624,
+        -0.12109375,
+        -0.107031256,
+        -0.09859375,
+        -0.09578126,
+        -0.092968754,
+        -0.09015625,
+        -0.08734375,
+        -0.08453125,
+        -0.08171876,
+        -0.07890625,
+        -0.07609375,
+        -0.07328125,
+        -0.070468746,
+        -0.067656256,
+        -0.06484375,
+        -0.06203125,
+        -0.059218753,
+        -0.05640625,
+        -0.05359375,
+        -0.05078125,
+        -0.04796875,
+        -0.04515625,
+        -0.042343747,
+        -0.03953125,
+        -0.036718752,
+        -0.03390625,
+        -0.03109375,
+        -0.028281251,
+        -0.02546875,
+        -0.02265625,
+        -0.019843752,
+        -0.01703125,
+        -0.01421875,
+        -0.01140625,
+        -0.00971875,
+        -0.009156249,
+        -0.00859375,
+        -0.00803125,
+        -0.00746875,
+        -0.00690625,
+        -0.00634375,
+        -0.00578125,
+        -0.0052187503,
+        -0.0046562497,
+        -0.00409375,
+        -0.0035312497,
+        -0.00296875,
+        -0.00240625,
+        -0.00184375,
+        -0.0012812499,
+        -0.0009437501,
+        -0.00083125,
+        -0.00071875006,
+        -0.0006062501,
+        -0.00049375003,
+        -0.00038125002,
+        -0.00026875004,
+        -0.00015625001,
+        -8.875e-05,
+        -6.625e-05,
+        -4.375e-05,
+        -2.1249998e-05,
+        -7.75e-06,
+        -3.2500002e-06,
+        -5.5000004e-07,
+        0.0,
+        5.5000004e-07,
+        3.2500002e-06,
+        7.75e-06,
+        2.1249998e-05,
+        4.375e-05,
+        6.625e-05,
+        8.875e-05,
+        0.00015625001,
+        0.00026875004,
+        0.00038125002,
+        0.00049375003,
+        0.0006062501,
+        0.00071875006,
+        0.00083125,
+        0.0009437501,
+        0.0012812499,
+        0.00184375,
+        0.00240625,
+        0.00296875,
+        0.0035312497,
+        0.00409375,
+        0.0046562497,
+        0.0052187503,
+        0.00578125,
+        0.00634375,
+        0.00690625,
+        0.00746875,
+        0.00803125,
+        0.00859375,
+        0.009156249,
+        0.00971875,
+        0.01140625,
+        0.01421875,
+        0.01703125,
+        0.019843752,
+        0.02265625,
+        0.02546875,
+        0.028281251,
+        0.03109375,
+        0.03390625,
+        0.036718752,
+        0.03953125,
+        0.042343747,
+        0.04515625,
+        0.04796875,
+        0.05078125,
+        0.05359375,
+        0.05640625,
+        0.059218753,
+        0.06203125,
+        0.06484375,
+        0.067656256,
+        0.070468746,
+        0.07328125,
+        0.07609375,
+        0.07890625,
+        0.08171876,
+        0.08453125,
+        0.08734375,
+        0.09015625,
+        0.092968754,
+        0.09578126,
+        0.09859375,
+        0.107031256,
+        0.12109375,
+        0.13515624,
+        0.14921875,
+        0.16328125,
+        0.17734376,
+        0.19140625,
+        0.20546874,
+        0.21953125,
+        0.23359375,
+        0.24765624,
+        0.26171875,
+        0.27578127,
+        0.28984374,
+        0.30390626,
+        0.31796873,
+        0.33203125,
+        0.34609374,
+        0.36015624,
+        0.37421876,
+        0.38828123,
+        0.40234375,
+        0.41640624,
+        0.43046874,
+        0.44453126,
+        0.45859373,
+        0.47265625,
+        0.4867187,
+        0.50078124,
+        0.5148437,
+        0.5289062,
+        0.54296875,
+        0.5570313,
+        0.5710938,
+        0.58515626,
+        0.5992187,
+        0.61328125,
+        0.6273438,
+        0.6414063,
+        0.65546876,
+        0.6695312,
+        0.68359375,
+        0.6976563,
+        0.7117188,
+        0.72578126,
+        0.7398437,
+        0.75390625,
+        0.7679688,
+        0.78203124,
+        0.79609376,
+        0.8101562,
+        0.82421875,
+        0.8382813,
+        0.85234374,
+        0.86640626,
+        0.8804687,
+        0.89453125,
+        0.9085938,
+        0.92265624,
+        0.93671876,
+        0.9507812,
+        0.96484375,
+        0.9789063,
+        0.99296874,
+        1.0,
     ],
     dtype=np.float32,
 )
@@ -243,13 +474,17 @@ class QTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored arrays (codes + statistics)."""
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-                   for a in (self.codes, self.absmax, self.nested_absmax, self.offset)
-                   if a is not None)
+        return sum(
+            int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+            for a in (self.codes, self.absmax, self.nested_absmax, self.offset)
+            if a is not None
+        )
 
     def __repr__(self) -> str:
-        return (f"QTensor({self.qtype}, shape={self.shape}, dtype={self.orig_dtype}, "
-                f"block_size={self.block_size}, double_quant={self.double_quant})")
+        return (
+            f"QTensor({self.qtype}, shape={self.shape}, dtype={self.orig_dtype}, "
+            f"block_size={self.block_size}, double_quant={self.double_quant})"
+        )
 
 
 jax.tree_util.register_dataclass(
@@ -278,30 +513,39 @@ def unpack_nibbles(p: Array) -> Array:
 def _check_args(qtype: str, block_size: int, where: str) -> None:
     if qtype not in QTYPES:
         raise ValueError(f"{where}: unknown qtype {qtype!r}; expected one of {QTYPES}")
-    if (not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool)
-            or block_size < 32 or block_size > 4096 or block_size & (block_size - 1)):
-        raise ValueError(f"{where}: block_size {block_size!r} must be a power of two in "
-                         "32..4096")
+    if (
+        not isinstance(block_size, (int, np.integer))
+        or isinstance(block_size, bool)
+        or block_size < 32
+        or block_size > 4096
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(f"{where}: block_size {block_size!r} must be a power of two in 32..4096")
 
 
 def _check_input(x: Any, batch_dims: int, where: str) -> None:
     dt = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
     if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"{where}: cannot quantize dtype {dt}; expected float32, bfloat16 or "
-                         "float16")
+        raise ValueError(
+            f"{where}: cannot quantize dtype {dt}; expected float32, bfloat16 or float16"
+        )
     if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ValueError(f"{where}: unsupported float dtype {dt}; expected float32, bfloat16 "
-                         "or float16")
+        raise ValueError(
+            f"{where}: unsupported float dtype {dt}; expected float32, bfloat16 or float16"
+        )
     ndim = np.ndim(x)
     if not 0 <= batch_dims <= ndim - 1 and not (ndim == 0 and batch_dims == 0):
-        raise ValueError(f"{where}: batch_dims={batch_dims} needs at least one item dim; "
-                         f"got an array of rank {ndim}")
+        raise ValueError(
+            f"{where}: batch_dims={batch_dims} needs at least one item dim; "
+            f"got an array of rank {ndim}"
+        )
     if not isinstance(x, jax.core.Tracer):
         finite = np.isfinite(np.asarray(jnp.asarray(x, jnp.float32)))
         if not finite.all():
             bad = int(np.size(finite) - np.count_nonzero(finite))
-            raise ValueError(f"{where}: {bad} NaN/Inf value(s) in the weights; refusing to "
-                             "quantize")
+            raise ValueError(
+                f"{where}: {bad} NaN/Inf value(s) in the weights; refusing to quantize"
+            )
 
 
 def _nearest_4bit(scaled: Array, qtype: str) -> Array:
@@ -358,12 +602,12 @@ def _quantize_dynamic(v: Array) -> tuple[Array, Array]:
     m = v.shape[-1]
     nb2 = -(-m // NESTED_BLOCK)
     pad = nb2 * NESTED_BLOCK - m
-    vb = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(*v.shape[:-1], nb2,
-                                                                  NESTED_BLOCK)
+    vb = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(*v.shape[:-1], nb2, NESTED_BLOCK)
     nabs = jnp.max(jnp.abs(vb), axis=-1)  # [*b, nb2]
     normed = (vb / nabs[..., None]).reshape(*v.shape[:-1], nb2 * NESTED_BLOCK)[..., :m]
-    grid = ((jnp.clip(normed, -1.0, 1.0) + np.float32(1.0)) * np.float32(0.5)
-            * np.float32(65535.0) + np.float32(0.5))
+    grid = (jnp.clip(normed, -1.0, 1.0) + np.float32(1.0)) * np.float32(0.5) * np.float32(
+        65535.0
+    ) + np.float32(0.5)
     grid = jnp.clip(jnp.where(jnp.isnan(grid), 0.0, grid), 0.0, 65535.0).astype(jnp.int32)
     idx = jnp.asarray(_DYNAMIC_LUT)[grid]  # [*b, m]
     idx = jnp.where(jnp.isnan(normed), 0, idx)  # all-equal absmax: 0/0, bnb stores code 0
@@ -381,8 +625,15 @@ def _dequantize_dynamic(q: Array, nabs: Array, offset: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 # quantize / dequantize
 # --------------------------------------------------------------------------------------------
-def quantize(x: Any, qtype: str = "nf4", block_size: int = 64, double_quant: bool = True, *,
-             batch_dims: int = 0, name: str | None = None) -> QTensor:
+def quantize(
+    x: Any,
+    qtype: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    *,
+    batch_dims: int = 0,
+    name: str | None = None,
+) -> QTensor:
     """Quantize ``x [*batch, *item]`` block-wise; each leading ``batch`` slice independently.
 
     Args:
@@ -406,13 +657,13 @@ def quantize(x: Any, qtype: str = "nf4", block_size: int = 64, double_quant: boo
     _check_input(x, batch_dims, where)
     if math.prod(np.shape(x)[batch_dims:]) == 0:
         raise ValueError(f"{where}: cannot quantize an empty tensor of shape {np.shape(x)}")
-    return _quantize_impl(jnp.asarray(x), qtype, int(block_size), bool(double_quant),
-                          batch_dims)
+    return _quantize_impl(jnp.asarray(x), qtype, int(block_size), bool(double_quant), batch_dims)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _quantize_impl(x: Array, qtype: str, block_size: int, double_quant: bool,
-                   batch_dims: int) -> QTensor:
+def _quantize_impl(
+    x: Array, qtype: str, block_size: int, double_quant: bool, batch_dims: int
+) -> QTensor:
     """The jitted codec behind `quantize` (one compiled program per shape and format)."""
     orig_dtype = jnp.dtype(x.dtype).name
     batch, item = x.shape[:batch_dims], x.shape[batch_dims:]
@@ -434,8 +685,17 @@ def _quantize_impl(x: Array, qtype: str, block_size: int, double_quant: bool,
     if double_quant:
         offset = _mean(absmax)  # [*b]
         absmax, nested = _quantize_dynamic(absmax - offset[..., None])
-    return QTensor(codes, absmax, nested, offset, tuple(int(d) for d in item), orig_dtype,
-                   qtype, int(block_size), bool(double_quant))
+    return QTensor(
+        codes,
+        absmax,
+        nested,
+        offset,
+        tuple(int(d) for d in item),
+        orig_dtype,
+        qtype,
+        int(block_size),
+        bool(double_quant),
+    )
 
 
 def block_absmax(q: QTensor) -> Array:
@@ -523,8 +783,11 @@ class QuantReport:
     leaves: tuple[LeafReport, ...]
 
     def _sum(self, quantized: bool | None, field: str) -> int:
-        return sum(getattr(l, field) for l in self.leaves
-                   if quantized is None or (l.stored in QTYPES) == quantized)
+        return sum(
+            getattr(leaf, field)
+            for leaf in self.leaves
+            if quantized is None or (leaf.stored in QTYPES) == quantized
+        )
 
     @property
     def quantized_params(self) -> int:
@@ -560,15 +823,23 @@ class QuantReport:
 
     def table(self) -> str:
         """A Markdown table: one row per leaf, then the totals."""
-        rows = ["| path | shape | stored | params | bytes | bits/param |",
-                "|---|---|---|---:|---:|---:|"]
-        for l in self.leaves:
-            rows.append(f"| {l.path} | {list(l.shape)} | {l.stored} | {l.params} | "
-                        f"{l.nbytes} | {l.bits_per_param:.3f} |")
-        rows.append(f"| **quantized** | | | {self.quantized_params} | {self.quantized_bytes} |"
-                    f" {self.quantized_bits_per_param:.3f} |")
-        rows.append(f"| **total** | | | {self.total_params} | {self.total_bytes} | "
-                    f"{self.bits_per_param:.3f} |")
+        rows = [
+            "| path | shape | stored | params | bytes | bits/param |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for leaf in self.leaves:
+            rows.append(
+                f"| {leaf.path} | {list(leaf.shape)} | {leaf.stored} | {leaf.params} | "
+                f"{leaf.nbytes} | {leaf.bits_per_param:.3f} |"
+            )
+        rows.append(
+            f"| **quantized** | | | {self.quantized_params} | {self.quantized_bytes} |"
+            f" {self.quantized_bits_per_param:.3f} |"
+        )
+        rows.append(
+            f"| **total** | | | {self.total_params} | {self.total_bytes} | "
+            f"{self.bits_per_param:.3f} |"
+        )
         return "\n".join(rows)
 
 
@@ -605,21 +876,30 @@ def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Par
     """
     if rules.qtype != "none":
         _check_args(rules.qtype, rules.block_size, "QuantRules")
-    inc, exc, stk = (re.compile(rules.include), re.compile(rules.exclude),
-                     re.compile(rules.stacked))
+    inc, exc, stk = (
+        re.compile(rules.include),
+        re.compile(rules.exclude),
+        re.compile(rules.stacked),
+    )
     flat = _flatten(params)
     out: dict[str, Any] = {}
     leaves = []
     for path, leaf in flat.items():
-        selected = (rules.qtype != "none" and isinstance(leaf, (jax.Array, np.ndarray))
-                    and inc.search(path) is not None and exc.search(path) is None)
+        selected = (
+            rules.qtype != "none"
+            and isinstance(leaf, (jax.Array, np.ndarray))
+            and inc.search(path) is not None
+            and exc.search(path) is None
+        )
         if selected:
             bd = 1 if stk.search(path) else 0
             if np.ndim(leaf) < bd + 1:
-                raise ValueError(f"quantize {path!r}: stacked leaf needs rank >= 2, got "
-                                 f"shape {np.shape(leaf)}")
-            q = quantize(leaf, rules.qtype, rules.block_size, rules.double_quant,
-                         batch_dims=bd, name=path)
+                raise ValueError(
+                    f"quantize {path!r}: stacked leaf needs rank >= 2, got shape {np.shape(leaf)}"
+                )
+            q = quantize(
+                leaf, rules.qtype, rules.block_size, rules.double_quant, batch_dims=bd, name=path
+            )
             out[path] = q
             leaves.append(LeafReport(path, q.shape, rules.qtype, q.size, q.nbytes))
         else:
@@ -628,6 +908,13 @@ def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Par
                 leaves.append(LeafReport(path, leaf.shape, leaf.qtype, leaf.size, leaf.nbytes))
             elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
                 nb = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-                leaves.append(LeafReport(path, tuple(leaf.shape), jnp.dtype(leaf.dtype).name,
-                                         int(np.prod(leaf.shape)), nb))
+                leaves.append(
+                    LeafReport(
+                        path,
+                        tuple(leaf.shape),
+                        jnp.dtype(leaf.dtype).name,
+                        int(np.prod(leaf.shape)),
+                        nb,
+                    )
+                )
     return _unflatten(out), QuantReport(tuple(leaves))

@@ -17,8 +17,12 @@ from jaxlora.io.bnb import from_bnb_state_dict, to_bnb_state_dict
 from jaxlora.quant import QTensor, dequantize, quantize
 
 FIXTURE = np.load(os.path.join(os.path.dirname(__file__), "data", "bnb_quantize_4bit.npz"))
-CASES = [(name, qt, dq) for name in ("big", "odd", "ties") for qt in ("nf4", "fp4")
-         for dq in (False, True)]
+CASES = [
+    (name, qt, dq)
+    for name in ("big", "odd", "ties")
+    for qt in ("nf4", "fp4")
+    for dq in (False, True)
+]
 
 
 def key(name, qt, dq):
@@ -40,12 +44,14 @@ def test_codes_and_statistics_equal_bitsandbytes(name, qt, dq):
         # offset: our mean is correctly rounded; torch's float32 sum may be 1 ulp off
         ref_off = FIXTURE[f"{k}/offset"]
         assert abs(float(q.offset) - float(ref_off)) <= float(np.spacing(ref_off))
-        np.testing.assert_allclose(np.asarray(q.nested_absmax), FIXTURE[f"{k}/nested_absmax"],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(q.nested_absmax), FIXTURE[f"{k}/nested_absmax"], rtol=1e-6
+        )
 
 
-@pytest.mark.parametrize("name,qt", [(n, t) for n in ("big", "odd", "ties") for t in
-                                     ("nf4", "fp4")])
+@pytest.mark.parametrize(
+    "name,qt", [(n, t) for n in ("big", "odd", "ties") for t in ("nf4", "fp4")]
+)
 def test_nested_quantization_bit_exact_given_offset(name, qt):
     """Given bitsandbytes' offset, the 8-bit absmax codes and nested absmax are identical
     (this exercises bitsandbytes' 16-bit-grid lookup for the dynamic map)."""
@@ -61,10 +67,17 @@ def test_dequantize_equals_bitsandbytes(name, qt, dq):
     """Our dequantize of bitsandbytes' stored arrays is bit-identical to its dequantize_4bit."""
     k = key(name, qt, dq)
     shape = FIXTURE[f"{name}/x"].shape
-    q = QTensor(FIXTURE[f"{k}/codes"], FIXTURE[f"{k}/absmax"],
-                FIXTURE[f"{k}/nested_absmax"] if dq else None,
-                np.float32(FIXTURE[f"{k}/offset"]) if dq else None,
-                shape, "float32", qt, 64, dq)
+    q = QTensor(
+        FIXTURE[f"{k}/codes"],
+        FIXTURE[f"{k}/absmax"],
+        FIXTURE[f"{k}/nested_absmax"] if dq else None,
+        np.float32(FIXTURE[f"{k}/offset"]) if dq else None,
+        shape,
+        "float32",
+        qt,
+        64,
+        dq,
+    )
     np.testing.assert_array_equal(np.asarray(dequantize(q)), FIXTURE[f"{k}/deq"])
 
 
@@ -78,7 +91,7 @@ def test_fp4_signed_zero_codes_like_bitsandbytes():
 
 # ------------------------------------------------------------------ state dicts
 def sd_fixture():
-    return {k[len("sd/"):]: FIXTURE[k] for k in FIXTURE.files if k.startswith("sd/")}
+    return {k[len("sd/") :]: FIXTURE[k] for k in FIXTURE.files if k.startswith("sd/")}
 
 
 def test_from_bnb_state_dict_reads_bitsandbytes_output():
@@ -95,8 +108,7 @@ def test_to_bnb_state_dict_matches_bitsandbytes_layout():
         assert sd[k].dtype == ref[k].dtype and sd[k].shape[1:] == ref[k].shape[1:], k
     for k in ("weight", "weight.absmax", "weight.quant_map", "weight.nested_quant_map"):
         np.testing.assert_array_equal(sd[k], ref[k])
-    np.testing.assert_allclose(sd["weight.nested_absmax"], ref["weight.nested_absmax"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(sd["weight.nested_absmax"], ref["weight.nested_absmax"], rtol=1e-6)
     qs = "weight.quant_state.bitsandbytes__nf4"
     ours, theirs = (json.loads(bytes(d[qs]).decode()) for d in (sd, ref))
     assert ours.pop("nested_offset") == pytest.approx(theirs.pop("nested_offset"), rel=1e-6)
@@ -112,7 +124,7 @@ def test_state_dict_round_trip_with_torch_layout(qt, dq):
     assert sd["model.layers.0.mlp.up_proj.weight"].shape == (48 * 80 // 2, 1)
     back = from_bnb_state_dict(sd, "model.layers.0.mlp.up_proj.")
     assert back.shape == (80, 48) and back.qtype == qt and back.double_quant == dq
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(q), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(dequantize(back)).T, np.asarray(dequantize(q)).T)
 

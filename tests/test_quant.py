@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxlora import quant
 from jaxlora.quant import QTensor, QuantRules, bits_per_param, dequantize, quantize, quantize_tree
@@ -216,7 +217,7 @@ def test_batch_dims_equals_per_slice(qtype):
     assert q.shape == (3, 40, 50) and q.batch_shape == (3,) and q.item_shape == (40, 50)
     for i in range(3):
         qi = quantize(x[i], qtype, 64, True)
-        for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(qi)):
+        for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(qi), strict=True):
             np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
         np.testing.assert_array_equal(np.asarray(dequantize(q)[i]), np.asarray(dequantize(qi)))
 
@@ -227,7 +228,7 @@ def test_jit_quantize_equals_eager():
     qj = jax.jit(lambda a: quantize(a, "nf4", 64, True))(x)
     qe = quantize(x, "nf4", 64, True)
     assert isinstance(qj, QTensor) and qj.shape == qe.shape
-    for a, b in zip(jax.tree.leaves(qj), jax.tree.leaves(qe)):
+    for a, b in zip(jax.tree.leaves(qj), jax.tree.leaves(qe), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -390,7 +391,7 @@ def test_quantize_tree_nnx_model():
         leaf = qp[path[0]][path[1]]
         assert not isinstance(leaf, QTensor)
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(params[path[0]][path[1]]))
-    assert {l.path for l in rep.leaves if l.stored == "nf4"} == {
+    assert {lf.path for lf in rep.leaves if lf.stored == "nf4"} == {
         "q_proj/kernel",
         "down_proj/kernel",
     }
@@ -420,8 +421,8 @@ def test_quantize_tree_stacked_and_none():
     assert not isinstance(qp["layers"]["mlp_norm"]["scale"], QTensor)
     qn, repn = quantize_tree(params, QuantRules(qtype="none"))
     assert not any(
-        isinstance(l, QTensor)
-        for l in jax.tree.leaves(qn, is_leaf=lambda a: isinstance(a, QTensor))
+        isinstance(lf, QTensor)
+        for lf in jax.tree.leaves(qn, is_leaf=lambda a: isinstance(a, QTensor))
     )
     assert repn.quantized_params == 0 and repn.bits_per_param == 32.0
 

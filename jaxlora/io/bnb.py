@@ -26,12 +26,12 @@ kernel itself would block it along the other axis and give different codes.)
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.quant import (DYNAMIC_CODE, FP4_CODE, NESTED_BLOCK, NF4_CODE, QTensor)
+from jaxlora.quant import DYNAMIC_CODE, FP4_CODE, NESTED_BLOCK, NF4_CODE, QTensor
 
 __all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "BNB_BLOCK_SIZES"]
 
@@ -54,13 +54,19 @@ def to_bnb_state_dict(q: QTensor, prefix: str = "") -> dict[str, np.ndarray]:
     if q.qtype not in _TABLES:
         raise ValueError(f"{where}: bitsandbytes stores nf4/fp4 only, got {q.qtype!r}")
     if q.batch_shape:
-        raise ValueError(f"{where}: expected an unbatched QTensor, got batch dims "
-                         f"{q.batch_shape}; export each layer separately")
+        raise ValueError(
+            f"{where}: expected an unbatched QTensor, got batch dims "
+            f"{q.batch_shape}; export each layer separately"
+        )
     if q.block_size not in BNB_BLOCK_SIZES:
         raise ValueError(f"{where}: block_size {q.block_size} is not one bitsandbytes supports")
     w = prefix + "weight"
-    meta = {"quant_type": q.qtype, "blocksize": q.block_size, "dtype": q.orig_dtype,
-            "shape": list(q.item_shape)}
+    meta = {
+        "quant_type": q.qtype,
+        "blocksize": q.block_size,
+        "dtype": q.orig_dtype,
+        "shape": list(q.item_shape),
+    }
     sd = {
         w: np.asarray(q.codes, np.uint8).reshape(-1, 1),
         f"{w}.absmax": np.asarray(q.absmax),
@@ -69,8 +75,11 @@ def to_bnb_state_dict(q: QTensor, prefix: str = "") -> dict[str, np.ndarray]:
     if q.double_quant:
         sd[f"{w}.nested_absmax"] = np.asarray(q.nested_absmax, np.float32)
         sd[f"{w}.nested_quant_map"] = DYNAMIC_CODE.copy()
-        meta.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32",
-                    nested_offset=float(np.asarray(q.offset, np.float32)))
+        meta.update(
+            nested_blocksize=NESTED_BLOCK,
+            nested_dtype="float32",
+            nested_offset=float(np.asarray(q.offset, np.float32)),
+        )
     packed = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
     sd[f"{w}.quant_state.bitsandbytes__{q.qtype}"] = packed
     return sd
@@ -94,14 +103,14 @@ def from_bnb_state_dict(sd: Mapping[str, np.ndarray], prefix: str = "") -> QTens
     where = f"from_bnb_state_dict {w!r}"
     qs_keys = [k for k in sd if k.startswith(f"{w}.quant_state.bitsandbytes__")]
     if len(qs_keys) != 1:
-        raise ValueError(f"{where}: expected one '{w}.quant_state.bitsandbytes__nf4|fp4' key, "
-                         f"found {qs_keys}")
+        raise ValueError(
+            f"{where}: expected one '{w}.quant_state.bitsandbytes__nf4|fp4' key, found {qs_keys}"
+        )
     meta = json.loads(np.asarray(sd[qs_keys[0]], np.uint8).tobytes().decode("utf-8"))
     qtype, block = meta["quant_type"], int(meta["blocksize"])
     if qtype not in _TABLES or block not in BNB_BLOCK_SIZES or meta["dtype"] not in _DTYPES:
         raise ValueError(f"{where}: unsupported quant state {meta}")
-    if not np.array_equal(_get(sd, f"{w}.quant_map", where).astype(np.float32),
-                          _TABLES[qtype]):
+    if not np.array_equal(_get(sd, f"{w}.quant_map", where).astype(np.float32), _TABLES[qtype]):
         raise ValueError(f"{where}: quant_map is not bitsandbytes' standard {qtype} table")
     shape = tuple(int(d) for d in meta["shape"])
     n = int(np.prod(shape))
@@ -116,15 +125,26 @@ def from_bnb_state_dict(sd: Mapping[str, np.ndarray], prefix: str = "") -> QTens
     nested = offset = None
     if double:
         if int(meta.get("nested_blocksize", -1)) != NESTED_BLOCK:
-            raise ValueError(f"{where}: nested_blocksize {meta.get('nested_blocksize')} "
-                             f"is not {NESTED_BLOCK}")
-        if not np.array_equal(_get(sd, f"{w}.nested_quant_map", where).astype(np.float32),
-                              DYNAMIC_CODE):
+            raise ValueError(
+                f"{where}: nested_blocksize {meta.get('nested_blocksize')} is not {NESTED_BLOCK}"
+            )
+        if not np.array_equal(
+            _get(sd, f"{w}.nested_quant_map", where).astype(np.float32), DYNAMIC_CODE
+        ):
             raise ValueError(f"{where}: nested_quant_map is not bitsandbytes' dynamic map")
         nested = jnp.asarray(_get(sd, f"{w}.nested_absmax", where).astype(np.float32))
         offset = jnp.asarray(np.float32(meta["nested_offset"]))
         absmax = absmax.astype(np.uint8)
     else:
         absmax = absmax.astype(np.float32)
-    return QTensor(jnp.asarray(codes), jnp.asarray(absmax), nested, offset, shape,
-                   meta["dtype"], qtype, block, bool(double))
+    return QTensor(
+        jnp.asarray(codes),
+        jnp.asarray(absmax),
+        nested,
+        offset,
+        shape,
+        meta["dtype"],
+        qtype,
+        block,
+        bool(double),
+    )

@@ -15,10 +15,10 @@ the quantized absmax codes, plus ``dequantize_4bit`` of the small inputs and one
 
 import os
 
-import numpy as np
-import torch
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import numpy as np
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,7 +36,7 @@ def inputs() -> dict[str, np.ndarray]:
     ties[64] = -1.0
     fp4 = np.sort(F.get_4bit_type("fp4", device="cpu").numpy())
     fm = ((fp4[:-1] + fp4[1:]) / np.float32(2)).astype(np.float32)
-    ties[65:65 + fm.size] = fm
+    ties[65 : 65 + fm.size] = fm
     return {"big": big, "odd": odd, "ties": ties.reshape(2, 64)}
 
 
@@ -58,8 +58,9 @@ def main() -> None:
                 if name != "big":
                     out[f"{key}/deq"] = F.dequantize_4bit(q, s).numpy()
     # one serialized quant state, as a Linear4bit state dict stores it
-    q, s = F.quantize_4bit(torch.from_numpy(out["odd/x"]), blocksize=64, quant_type="nf4",
-                           compress_statistics=True)
+    q, s = F.quantize_4bit(
+        torch.from_numpy(out["odd/x"]), blocksize=64, quant_type="nf4", compress_statistics=True
+    )
     out["sd/weight"] = q.numpy()
     for k, v in s.as_dict(packed=True).items():
         out[f"sd/weight.{k}"] = v.numpy()
