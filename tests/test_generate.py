@@ -79,11 +79,11 @@ def test_batched_left_padded_equals_one_by_one_and_teacher_forcing(arch):
     assert all(len(o) == 8 for o in batched)
     assert len({tuple(o) for o in batched}) == 3
     # greedy tokens are the argmax of the full forward over prompt + generated (teacher forcing)
-    seqs = [p + o for p, o in zip(PROMPTS, batched)]
+    seqs = [p + o for p, o in zip(PROMPTS, batched, strict=True)]
     width = max(map(len, seqs))
     padded = jnp.asarray([s + [0] * (width - len(s)) for s in seqs])  # right pad: causal
     lg = np.asarray(jforward(cfg, params, padded))
-    for r, (p, o) in enumerate(zip(PROMPTS, batched)):
+    for r, (p, o) in enumerate(zip(PROMPTS, batched, strict=True)):
         assert lg[r, len(p) - 1 : len(p) + 7].argmax(-1).tolist() == o
 
 

@@ -14,8 +14,13 @@ import pytest
 from jaxlora import lora, models
 from jaxlora.models import ModelConfig, common
 
-LLAMA3_SCALING = (("rope_type", "llama3"), ("factor", 8.0), ("low_freq_factor", 1.0),
-                  ("high_freq_factor", 4.0), ("original_max_position_embeddings", 1024))
+LLAMA3_SCALING = (
+    ("rope_type", "llama3"),
+    ("factor", 8.0),
+    ("low_freq_factor", 1.0),
+    ("high_freq_factor", 4.0),
+    ("original_max_position_embeddings", 1024),
+)
 
 CONFIGS = {
     "llama_gqa": ModelConfig.tiny_llama(),
@@ -51,15 +56,35 @@ def rand_params(cfg: ModelConfig, seed: int = 0) -> dict:
     return lora.unflatten_paths(out)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "remat", "scan_layers", "compute_dtype",
-                                             "return_hidden"))
-def jforward(cfg, params, tokens, adapters=None, segment_ids=None, positions=None,
-             dropout_key=None, remat="none", scan_layers=True, compute_dtype=jnp.float32,
-             return_hidden=False):
-    return models.forward(cfg, params, tokens, adapters=adapters, segment_ids=segment_ids,
-                          positions=positions, dropout_key=dropout_key, remat=remat,
-                          scan_layers=scan_layers, compute_dtype=compute_dtype,
-                          return_hidden=return_hidden)
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "remat", "scan_layers", "compute_dtype", "return_hidden")
+)
+def jforward(
+    cfg,
+    params,
+    tokens,
+    adapters=None,
+    segment_ids=None,
+    positions=None,
+    dropout_key=None,
+    remat="none",
+    scan_layers=True,
+    compute_dtype=jnp.float32,
+    return_hidden=False,
+):
+    return models.forward(
+        cfg,
+        params,
+        tokens,
+        adapters=adapters,
+        segment_ids=segment_ids,
+        positions=positions,
+        dropout_key=dropout_key,
+        remat=remat,
+        scan_layers=scan_layers,
+        compute_dtype=compute_dtype,
+        return_hidden=return_hidden,
+    )
 
 
 # ------------------------------------------------------------------ float64 numpy references
@@ -83,7 +108,8 @@ def ref_inv_freq(cfg: ModelConfig) -> np.ndarray:
             new.append(f / sc["factor"])
         else:
             s = (sc["original_max_position_embeddings"] / wl - sc["low_freq_factor"]) / (
-                sc["high_freq_factor"] - sc["low_freq_factor"])
+                sc["high_freq_factor"] - sc["low_freq_factor"]
+            )
             new.append((1 - s) * f / sc["factor"] + s * f)
     return np.array(new)
 
@@ -142,7 +168,7 @@ def ref_forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=No
     cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
 
     def rope(z):  # rotate pairs (i, i + hd/2)
-        z1, z2 = z[..., : hd // 2], z[..., hd // 2:]
+        z1, z2 = z[..., : hd // 2], z[..., hd // 2 :]
         return np.concatenate([z1 * cos - z2 * sin, z2 * cos + z1 * sin], axis=-1)
 
     x = p["embed"]["embedding"][tokens]
@@ -150,7 +176,9 @@ def ref_forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=No
         lp = jax.tree.map(lambda a, i=i: a[i], p["layers"])
         a = lp["attn"]
         hn = rms(x, lp["attn_norm"]["scale"])
-        proj = {n: hn @ a[n]["kernel"] + a[n].get("bias", 0.0) for n in ("q_proj", "k_proj", "v_proj")}
+        proj = {
+            n: hn @ a[n]["kernel"] + a[n].get("bias", 0.0) for n in ("q_proj", "k_proj", "v_proj")
+        }
         q = rope(proj["q_proj"].reshape(b, t, h_, hd))
         k = rope(proj["k_proj"].reshape(b, t, kv_, hd))
         v = proj["v_proj"].reshape(b, t, kv_, hd)
@@ -177,16 +205,24 @@ def tokens_for(cfg, b=2, t=12, seed=1):
 
 def test_param_paths_and_shapes_follow_design():
     L, d, v = 2, 64, 256
-    got = {k: tuple(a.shape) for k, a in lora.flatten_paths(
-        param_shapes(CONFIGS["qwen2_bias"])).items()}
+    got = {
+        k: tuple(a.shape)
+        for k, a in lora.flatten_paths(param_shapes(CONFIGS["qwen2_bias"])).items()
+    }
     want = {
-        "embed/embedding": (v, d), "final_norm/scale": (d,),
-        "layers/attn_norm/scale": (L, d), "layers/mlp_norm/scale": (L, d),
-        "layers/attn/q_proj/kernel": (L, d, 64), "layers/attn/q_proj/bias": (L, 64),
-        "layers/attn/k_proj/kernel": (L, d, 32), "layers/attn/k_proj/bias": (L, 32),
-        "layers/attn/v_proj/kernel": (L, d, 32), "layers/attn/v_proj/bias": (L, 32),
+        "embed/embedding": (v, d),
+        "final_norm/scale": (d,),
+        "layers/attn_norm/scale": (L, d),
+        "layers/mlp_norm/scale": (L, d),
+        "layers/attn/q_proj/kernel": (L, d, 64),
+        "layers/attn/q_proj/bias": (L, 64),
+        "layers/attn/k_proj/kernel": (L, d, 32),
+        "layers/attn/k_proj/bias": (L, 32),
+        "layers/attn/v_proj/kernel": (L, d, 32),
+        "layers/attn/v_proj/bias": (L, 32),
         "layers/attn/o_proj/kernel": (L, 64, d),
-        "layers/mlp/gate_proj/kernel": (L, d, 128), "layers/mlp/up_proj/kernel": (L, d, 128),
+        "layers/mlp/gate_proj/kernel": (L, d, 128),
+        "layers/mlp/up_proj/kernel": (L, d, 128),
         "layers/mlp/down_proj/kernel": (L, 128, d),
     }
     assert got == want
@@ -195,14 +231,22 @@ def test_param_paths_and_shapes_follow_design():
     assert not any(k.endswith("bias") for k in untied)
     g = {k: tuple(a.shape) for k, a in lora.flatten_paths(param_shapes(CONFIGS["gpt2"])).items()}
     assert g == {
-        "wte/embedding": (v, d), "wpe/embedding": (128, d),
-        "layers/ln_1/scale": (L, d), "layers/ln_1/bias": (L, d),
-        "layers/attn/c_attn/kernel": (L, d, 3 * d), "layers/attn/c_attn/bias": (L, 3 * d),
-        "layers/attn/c_proj/kernel": (L, d, d), "layers/attn/c_proj/bias": (L, d),
-        "layers/ln_2/scale": (L, d), "layers/ln_2/bias": (L, d),
-        "layers/mlp/c_fc/kernel": (L, d, 256), "layers/mlp/c_fc/bias": (L, 256),
-        "layers/mlp/c_proj/kernel": (L, 256, d), "layers/mlp/c_proj/bias": (L, d),
-        "ln_f/scale": (d,), "ln_f/bias": (d,),
+        "wte/embedding": (v, d),
+        "wpe/embedding": (128, d),
+        "layers/ln_1/scale": (L, d),
+        "layers/ln_1/bias": (L, d),
+        "layers/attn/c_attn/kernel": (L, d, 3 * d),
+        "layers/attn/c_attn/bias": (L, 3 * d),
+        "layers/attn/c_proj/kernel": (L, d, d),
+        "layers/attn/c_proj/bias": (L, d),
+        "layers/ln_2/scale": (L, d),
+        "layers/ln_2/bias": (L, d),
+        "layers/mlp/c_fc/kernel": (L, d, 256),
+        "layers/mlp/c_fc/bias": (L, 256),
+        "layers/mlp/c_proj/kernel": (L, 256, d),
+        "layers/mlp/c_proj/bias": (L, d),
+        "ln_f/scale": (d,),
+        "ln_f/bias": (d,),
     }
 
 
@@ -259,8 +303,12 @@ def test_scan_equals_unrolled(name):
     cfg = CONFIGS[name]
     params = rand_params(cfg)
     toks = tokens_for(cfg)
-    np.testing.assert_allclose(jforward(cfg, params, toks, scan_layers=False),
-                               jforward(cfg, params, toks), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jforward(cfg, params, toks, scan_layers=False),
+        jforward(cfg, params, toks),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_remat_variants_equal_values_and_gradients():
@@ -279,7 +327,7 @@ def test_remat_variants_equal_values_and_gradients():
     grads = {r: loss_and_grad(params, r) for r in ("none", "full", "dots")}
     for r in ("full", "dots"):
         np.testing.assert_allclose(grads[r][0], grads["none"][0], rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(grads[r][1]), jax.tree.leaves(grads["none"][1])):
+        for a, b in zip(jax.tree.leaves(grads[r][1]), jax.tree.leaves(grads["none"][1]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="remat"):
         models.forward(cfg, params, toks, remat="some")
@@ -294,8 +342,15 @@ def test_packed_segments_equal_separate_documents(name):
     pad = np.zeros(12 - 5, np.int32)
     # row 0: [doc1; doc2] packed. Rows 1, 2: each document alone at the start of a row (what
     # follows it cannot influence it: causal). One call, one compile.
-    toks = jnp.asarray(np.stack([np.concatenate([doc1, doc2]), np.concatenate([doc1, pad[:5]]),
-                                 np.concatenate([doc2, pad])]))
+    toks = jnp.asarray(
+        np.stack(
+            [
+                np.concatenate([doc1, doc2]),
+                np.concatenate([doc1, pad[:5]]),
+                np.concatenate([doc2, pad]),
+            ]
+        )
+    )
     seg = jnp.asarray([[1] * 7 + [2] * 5, [1] * 12, [1] * 12])
     got = np.asarray(jforward(cfg, params, toks, segment_ids=seg))  # positions from segments
     np.testing.assert_allclose(got[0, :7], got[1, :7], rtol=1e-5, atol=1e-5)
@@ -311,8 +366,9 @@ def test_packed_segments_equal_separate_documents(name):
 
 def test_positions_from_segments():
     seg = jnp.asarray([[3, 3, 3, 1, 1, 0, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5]])
-    np.testing.assert_array_equal(common.positions_from_segments(seg),
-                                  [[0, 1, 2, 0, 1, 0, 1, 2], list(range(8))])
+    np.testing.assert_array_equal(
+        common.positions_from_segments(seg), [[0, 1, 2, 0, 1, 0, 1, 2], list(range(8))]
+    )
 
 
 @pytest.mark.parametrize("name", ["llama_mha_untied", "gpt2"])
@@ -322,8 +378,9 @@ def test_return_hidden_then_logits_equals_forward(name):
     toks = tokens_for(cfg)
     hidden = jforward(cfg, params, toks, return_hidden=True)
     assert hidden.shape == (2, 12, cfg.hidden_size)
-    np.testing.assert_allclose(models.logits(cfg, params, hidden), jforward(cfg, params, toks),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        models.logits(cfg, params, hidden), jforward(cfg, params, toks), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bfloat16_compute_is_close_and_logits_float32():
@@ -347,8 +404,9 @@ def _adapters(cfg, params, paths, seed, zero_b):
         lead, n_in, n_out = w.shape[:-2], w.shape[-2], w.shape[-1]
         a = rng.standard_normal((*lead, n_in, 4)) / math.sqrt(n_in)
         b = np.zeros((*lead, 4, n_out)) if zero_b else 0.3 * rng.standard_normal((*lead, 4, n_out))
-        out[path] = lora.LoraPair(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                                  scale=2.0, dropout=0.1)
+        out[path] = lora.LoraPair(
+            jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), scale=2.0, dropout=0.1
+        )
     return lora.unflatten_paths(out)
 
 
@@ -359,13 +417,19 @@ def _merged(params, adapters):
     return lora.unflatten_paths(flat)
 
 
-LLAMA_TARGETS = ["layers/attn/q_proj/kernel", "layers/attn/v_proj/kernel",
-                 "layers/mlp/down_proj/kernel", "lm_head/kernel", "embed/embedding"]
+LLAMA_TARGETS = [
+    "layers/attn/q_proj/kernel",
+    "layers/attn/v_proj/kernel",
+    "layers/mlp/down_proj/kernel",
+    "lm_head/kernel",
+    "embed/embedding",
+]
 GPT2_TARGETS = ["layers/attn/c_attn/kernel", "layers/mlp/c_fc/kernel", "wte/embedding"]
 
 
-@pytest.mark.parametrize("name,targets", [("llama_mha_untied", LLAMA_TARGETS),
-                                          ("gpt2", GPT2_TARGETS)])
+@pytest.mark.parametrize(
+    "name,targets", [("llama_mha_untied", LLAMA_TARGETS), ("gpt2", GPT2_TARGETS)]
+)
 def test_adapters_zero_b_is_base_and_nonzero_equals_merged(name, targets):
     cfg = CONFIGS[name]
     params = rand_params(cfg)
@@ -375,7 +439,8 @@ def test_adapters_zero_b_is_base_and_nonzero_equals_merged(name, targets):
     np.testing.assert_array_equal(jforward(cfg, params, toks, adapters=zero), base)
     # with a dropout key, zero B still gives the base exactly (dropout only feeds A @ B)
     np.testing.assert_array_equal(
-        jforward(cfg, params, toks, adapters=zero, dropout_key=jax.random.key(0)), base)
+        jforward(cfg, params, toks, adapters=zero, dropout_key=jax.random.key(0)), base
+    )
     ad = _adapters(cfg, params, targets, 1, zero_b=False)
     got = jforward(cfg, params, toks, adapters=ad)
     want = jforward(cfg, _merged(params, ad), toks)
@@ -394,8 +459,11 @@ def test_quantized_params_run_and_match_dequantized():
     qparams, _ = quant.quantize_tree(params)
     qleaves = [p for p, v in lora.flatten_paths(qparams).items() if isinstance(v, quant.QTensor)]
     assert any(p.startswith("layers/") for p in qleaves)
-    deq = jax.tree.map(lambda v: quant.dequantize(v) if isinstance(v, quant.QTensor) else v,
-                       qparams, is_leaf=lambda v: isinstance(v, quant.QTensor))
+    deq = jax.tree.map(
+        lambda v: quant.dequantize(v) if isinstance(v, quant.QTensor) else v,
+        qparams,
+        is_leaf=lambda v: isinstance(v, quant.QTensor),
+    )
     toks = tokens_for(cfg)
     got = jforward(cfg, qparams, toks)
     np.testing.assert_allclose(got, jforward(cfg, deq, toks), rtol=1e-4, atol=1e-4)
@@ -403,8 +471,13 @@ def test_quantized_params_run_and_match_dequantized():
     err = rel_err(got, np.asarray(jforward(cfg, params, toks), np.float64))
     assert 1e-4 < err < 0.5
     # LoRA on a quantized base, inside the scan
-    ad = _adapters(cfg, params, ["layers/mlp/c_fc/kernel" if name == "gpt2"
-                                 else "layers/mlp/up_proj/kernel"], 2, zero_b=False)
+    ad = _adapters(
+        cfg,
+        params,
+        ["layers/mlp/c_fc/kernel" if name == "gpt2" else "layers/mlp/up_proj/kernel"],
+        2,
+        zero_b=False,
+    )
     got_ad = jforward(cfg, qparams, toks, adapters=ad)
     assert rel_err(got_ad, np.asarray(jforward(cfg, _merged(deq, ad), toks), np.float64)) < 1e-4
 

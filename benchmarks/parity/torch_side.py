@@ -30,8 +30,8 @@ def main() -> None:
             o = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
             past, nxt = o.past_key_values, int(o.logits[0, -1].argmax())
     rel = np.abs(jax_logits - ref).max() / np.abs(ref).max()
-    same = sum(a == b for a, b in zip(greedy, jax_greedy))
-    first_diff = next((i for i, (a, b) in enumerate(zip(greedy, jax_greedy)) if a != b), None)
+    same = sum(a == b for a, b in zip(greedy, jax_greedy, strict=True))
+    first_diff = next((i for i, (a, b) in enumerate(zip(greedy, jax_greedy, strict=True)) if a != b), None)
     print(f"prompt tokens: {ids.shape[1]}; logits max|diff| = {np.abs(jax_logits - ref).max():.3e}, "
           f"max|ref| = {np.abs(ref).max():.3f}, relative = {rel:.3e} (limit 1e-4)")
     print(f"last-position argmax agree: {int(ref[-1].argmax()) == int(jax_logits[-1].argmax())}")
