@@ -43,7 +43,7 @@ import functools
 import math
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -61,6 +61,7 @@ __all__ = [
     "init_pissa",
     "attach",
     "linear",
+    "register_linear",
     "embed",
     "attend",
     "merge",
@@ -195,6 +196,20 @@ def _contract1(x: Array, w: Array) -> Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
+_LINEAR_RULES: dict[type, Callable[..., Array]] = {}
+
+
+def register_linear(cls: type, fn: Callable[..., Array]) -> None:
+    """Extension point: `linear` sends leaves of exactly type ``cls`` to ``fn(x, w, bias)``.
+
+    For weight views defined outside this module (e.g. ``jaxlora.multi.MultiLoraWeight``,
+    several adapters chosen per batch row), so model code still calls only `linear`.
+    """
+    if cls in (LoraWeight,) or not isinstance(cls, type):
+        raise ValueError(f"register_linear: cannot register {cls!r}")
+    _LINEAR_RULES[cls] = fn
+
+
 def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     """``y = x @ W (+ s * (dropout(x) @ A) @ B) (+ bias)``: the one projection primitive.
 
@@ -208,6 +223,9 @@ def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
       ``[..., *out]`` in ``x.dtype``. The LoRA path goes through ``[..., r]``; ``A @ B`` is
       never formed.
     """
+    rule = _LINEAR_RULES.get(type(w))
+    if rule is not None:
+        return rule(x, w, bias)
     if isinstance(w, LoraWeight):
         y = _contract1(x, _dense(w.w, x.dtype))  # [..., *out]
         h = _contract1(_dropout(x, w.dropout, w.key), w.a.astype(x.dtype))  # [..., r]

@@ -87,6 +87,19 @@ def test_linear_several_output_axes():
     assert y.shape == (7, 4, 8) and relerr(y, ref) < 1e-5
 
 
+def test_register_linear_dispatches_foreign_leaves():
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Doubled:
+        w: jax.Array
+
+    lora.register_linear(Doubled, lambda x, w, bias: 2.0 * lora.linear(x, w.w, bias))
+    x, w = rnd(0, (3, D)), rnd(1, (D, 4))
+    np.testing.assert_array_equal(jax.jit(lora.linear)(x, Doubled(w)), 2.0 * lora.linear(x, w))
+    with pytest.raises(ValueError, match="cannot register"):
+        lora.register_linear(LoraWeight, lambda x, w, b: x)
+
+
 def test_embed_and_attend_match_float64():
     table = rnd("k1", (V, D))
     a, b = rnd("k2", (V, 3)), rnd("k3", (3, D))
