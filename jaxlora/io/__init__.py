@@ -153,6 +153,15 @@ def _as_hook(quant: Any, dtype: Any) -> QuantHook | None:
     raise TypeError(f"quant must be None, a QuantRules, a qtype string or a callable, got {type(quant).__name__}")
 
 
+def _to_device(x: np.ndarray) -> jax.Array:
+    """Copy a host buffer to a jax.Array and wait, so the buffer can be freed right away.
+
+    (Without the wait the transfer is asynchronous: every source buffer stays alive until the
+    first `block_until_ready`, and the peak is two copies of the model.)
+    """
+    return jax.block_until_ready(jnp.asarray(x))
+
+
 def _stack_leaves(leaves: list[Any]) -> Any:
     """Stack per-layer leaves (arrays or QTensors, which stack by their children)."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *leaves)
@@ -194,7 +203,7 @@ def assemble(
         hit.add(key)
         leaf = quant(path, np.asarray(arr, dtype=np.float32), layer) if quant is not None else None
         if layer is None:
-            done[path] = leaf if leaf is not None else jnp.asarray(np.asarray(arr, dtype=np_dtype))
+            done[path] = leaf if leaf is not None else _to_device(np.asarray(arr, dtype=np_dtype))
         elif leaf is not None:
             lst = quantized.setdefault(path, [None] * L)
             lst[layer] = leaf
@@ -218,9 +227,9 @@ def assemble(
     for path in list(floats):
         if path in quantized:
             raise ModelLoadError(f"{source}: {path}: quantization hook quantized only some layers")
-        done[path] = jnp.asarray(floats.pop(path))  # one leaf at a time: peak = final + 1 leaf
+        done[path] = _to_device(floats.pop(path))  # one leaf at a time: peak = final + 1 leaf
     for path in list(quantized):
-        done[path] = _stack_leaves(quantized.pop(path))
+        done[path] = jax.block_until_ready(_stack_leaves(quantized.pop(path)))
     params: Params = {}
     for path, leaf in done.items():
         node = params
