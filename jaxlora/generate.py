@@ -62,13 +62,16 @@ def sample_logits(logits: Array, key: Array, temperature: float = 0.0, top_k: in
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids",
-                     "pad_id", "compute_dtype"),
+    static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "compute_dtype"),
 )
 def _generate(cfg: ModelConfig, params: Any, adapters: Any, tokens: Array, valid: Array,
-              key: Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-              eos_ids: tuple[int, ...], pad_id: int, compute_dtype: Any) -> Array:
-    """tokens/valid: [B, P] left-padded prompts -> [B, max_new_tokens] new tokens (pad after EOS)."""
+              key: Array, eos: Array, pad_id: Array, *, max_new_tokens: int, temperature: float,
+              top_k: int, top_p: float, compute_dtype: Any) -> Array:
+    """tokens/valid: [B, P] left-padded prompts -> [B, max_new_tokens] new tokens (pad after EOS).
+
+    eos: [n] int32 stop ids (-1 for none) and pad_id: int32 scalar are traced, so changing
+    them does not recompile.
+    """
     if adapters is not None:
         params = lora.attach(params, adapters)
     b, p = tokens.shape
@@ -77,10 +80,9 @@ def _generate(cfg: ModelConfig, params: Any, adapters: Any, tokens: Array, valid
     logits, cache = decode_step(cfg, params, tokens, positions, cache, token_valid=valid,
                                 compute_dtype=compute_dtype)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     tok = sample(logits, jax.random.fold_in(key, 0))  # [B]
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    out = jnp.broadcast_to(pad_id, (b, max_new_tokens)).astype(jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
     pos = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B] position of `tok`
 
@@ -143,9 +145,10 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
         tokens[r, p_len - len(ids):] = ids
         valid[r, p_len - len(ids):] = True
     out = _generate(cfg, params, adapters, jnp.asarray(tokens), jnp.asarray(valid),
-                    jax.random.key(seed), max_new_tokens=max_new_tokens,
+                    jax.random.key(seed), jnp.asarray(eos_ids or (-1,), jnp.int32),
+                    jnp.asarray(pad_id, jnp.int32), max_new_tokens=max_new_tokens,
                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                    eos_ids=eos_ids, pad_id=int(pad_id), compute_dtype=compute_dtype)
+                    compute_dtype=compute_dtype)
     result = []
     for row in np.asarray(out).tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))

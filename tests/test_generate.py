@@ -88,19 +88,19 @@ def test_batched_left_padded_equals_one_by_one_and_teacher_forcing(arch):
 
 
 def test_greedy_is_deterministic_and_top_k_1_equals_greedy():
-    greedy = generate_tokens(LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=6)
-    assert generate_tokens(LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=6) == greedy
+    greedy = generate_tokens(LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8)
+    assert generate_tokens(LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8) == greedy
     k1 = generate_tokens(
-        LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=6, temperature=0.8, top_k=1, seed=3
+        LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8, temperature=0.8, top_k=1, seed=3
     )
     assert k1 == greedy
     hot = generate_tokens(
-        LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=6, temperature=5.0, seed=3
+        LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8, temperature=5.0, seed=3
     )
     assert hot != greedy  # sampling at a high temperature does leave the greedy path
     assert (
         generate_tokens(
-            LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=6, temperature=5.0, seed=3
+            LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8, temperature=5.0, seed=3
         )
         == hot
     )  # same seed, same sample
@@ -128,10 +128,10 @@ def test_sample_logits_distributions():
 
 
 def test_eos_stops_each_row():
-    free = generate_tokens(LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=8)
+    free = generate_tokens(LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8)
     i = next(i for i in range(2, 8) if free[0][i] not in free[0][:i])
     eos = free[0][i]
-    got = generate_tokens(LLAMA, PARAMS["llama"], PROMPTS[:2], max_new_tokens=8, eos_id=eos)
+    got = generate_tokens(LLAMA, PARAMS["llama"], PROMPTS, max_new_tokens=8, eos_id=eos)
     assert got[0] == free[0][:i]
     cut = free[1].index(eos) if eos in free[1] else 8
     assert got[1] == free[1][:cut]
@@ -163,17 +163,17 @@ def _adapters(params, paths, zero_b, seed=0):
 def test_generation_with_adapters():
     params = PARAMS["llama"]
     targets = ["layers/attn/q_proj/kernel", "layers/mlp/up_proj/kernel"]
-    base = generate_tokens(LLAMA, params, PROMPTS, max_new_tokens=6)
+    base = generate_tokens(LLAMA, params, PROMPTS, max_new_tokens=8)
     zero = generate_tokens(
-        LLAMA, params, PROMPTS, max_new_tokens=6, adapters=_adapters(params, targets, zero_b=True)
+        LLAMA, params, PROMPTS, max_new_tokens=8, adapters=_adapters(params, targets, zero_b=True)
     )
     assert zero == base
     ad = _adapters(params, targets, zero_b=False)
     flat = lora.flatten_paths(params)
     for path, pr in lora.flatten_paths(ad).items():
         flat[path] = flat[path] + pr.scale * jnp.einsum("lir,lro->lio", pr.a, pr.b)
-    merged = generate_tokens(LLAMA, lora.unflatten_paths(flat), PROMPTS, max_new_tokens=6)
-    got = generate_tokens(LLAMA, params, PROMPTS, max_new_tokens=6, adapters=ad)
+    merged = generate_tokens(LLAMA, lora.unflatten_paths(flat), PROMPTS, max_new_tokens=8)
+    got = generate_tokens(LLAMA, params, PROMPTS, max_new_tokens=8, adapters=ad)
     assert got == merged
     assert got != base
 
@@ -197,12 +197,12 @@ class _ByteTokenizer:
 
 def test_text_generate_with_chat_template():
     tok = _ByteTokenizer()
-    texts = generate(LLAMA, PARAMS["llama"], tok, ["hi", "what?"], chat=True, max_new_tokens=5)
+    texts = generate(LLAMA, PARAMS["llama"], tok, ["hi", "what?"], chat=True, max_new_tokens=8)
     ids = generate_tokens(
         LLAMA,
         PARAMS["llama"],
         [tok.encode("<user>hi<assistant>"), tok.encode("<user>what?<assistant>")],
-        max_new_tokens=5,
+        max_new_tokens=8,
         eos_id=255,
         pad_id=255,
     )
