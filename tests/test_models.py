@@ -490,3 +490,5 @@ def test_config_errors():
         models.init_params(ModelConfig.tiny_llama(num_kv_heads=3), jax.random.key(0))
     with pytest.raises(ValueError, match="rope_type"):
         common.rope_inv_freq(16, 1e4, {"rope_type": "yarn"})
+    with pytest.raises(ValueError, match="learned positions"):
+        models.forward(CONFIGS["gpt2"], param_shapes(CONFIGS["gpt2"]), jnp.zeros((1, 129), int))

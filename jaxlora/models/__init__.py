@@ -112,6 +112,9 @@ def forward(cfg: ModelConfig, params: Params, tokens: Array, *, adapters: Any = 
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"forward: tokens must be [batch, seq], got shape {tokens.shape}")
+    if cfg.arch == "gpt2" and tokens.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"forward: sequence length {tokens.shape[1]} exceeds GPT-2's "
+                         f"{cfg.max_position_embeddings} learned positions")
     if adapters is not None:
         params = lora.attach(params, adapters, dropout_key)
     pos = _positions(tokens, segment_ids, positions)
