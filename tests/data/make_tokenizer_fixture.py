@@ -24,7 +24,7 @@ TEXTS = [
     "Emoji: 😀🎉👍🏽 👨‍👩‍👧‍👦 ❤️ 🇫🇷",
     "Math: ∑ᵢ xᵢ² ≤ ∞ → λ ∈ ℝ, α+β=γ",
     "def f(x):\n    return [i ** 2 for i in range(x)]  # comment\n",
-    "if (a && b) { printf(\"%d\\n\", a->b[0]); }",
+    'if (a && b) { printf("%d\\n", a->b[0]); }',
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
     "It's a dog's life; they're here, we've won, I'm sure you'll see, he'd go.",
     "URL https://example.com/path?q=1&r=two#frag and email a.b@c.io",
@@ -52,7 +52,9 @@ def main() -> None:
             {
                 "text": t,
                 "ids": tok.encode(t, add_special_tokens=False),
-                "decoded": tok.decode(tok.encode(t, add_special_tokens=False), skip_special_tokens=False),
+                "decoded": tok.decode(
+                    tok.encode(t, add_special_tokens=False), skip_special_tokens=False
+                ),
                 "ids_with_special": tok.encode(t, add_special_tokens=True),
             }
             for t in TEXTS
@@ -62,7 +64,12 @@ def main() -> None:
             tokenize=False,
             add_generation_prompt=True,
         ),
-        "special": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "len": len(tok)},
+        "special": {
+            "bos": tok.bos_token_id,
+            "eos": tok.eos_token_id,
+            "pad": tok.pad_token_id,
+            "len": len(tok),
+        },
     }
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2_tokenizer_ids.json")
     with open(path, "w", encoding="utf-8") as f:
