@@ -592,6 +592,16 @@ def _mean(a: Array) -> Array:
     return m + jnp.mean(a - m[..., None], axis=-1)
 
 
+def _no_fma(product: Array) -> Array:
+    """Keep ``product`` from being contracted with a following add into one FMA.
+
+    XLA:CPU lets LLVM fuse ``a * b + c`` into a single-rounding FMA, while bitsandbytes rounds
+    the product first; a select between them blocks the contraction (inputs here are finite;
+    a NaN product would become 0).
+    """
+    return jnp.where(jnp.isnan(product), np.float32(0.0), product)
+
+
 def _quantize_dynamic(v: Array) -> tuple[Array, Array]:
     """8-bit dynamic-map block quantization (block 256) of ``float32 [*b, m]``.
 
@@ -605,9 +615,8 @@ def _quantize_dynamic(v: Array) -> tuple[Array, Array]:
     vb = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(*v.shape[:-1], nb2, NESTED_BLOCK)
     nabs = jnp.max(jnp.abs(vb), axis=-1)  # [*b, nb2]
     normed = (vb / nabs[..., None]).reshape(*v.shape[:-1], nb2 * NESTED_BLOCK)[..., :m]
-    grid = (jnp.clip(normed, -1.0, 1.0) + np.float32(1.0)) * np.float32(0.5) * np.float32(
-        65535.0
-    ) + np.float32(0.5)
+    scaled = (jnp.clip(normed, -1.0, 1.0) + np.float32(1.0)) * np.float32(0.5)
+    grid = _no_fma(scaled * np.float32(65535.0)) + np.float32(0.5)  # two roundings
     grid = jnp.clip(jnp.where(jnp.isnan(grid), 0.0, grid), 0.0, 65535.0).astype(jnp.int32)
     idx = jnp.asarray(_DYNAMIC_LUT)[grid]  # [*b, m]
     idx = jnp.where(jnp.isnan(normed), 0, idx)  # all-equal absmax: 0/0, bnb stores code 0
@@ -619,7 +628,7 @@ def _dequantize_dynamic(q: Array, nabs: Array, offset: Array) -> Array:
     m = q.shape[-1]
     vals = jnp.asarray(DYNAMIC_CODE)[q.astype(jnp.int32)]
     scale = jnp.repeat(nabs, NESTED_BLOCK, axis=-1)[..., :m]
-    return vals * scale + offset[..., None]
+    return _no_fma(vals * scale) + offset[..., None]  # two roundings, as bitsandbytes
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,6 +155,12 @@ def test_double_quant_dequantize_matches_float64_reference(qtype):
     np.testing.assert_allclose(
         np.asarray(dequantize(q), np.float64), ref_dequantize(q), rtol=1e-6, atol=1e-7
     )
+    # float32 absmax = round(code * nested) + offset with two roundings, exactly as
+    # bitsandbytes, also inside jit (where XLA:CPU would otherwise contract it to an FMA)
+    code = quant.DYNAMIC_CODE[np.asarray(q.absmax)]
+    nested = np.repeat(np.asarray(q.nested_absmax), 256)[: code.size]
+    want = (code * nested).astype(np.float32) + np.float32(q.offset)
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.block_absmax)(q)), want)
     # the dequantized absmax is close to the exact one (8-bit dynamic code, block 256)
     exact = np.abs(np.pad(x.reshape(-1), (0, 329 * 64 - x.size))).reshape(329, 64).max(-1)
     np.testing.assert_allclose(np.asarray(quant.block_absmax(q)), exact, rtol=0.02)
@@ -185,8 +191,17 @@ def test_idempotent(qtype, dq):
         np.testing.assert_array_equal(np.asarray(q2.absmax), np.asarray(q.absmax))
 
 
-@pytest.mark.parametrize("shape", [(7,), (2, 3, 65), (2, 3, 4, 33)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((7,), jnp.float32),
+        ((130,), jnp.bfloat16),
+        ((3, 5), jnp.float16),
+        ((2, 3, 65), jnp.bfloat16),
+        ((2, 3, 4, 33), jnp.float16),
+        ((2, 3, 4, 33), jnp.float32),
+    ],
+)
 def test_shapes_and_dtypes(shape, dtype):
     x = jnp.asarray(normal(shape, seed=5), dtype)
     q = quantize(x, "nf4", 32)

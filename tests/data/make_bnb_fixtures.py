@@ -11,6 +11,19 @@ each of nf4/fp4 x (double quant off/on) at block size 64, it stores bitsandbytes
 ``quantize_4bit`` packed codes, absmax, and under double quant the offset, nested absmax and
 the quantized absmax codes, plus ``dequantize_4bit`` of the small inputs and one serialized
 ``Linear4bit``-style quant state (``QuantState.as_dict(packed=True)``).
+
+``--check-linear4bit OURS.npz`` instead loads state dicts written by
+``jaxlora.io.bnb.to_bnb_state_dict`` into ``bnb.nn.Linear4bit`` modules (through
+``Params4bit.from_prequantized``, as transformers does) and checks that bitsandbytes'
+dequantized weight and forward pass agree with jaxlora's. Write OURS.npz with the project venv:
+
+    .venv/bin/python -c "import numpy as np; from jaxlora.quant import quantize, dequantize; \
+    from jaxlora.io.bnb import to_bnb_state_dict as t; k = np.random.default_rng(1).standard_normal( \
+    (96, 160)).astype('float32') * .05; o = {}; \
+    [o.update({f'{q}{int(d)}|{n}': v for n, v in t(quantize(k.T, q, 64, d)).items()} | \
+    {f'{q}{int(d)}|ours': np.asarray(dequantize(quantize(k.T, q, 64, d)))}) \
+    for q in ('nf4', 'fp4') for d in (True, False)]; np.savez('/tmp/ours_sd.npz', kernel=k, **o)"
+    /tmp/scratch/bin/python tests/data/make_bnb_fixtures.py --check-linear4bit /tmp/ours_sd.npz
 """
 
 import os
@@ -70,5 +83,39 @@ def main() -> None:
     print(path, os.path.getsize(path), "bytes;", sorted(k for k in out if k.startswith("sd/")))
 
 
+def check_linear4bit(path: str) -> None:
+    """Load jaxlora-written state dicts into Linear4bit; compare weights and outputs."""
+    f = np.load(path)
+    din, dout = f["kernel"].shape  # jaxlora kernel [in, out]; torch weight [out, in]
+    for tag in ("nf41", "nf40", "fp41", "fp40"):
+        sd = {
+            k.split("|", 1)[1]: torch.from_numpy(f[k].copy())
+            for k in f.files
+            if k.startswith(tag + "|") and not k.endswith("|ours")
+        }
+        lin = bnb.nn.Linear4bit(din, dout, bias=False, quant_type=tag[:3])
+        stats = {k[len("weight.") :]: v for k, v in sd.items() if k != "weight"}
+        lin.weight = bnb.nn.Params4bit.from_prequantized(
+            data=sd["weight"], quantized_stats=stats, requires_grad=False, device="cpu"
+        )
+        w = F.dequantize_4bit(lin.weight.data, lin.weight.quant_state).numpy()
+        x = torch.randn(3, din)
+        y = lin(x).detach().numpy()
+        ours = f[tag + "|ours"]
+        print(
+            tag,
+            "max |bnb dequant - jaxlora dequant| =",
+            float(np.abs(w - ours).max()),
+            "; max |Linear4bit(x) - x @ W_jaxlora.T| =",
+            float(np.abs(y - x.numpy() @ ours.T).max()),
+        )
+        assert np.array_equal(w, ours)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--check-linear4bit":
+        check_linear4bit(sys.argv[2])
+    else:
+        main()
