@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import quant
+
 __all__ = [
     "Params",
     "Adapters",
@@ -150,31 +152,18 @@ jax.tree_util.register_dataclass(
 
 
 # --------------------------------------------------------------------------------------------
-# Quantized bases (jaxlora.quant is imported lazily so this module stands on its own)
+# Quantized bases
 # --------------------------------------------------------------------------------------------
 
 
-def _quant():
-    try:
-        from jaxlora import quant
-    except ImportError:  # pragma: no cover - quant.py not present yet
-        return None
-    return quant
-
-
 def _is_qtensor(x: Any) -> bool:
-    q = _quant()
-    return q is not None and isinstance(x, q.QTensor)
-
-
-def _is_leaf(x: Any) -> bool:
-    return isinstance(x, (LoraPair, LoraWeight)) or _is_qtensor(x)
+    return isinstance(x, quant.QTensor)
 
 
 def _dense(w: Any, dtype: Any) -> Array:
     """The base weight as a dense array of ``dtype`` (dequantized inside jit for QTensor)."""
     if _is_qtensor(w):
-        return _quant().dequantize(w, dtype)
+        return quant.dequantize(w, dtype)
     return jnp.asarray(w).astype(dtype)
 
 
@@ -645,9 +634,9 @@ def _init_arrays(key: Array, shapes: tuple, init: str, dtype: str) -> dict[str, 
     return out
 
 
-def _requantize_like(x: Array, like: Any, n_lead: int) -> Any:
-    q = _quant()
-    return q.quantize(
+def _requantize_like(x: Array, like: Any) -> Any:
+    """Quantize ``x`` with the settings (and stacked axes) of the QTensor ``like``."""
+    return quant.quantize(
         x.astype(like.dtype),
         qtype=like.qtype,
         block_size=like.block_size,
@@ -676,9 +665,7 @@ def init_pissa(base: Params, spec: LoraSpec) -> tuple[Params, Adapters]:
         a = u[..., :, :r] * sr[..., None, :]  # [*lead, in, r]
         b = sr[..., :, None] * vh[..., :r, :]  # [*lead, r, out]
         resid = (w32 - scale * (a @ b)).reshape(w.shape)
-        new_base[path] = (
-            _requantize_like(resid, w, len(lead)) if _is_qtensor(w) else resid.astype(w.dtype)
-        )
+        new_base[path] = _requantize_like(resid, w) if _is_qtensor(w) else resid.astype(w.dtype)
         b = b.reshape(*lead, r, *d_out)
         out[path] = LoraPair(
             a.astype(dtype), b.astype(dtype), scale=scale, dropout=float(spec.dropout)
