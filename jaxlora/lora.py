@@ -199,6 +199,51 @@ def register_linear(cls: type, fn: Callable[..., Array]) -> None:
     _LINEAR_RULES[cls] = fn
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x: Array, a: Array, b: Array, scale: float) -> Array:
+    """``s * (x @ A) @ B`` for ``x [..., in]``, ``a [in, r]``, ``b [r, *out]``."""
+    return scale * _contract1(_contract1(x, a), b)
+
+
+def _low_rank_fwd(x, a, b, scale):
+    return _low_rank(x, a, b, scale), (x, a, b)
+
+
+def _low_rank_bwd(scale, res, dy):
+    # Written out on token-flattened 2-D operands: XLA:CPU otherwise picks transposed layouts
+    # for the activation cotangents of the skinny rank-r matmuls, which doubled a block's
+    # backward time on SmolLM2 (benchmarks/RESULTS.md).
+    x, a, b = res
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    b2 = b.reshape(b.shape[0], -1)  # [r, out]
+    dy2 = dy.reshape(x2.shape[0], -1)  # [N, out]
+    dh = scale * (dy2 @ b2.T)  # [N, r]
+    da = x2.T @ dh  # [in, r]
+    db = scale * ((x2 @ a).T @ dy2)  # [r, out]
+    dx = (dh @ a.T).reshape(x.shape)  # [..., in]
+    return dx, da, db.reshape(b.shape)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def _dequant_matmul(x: Array, q: Any) -> Array:
+    return _contract1(x, quant.dequantize(q, x.dtype))
+
+
+# Rematerialized so that the backward pass dequantizes the codes again instead of keeping the
+# float weight as a residual: otherwise every layer's dense W would be saved for the input
+# gradient, a full-precision copy of the model during training.
+_dequant_matmul_remat = jax.checkpoint(_dequant_matmul)
+
+
+def _base_matmul(x: Array, w: Any) -> Array:
+    """``x @ W`` for a float or QTensor base weight."""
+    if _is_qtensor(w):
+        return _dequant_matmul_remat(x, w)
+    return _contract1(x, jnp.asarray(w).astype(x.dtype))
+
+
 def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     """``y = x @ W (+ s * (dropout(x) @ A) @ B) (+ bias)``: the one projection primitive.
 
@@ -216,11 +261,11 @@ def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     if rule is not None:
         return rule(x, w, bias)
     if isinstance(w, LoraWeight):
-        y = _contract1(x, _dense(w.w, x.dtype))  # [..., *out]
-        h = _contract1(_dropout(x, w.dropout, w.key), w.a.astype(x.dtype))  # [..., r]
-        y = y + w.scale * _contract1(h, w.b.astype(x.dtype))  # [..., *out]
+        y = _base_matmul(x, w.w)  # [..., *out]
+        xd = _dropout(x, w.dropout, w.key)
+        y = y + _low_rank(xd, w.a.astype(x.dtype), w.b.astype(x.dtype), w.scale)  # [..., *out]
     else:
-        y = _contract1(x, _dense(w, x.dtype))
+        y = _base_matmul(x, w)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y

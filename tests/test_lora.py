@@ -441,3 +441,16 @@ def test_user_nnx_model_with_adapters_and_qtensor_base():
     np.testing.assert_array_equal(
         lora.nnx_params(model)["blocks"]["0"]["kernel"], base["blocks"]["0"]["kernel"]
     )
+
+
+def test_qtensor_backward_keeps_codes_not_a_dense_weight():
+    """QLoRA's memory promise: the input gradient re-dequantizes instead of saving float W."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(256, 512)), jnp.float32)
+    q = quant.quantize(w)
+    x = jnp.ones((8, 256), jnp.float32)
+    _, vjp = jax.vjp(lambda x: jnp.sum(jnp.tanh(lora.linear(x, q))), x)
+    residual_shapes = [leaf.shape for leaf in jax.tree.leaves(vjp)]
+    assert (256, 512) not in residual_shapes
+    assert q.codes.shape in residual_shapes  # the packed codes are what is kept
+    _, vjp_dense = jax.vjp(lambda x: jnp.sum(jnp.tanh(x @ quant.dequantize(q))), x)
+    assert (256, 512) in [leaf.shape for leaf in jax.tree.leaves(vjp_dense)]  # the control

@@ -1,0 +1,157 @@
+"""Training-step throughput and memory on SmolLM2-135M: LoRA, QLoRA (NF4) and full fine-tuning.
+
+Each variant runs in a fresh subprocess (so peak RSS is its own), one after another in this
+run, on a random token batch of 4 x 256 with r=8 adapters on all seven linear kinds, float32
+compute. Reported: median step time over the timed steps after a warm-up (compile) step,
+tokens/s, peak RSS, and the step's model FLOPs per second against the float32 matmul rate
+measured in the same run.
+
+    .venv/bin/python benchmarks/bench_train.py            # all variants
+    .venv/bin/python benchmarks/bench_train.py --steps 3  # fewer timed steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+VARIANTS = ("lora", "qlora", "full")
+
+
+def matmul_gflops(repeats: int = 10) -> float:
+    """float32 [1024, 2048] @ [2048, 2048] under jit (the baselines' reference shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (1024, 2048), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (2048, 2048), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * 1024 * 2048 * 2048 / times[len(times) // 2] / 1e9
+
+
+def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxlora import data, io, lora, models, optim, quant, train
+
+    rules = quant.QuantRules(qtype="nf4" if variant == "qlora" else "none")
+    loaded = io.load_model("smollm2-135m-instruct", quant=rules if variant == "qlora" else None)
+    cfg, base = loaded.config, loaded.params
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, batch, seq + 1)).astype(np.int32)
+    b = data.Batch(
+        inputs=jnp.asarray(tokens[..., :-1]), targets=jnp.asarray(tokens[..., 1:]),
+        loss_mask=jnp.ones((1, batch, seq), jnp.float32),
+        segment_ids=jnp.ones((1, batch, seq), jnp.int32),
+        positions=jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, batch, seq)),
+    )
+    tx = optim.make_optimizer("adamw", lr=1e-4)
+    if variant == "full":
+        opt_state = tx.init(base)
+
+        def loss(params, batch):
+            one = jax.tree.map(lambda x: x[0], batch)
+            total, count = train.loss_and_count(None, params, one, mcfg=cfg, remat=remat)
+            return total / count
+
+        @jax.jit
+        def step(params, opt_state, batch):
+            value, grads = jax.value_and_grad(loss)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        def run_step():
+            nonlocal base, opt_state
+            base, opt_state, value = step(base, opt_state, b)
+            return value
+        trainable = sum(int(x.size) for x in jax.tree.leaves(base))
+    else:
+        spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, targets="all-linear")
+        adapters = lora.init(jax.random.key(0), base, spec)
+        state = train.init_state(adapters, tx, 0)
+        step_fn = train.make_train_step(cfg, tx, remat=remat, dropout=False)
+
+        def run_step():
+            nonlocal state
+            state, m = step_fn(state, base, b)
+            return m.loss
+        trainable = sum(int(x.size) for x in jax.tree.leaves(adapters))
+
+    t = time.perf_counter()
+    float(run_step())  # compile + first step
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        float(run_step())
+        times.append(time.perf_counter() - t)
+    times.sort()
+    step_s = times[len(times) // 2]
+    n_tokens = batch * seq
+    n_params = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once)
+    # Forward 2PN; backward: input gradients 2PN (+ weight gradients 2PN for full FT).
+    flops = (6 if variant == "full" else 4) * n_params * n_tokens
+    return {
+        "variant": variant, "step_s": step_s, "compile_s": compile_s,
+        "tokens_per_s": n_tokens / step_s, "peak_rss_mb": train.peak_rss_mb(),
+        "model_gflops": flops / step_s / 1e9, "trainable": trainable,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--remat", default="full", choices=("none", "full", "dots"),
+                    help="rematerialization policy of the blocks (default full)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.steps, args.batch, args.seq, args.rank,
+                                args.remat)))
+        return
+
+    peak = matmul_gflops()
+    rows = []
+    for v in args.variants.split(","):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", v, "--steps", str(args.steps),
+             "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+             "--remat", args.remat],
+            check=True, capture_output=True, text=True, env=dict(os.environ),
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"done {v}", file=sys.stderr, flush=True)
+    by = {r["variant"]: r for r in rows}
+    print(f"SmolLM2-135M, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
+          f"float32, remat {args.remat}, median of {args.steps} steps; float32 matmul rate "
+          f"{peak:.0f} GFLOP/s\n")
+    print("| variant | step (s) | tokens/s | peak RSS (MB) | model GFLOP/s | of matmul rate | compile (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['model_gflops']:.0f} | "
+              f"{100 * r['model_gflops'] / peak:.0f}% | {r['compile_s']:.0f} |")
+    if "lora" in by and "qlora" in by:
+        print(f"\nQLoRA / LoRA step time: {by['qlora']['step_s'] / by['lora']['step_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
