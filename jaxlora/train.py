@@ -354,7 +354,7 @@ def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: A
 
 def loss_and_count(adapters: Adapters, base: Params, batch: data_lib.Batch, *, mcfg,
                    dropout_key: Array | None = None, compute_dtype: Any = jnp.float32,
-                   remat: str = "none", chunk: int = 1024) -> tuple[Array, Array]:
+                   remat: str = "none", chunk: int = 256) -> tuple[Array, Array]:
     """(sum of token losses, number of trained tokens) of one micro-batch."""
     hidden = models.forward(
         mcfg, base, batch.inputs, adapters=adapters, segment_ids=batch.segment_ids,
@@ -365,7 +365,7 @@ def loss_and_count(adapters: Adapters, base: Params, batch: data_lib.Batch, *, m
 
 
 def make_train_step(mcfg, tx: optax.GradientTransformation, *, compute_dtype=jnp.float32,
-                    remat: str = "none", chunk: int = 1024, dropout: bool = True):
+                    remat: str = "none", chunk: int = 256, dropout: bool = True):
     """A jitted `step(state, base, batches) -> (state, StepMetrics)`.
 
     `batches` is a `Batch` whose arrays carry a leading micro-batch axis `[accum, B, T]`.
@@ -409,7 +409,7 @@ def make_train_step(mcfg, tx: optax.GradientTransformation, *, compute_dtype=jnp
     return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_step(mcfg, *, compute_dtype=jnp.float32, chunk: int = 1024):
+def make_eval_step(mcfg, *, compute_dtype=jnp.float32, chunk: int = 256):
     """A jitted `eval(adapters_or_None, base, batch) -> (loss_sum, count)`."""
 
     def ev(adapters, base, batch):

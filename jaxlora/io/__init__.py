@@ -9,6 +9,7 @@ final footprint plus one float tensor.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -240,6 +241,18 @@ def assemble(
     return params
 
 
+def _return_freed_memory() -> None:
+    """Hand the per-tensor conversion buffers back to the OS.
+
+    glibc keeps freed heap pages in its arenas; after streaming a checkpoint that is ~250 MB
+    of resident memory for SmolLM2 that nothing uses any more.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], *, quant: Any = None, dtype: Any = jnp.float32
 ) -> LoadedModel:
@@ -264,6 +277,7 @@ def load_model(
     # which would otherwise add to the peak on top of the loaded weights.
     tokenizer = src.tokenizer()
     params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant, dtype))
+    _return_freed_memory()
     return LoadedModel(config=src.config, params=params, tokenizer=tokenizer, source=str(path))
 
 
