@@ -55,7 +55,9 @@ def test_experiment_configs_parse_and_round_trip(path, tmp_path):
 
 
 def test_load_sets_fields_and_name_defaults_to_stem(tmp_path):
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
 [lora]
 rank = 4
 alpha = 8          # an integer where a float is expected is fine
@@ -65,7 +67,9 @@ rank_pattern = { "attn/q_proj" = 16, "mlp/.*" = 2 }
 sources = "corpus.txt"  # a single string where a list is expected is fine
 [sharding]
 mesh = { data = 2, fsdp = -1 }
-""", "my_run.toml")
+""",
+        "my_run.toml",
+    )
     cfg = load_config(p)
     assert cfg.name == "my_run"
     assert cfg.lora.rank == 4 and cfg.lora.alpha == 8.0 and isinstance(cfg.lora.alpha, float)
@@ -79,7 +83,9 @@ mesh = { data = 2, fsdp = -1 }
 
 
 def test_round_trip_dump_load(tmp_path):
-    p = write(tmp_path, r'''
+    p = write(
+        tmp_path,
+        r"""
 name = "weird \"name\" ü"
 [lora]
 rank = 32
@@ -95,7 +101,8 @@ lr = 1e-5
 eps = 1e-12
 [eval]
 samples = ["line1\nline2", "quote \" and backslash \\"]
-''')
+""",
+    )
     cfg = load_config(p)
     text = dump_config(cfg)
     again = write(tmp_path, text, "dumped.toml")
@@ -112,9 +119,18 @@ samples = ["line1\nline2", "quote \" and backslash \\"]
 
 def test_overrides_strings_and_mapping(tmp_path):
     p = write(tmp_path, "[lora]\nrank = 4\n")
-    cfg = load_config(p, ["lora.rank=32", "model.name=tiny-llama", "lora.targets=[\"q_proj\"]",
-                          "quant.double_quant=false", "lora.rank_pattern.q_proj=2",
-                          "sharding.mesh.data=4", "name=x"])
+    cfg = load_config(
+        p,
+        [
+            "lora.rank=32",
+            "model.name=tiny-llama",
+            'lora.targets=["q_proj"]',
+            "quant.double_quant=false",
+            "lora.rank_pattern.q_proj=2",
+            "sharding.mesh.data=4",
+            "name=x",
+        ],
+    )
     assert cfg.lora.rank == 32
     assert cfg.model.name == "tiny-llama"  # not a TOML literal: kept as a string
     assert cfg.lora.targets == ("q_proj",)
@@ -131,7 +147,11 @@ def test_overrides_strings_and_mapping(tmp_path):
 
 def test_base_inheritance(tmp_path):
     (tmp_path / "sub").mkdir()
-    write(tmp_path, 'name = "parent"\n[lora]\nrank = 4\nalpha = 4.0\n[optim]\nlr = 1e-3\n', "parent.toml")
+    write(
+        tmp_path,
+        'name = "parent"\n[lora]\nrank = 4\nalpha = 4.0\n[optim]\nlr = 1e-3\n',
+        "parent.toml",
+    )
     child = write(tmp_path, 'base = "../parent.toml"\n[lora]\nrank = 16\n', "sub/child.toml")
     cfg = load_config(child)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr, cfg.name) == (16, 4.0, 1e-3, "parent")
@@ -151,29 +171,33 @@ BAD_CASES = [
     ("[lora]\nrnak = 4\n", (), ["lora.rnak", "did you mean 'lora.rank'"]),
     ("[lroa]\nrank = 4\n", (), ["'lroa'", "did you mean 'lora'"]),
     ("[lora]\nlr = 1e-3\n", (), ["lora.lr", "optim.lr"]),  # right name, wrong section
-    ("[lora]\nrank = \"8\"\n", (), ["lora.rank", "expected an integer"]),
+    ('[lora]\nrank = "8"\n', (), ["lora.rank", "expected an integer"]),
     ("[lora]\nrank = 8.0\n", (), ["lora.rank", "expected an integer"]),
     ("[lora]\nrank = true\n", (), ["lora.rank", "expected an integer"]),
     ("[lora]\nrank = -1\n", (), ["lora.rank", ">= 1"]),
     ("[lora]\nrank = 0\n", (), ["lora.rank", ">= 1"]),
-    ("[lora]\nscaling = \"rs\"\n", (), ["lora.scaling", "'rs'", "'rslora'"]),
+    ('[lora]\nscaling = "rs"\n', (), ["lora.scaling", "'rs'", "'rslora'"]),
     ("[lora]\ndropout = 1.0\n", (), ["lora.dropout", "< 1"]),
-    ("[lora]\ntargets = \"(\"\n", (), ["lora.targets", "invalid regex"]),
-    ("[lora]\ntargets = [\"all-linear\"]\n", (), ["lora.targets", "as a string"]),
+    ('[lora]\ntargets = "("\n', (), ["lora.targets", "invalid regex"]),
+    ('[lora]\ntargets = ["all-linear"]\n', (), ["lora.targets", "as a string"]),
     ("[lora]\ntargets = 3\n", (), ["lora.targets", "string or a list"]),
-    ("[quant]\ninclude = \"[\"\n", (), ["quant.include", "invalid regex"]),
+    ('[quant]\ninclude = "["\n', (), ["quant.include", "invalid regex"]),
     ("[lora]\nrank_pattern = { q = 0 }\n", (), ["lora.rank_pattern", "'q'"]),
-    ("[lora]\nrank_pattern = { q = \"x\" }\n", (), ["lora.rank_pattern.q", "expected an integer"]),
-    ("[quant]\nqtype = \"nf3\"\n", (), ["quant.qtype", "'nf3'", "'nf4'"]),
+    ('[lora]\nrank_pattern = { q = "x" }\n', (), ["lora.rank_pattern.q", "expected an integer"]),
+    ('[quant]\nqtype = "nf3"\n', (), ["quant.qtype", "'nf3'", "'nf4'"]),
     ("[quant]\nblock_size = 48\n", (), ["quant.block_size", "power of two"]),
     ("[quant]\nblock_size = 16\n", (), ["quant.block_size", "32..4096"]),
     ("[quant]\nblock_size = 8192\n", (), ["quant.block_size"]),
     ("[optim]\nlr = 0\n", (), ["optim.lr", "> 0"]),
     ("[optim]\nlr = -1e-4\n", (), ["optim.lr"]),
     ("[optim]\nlr = nan\n", (), ["optim.lr"]),
-    ("[optim]\nwarmup_steps = 50\n[train]\nsteps = 10\n", (), ["optim.warmup_steps", "train.steps"]),
+    (
+        "[optim]\nwarmup_steps = 50\n[train]\nsteps = 10\n",
+        (),
+        ["optim.warmup_steps", "train.steps"],
+    ),
     ("[data]\nsources = 3\n", (), ["data.sources", "list of strings"]),
-    ("[data]\nsources = [\"a\", 3]\n", (), ["data.sources[1]"]),
+    ('[data]\nsources = ["a", 3]\n', (), ["data.sources[1]"]),
     ("[sharding]\nmesh = { data = -1, fsdp = -1 }\n", (), ["sharding.mesh", "at most one"]),
     ("[sharding]\nmesh = { data = 0 }\n", (), ["sharding.mesh"]),
     ("lora = 3\n", (), ["lora", "table"]),

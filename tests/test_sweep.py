@@ -16,7 +16,9 @@ SWEEPS = sorted((REPO / "experiments").glob("*_sweep.toml"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_sweep(tmp_path: Path, body: str, base: str = "[lora]\nrank = 8\n[train]\nsteps = 10\n") -> Path:
+def make_sweep(
+    tmp_path: Path, body: str, base: str = "[lora]\nrank = 8\n[train]\nsteps = 10\n"
+) -> Path:
     (tmp_path / "base.toml").write_text(base)
     p = tmp_path / "sweep.toml"
     p.write_text('base = "base.toml"\n' + body)
@@ -39,13 +41,18 @@ class FakeRun:
         assert run_dir.is_dir() and (run_dir / "config.toml").is_file()
         assert load_config(run_dir / "config.toml") == cfg  # the resolved config is written
         bonus = 0.1 if cfg.lora.scaling == "rslora" else 0.0
-        val = 3.0 - 0.2 * cfg.lora.rank ** 0.5 - bonus
+        val = 3.0 - 0.2 * cfg.lora.rank**0.5 - bonus
         with (run_dir / "metrics.jsonl").open("w") as fh:
             for step in range(0, cfg.train.steps + 1, 2):
                 fh.write(json.dumps({"step": step, "loss": val + 1.0 / (step + 1)}) + "\n")
             fh.write('{"step": 99, "lo')  # a line cut short by an interrupt is ignored
-        return {"train_loss": val - 0.1, "val_loss": val, "tokens_per_s": 100.0 * cfg.lora.rank,
-                "adapter_bytes": 1000 * cfg.lora.rank, "not_scalar": [1, 2]}
+        return {
+            "train_loss": val - 0.1,
+            "val_loss": val,
+            "tokens_per_s": 100.0 * cfg.lora.rank,
+            "adapter_bytes": 1000 * cfg.lora.rank,
+            "not_scalar": [1, 2],
+        }
 
 
 GRID_2x2 = """
@@ -86,7 +93,9 @@ def test_there_are_experiment_sweeps():
 
 
 def test_expand_grid_zip_random(tmp_path):
-    p = make_sweep(tmp_path, """
+    p = make_sweep(
+        tmp_path,
+        """
 [set]
 lora.alpha = 4.0            # nested (unquoted) keys work like "lora.alpha"
 [grid]
@@ -100,7 +109,8 @@ seed = 3
 "optim.lr" = { low = 1e-5, high = 1e-3, log = true }
 "train.seed" = [0, 1, 2]
 "data.batch_size" = { low = 1, high = 4 }
-""")
+""",
+    )
     specs = expand(p, out_dir=tmp_path / "out")
     assert len(specs) == 2 * 3 * 2
     assert all(s.config.lora.alpha == 4.0 for s in specs)
@@ -129,9 +139,15 @@ SWEEP_ERRORS = [
     ('[grid]\n"lora.rnak" = [1, 2]\n', ["grid.lora.rnak", "did you mean 'lora.rank'"]),
     ('[grid]\n"lora.rank" = []\n', ["grid.lora.rank", "empty"]),
     ('[grid]\n"lora.rank" = 4\n', ["grid.lora.rank", "list"]),
-    ('[zip]\n"lora.rank" = [1, 2]\n"lora.alpha" = [1.0]\n', ["zip", "lora.rank: 2", "lora.alpha: 1"]),
+    (
+        '[zip]\n"lora.rank" = [1, 2]\n"lora.alpha" = [1.0]\n',
+        ["zip", "lora.rank: 2", "lora.alpha: 1"],
+    ),
     ('[set]\n"optim.lrr" = 1.0\n', ["set.optim.lrr", "optim.lr"]),
-    ('[random]\nn = 2\n"optim.lr" = { low = 0.0, high = 1.0, log = true }\n', ["random.optim.lr", "low > 0"]),
+    (
+        '[random]\nn = 2\n"optim.lr" = { low = 0.0, high = 1.0, log = true }\n',
+        ["random.optim.lr", "low > 0"],
+    ),
     ('[random]\n"optim.lr" = [1e-3]\n', ["random.n"]),
     ('[grid]\n"lora.rank" = [1]\n[set]\n"lora.rank" = 2\n', ["grid.lora.rank", "[set]"]),
     ('[gird]\n"lora.rank" = [1]\n', ["'gird'", "grid"]),
@@ -169,8 +185,12 @@ def test_sweep_end_to_end(tmp_path):
     p = make_sweep(tmp_path, GRID_2x2)
     fake = FakeRun()
     res = run_sweep(p, fake, out_dir=tmp_path / "out", log=None)
-    names = ["rank-1_scaling-standard", "rank-1_scaling-rslora",
-             "rank-16_scaling-standard", "rank-16_scaling-rslora"]
+    names = [
+        "rank-1_scaling-standard",
+        "rank-1_scaling-rslora",
+        "rank-16_scaling-standard",
+        "rank-16_scaling-rslora",
+    ]
     assert fake.calls == names
     assert [r.status for r in res.runs] == ["done"] * 4
     rows = read_csv(res.csv_path)
@@ -259,7 +279,9 @@ def test_run_fn_returning_none_uses_summary_json(tmp_path):
     p = make_sweep(tmp_path, '[grid]\n"lora.rank" = [1, 2]\n')
 
     def run_fn(cfg, run_dir):
-        (run_dir / "summary.json").write_text(json.dumps({"val_loss": cfg.lora.rank / 10, "nested": {}}))
+        (run_dir / "summary.json").write_text(
+            json.dumps({"val_loss": cfg.lora.rank / 10, "nested": {}})
+        )
 
     res = run_sweep(p, run_fn, out_dir=tmp_path / "out", log=None)
     assert [r.metrics["val_loss"] for r in res.runs] == [0.1, 0.2]
