@@ -1,0 +1,320 @@
+"""The `jaxlora` command, in-process through `jaxlora.cli.main` (plus one real subprocess).
+
+The tiny run of conftest.py is trained once per module (4 steps of tiny-llama on nf4); eval,
+info, export and generate then work on that run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_config
+
+from jaxlora import cli, generate, lora, train
+from jaxlora.config import field_paths
+
+SUBCOMMANDS = ["train", "sweep", "eval", "generate", "export", "info", "config"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"")
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Help
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help_of_every_subcommand(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([cmd, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: jaxlora {cmd}")
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in SUBCOMMANDS)
+
+
+def test_config_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["config", "--help"])
+    out = capsys.readouterr().out
+    listed, section = [], None
+    for line in out.splitlines():
+        if m := re.match(r"## \[(\w+)\]", line):
+            section = m.group(1)
+        elif m := re.match(r"\| `([\w]+)` \|", line):
+            listed.append(f"{section}.{m.group(1)}" if section else m.group(1))
+    assert sorted(listed) == sorted(field_paths())
+    assert len(listed) == len(set(listed))
+
+
+# --------------------------------------------------------------------------------------------
+# User errors: exit 2, one line, no traceback, nothing written
+# --------------------------------------------------------------------------------------------
+def _sweep(tmp_path: Path, body: str, base: str = "tiny.toml", name: str = "sw") -> Path:
+    p = tmp_path / f"{name}.toml"
+    p.write_text(f'base = "{base}"\n{body}')
+    return p
+
+
+ERRORS = {
+    "unknown key": (["--set", "lora.rnak=4"], r"unknown key 'lora.rnak'; did you mean 'lora.rank'"),
+    "unknown section": (
+        ["--set", "loar.rank=4"],
+        r"unknown key 'loar.rank'; did you mean 'lora.rank'",
+    ),
+    "wrong type": (["--set", "lora.rank=abc"], r"lora.rank: expected an integer, got str 'abc'"),
+    "negative rank": (["--set", "lora.rank=-2"], r"lora.rank: must be >= 1, got -2"),
+    "unknown qtype": (
+        ["--set", "quant.qtype=nf5"],
+        r"quant.qtype: 'nf5' is not one of .*did you mean 'nf4'",
+    ),
+    "bad --set": (["--set", "lora.rank"], r"override 'lora.rank': expected KEY=VALUE"),
+    "zero batch": (["--set", "data.batch_size=0"], r"data.batch_size: must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_train_config_errors_exit_2(case, tiny_config, tmp_path, capsys):
+    path = tiny_config()
+    before = listing(tmp_path)
+    args, pattern = ERRORS[case]
+    rc, out, err = run_cli(capsys, "train", path, *args)
+    assert rc == 2
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("jaxlora: error: "), err
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err
+    assert listing(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+def test_file_errors_exit_2(tiny_config, tmp_path, capsys):
+    tiny_config()
+    cases = []
+    (tmp_path / "child.toml").write_text('base = "missing_base.toml"\n[lora]\nrank = 2\n')
+    cases.append((["train", tmp_path / "child.toml"], "base config file not found"))
+    cases.append((["train", tmp_path / "nope.toml"], "config file not found"))
+    (tmp_path / "typo.toml").write_text("[lora]\nrank = 2\nalpah = 3.0\n")
+    cases.append(
+        (["train", tmp_path / "typo.toml"], "unknown key 'lora.alpah'; did you mean 'lora.alpha'")
+    )
+    (tmp_path / "broken.toml").write_text("[lora\nrank = 2\n")
+    cases.append((["train", tmp_path / "broken.toml"], "invalid TOML"))
+    sw = tmp_path / "sweeps"
+    sw.mkdir()
+    shutil.copy(tmp_path / "tiny.toml", sw / "tiny.toml")
+    cases.append(
+        (
+            ["sweep", _sweep(sw, '[grid]\n"lora.rnak" = [1, 2]\n', name="s1")],
+            "unknown config key 'lora.rnak'; did you mean 'lora.rank'",
+        )
+    )
+    cases.append((["sweep", _sweep(sw, '[grid]\n"lora.rank" = []\n', name="s2")], "empty axis"))
+    cases.append(
+        (
+            ["sweep", _sweep(sw, '[grid]\n"lora.rank" = [1, 2]\n', "gone.toml", "s3")],
+            "base config file not found",
+        )
+    )
+    cases.append(
+        (
+            ["sweep", _sweep(sw, '[grid]\n"lora.rank" = [1, -2]\n', name="s4")],
+            "lora.rank: must be >= 1",
+        )
+    )
+    cases.append((["sweep", sw / "no_sweep.toml"], "sweep file not found"))
+    cases.append((["config", tmp_path / "typo.toml"], "did you mean 'lora.alpha'"))
+    for argv, needle in cases:
+        before = listing(tmp_path)
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 2, (argv, err)
+        assert len(err.splitlines()) == 1 and err.startswith("jaxlora: error: "), (argv, err)
+        assert needle in err, (argv, err)
+        assert "Traceback" not in err
+        assert listing(tmp_path) == before, argv
+    assert not (tmp_path / "runs").exists()
+
+
+def test_console_script_exit_codes_without_traceback(tiny_config, tmp_path):
+    """The installed entry point: a config error exits 2 with one line; --version exits 0."""
+    exe = Path(sys.executable).with_name("jaxlora")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "jaxlora.cli"]
+    path = tiny_config()
+    env = {**os.environ, "JAXLORA_DEBUG": ""}
+    env.pop("JAXLORA_DEBUG")
+    p = subprocess.run(
+        [*cmd, "train", str(path), "--set", "lora.rank=-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert p.returncode == 2, p.stderr
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"jaxlora: error: {path}")
+    assert lines[0].endswith("lora.rank: must be >= 1, got -1")
+    assert not (tmp_path / "runs").exists()
+    p = subprocess.run([*cmd, "bogus"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("jaxlora: error: argument command: invalid choice: 'bogus'")
+
+
+# --------------------------------------------------------------------------------------------
+# A trained run: train, eval, info, export, generate
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_run")
+    path = write_tiny_config(folder, "clirun")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["train", str(path)])
+    return folder, path, folder / "runs" / "clirun", rc, out.getvalue(), err.getvalue()
+
+
+def test_train_prints_held_out_loss(trained):
+    _, _, run_dir, rc, out, _ = trained
+    assert rc == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    line = next(line for line in out.splitlines() if line.startswith("held-out loss"))
+    assert f"{summary['val_loss_before']:.4f} -> {summary['val_loss']:.4f}" in line
+    assert f"run directory        {run_dir}" in out
+
+
+def test_train_again_does_not_retrain(trained, capsys):
+    _, path, run_dir, *_ = trained
+    before = listing(run_dir)
+    rc, out, err = run_cli(capsys, "train", path)
+    assert rc == 0 and "already finished" in err
+    assert "held-out loss" in out
+    assert listing(run_dir) == before
+
+
+def test_eval_prints_base_and_adapted_loss(trained, capsys):
+    _, _, run_dir, *_ = trained
+    rc, out, _ = run_cli(capsys, "eval", run_dir)
+    assert rc == 0
+    res = json.loads(out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert res["step"] == 4
+    np.testing.assert_allclose(res["base"]["val_loss"], summary["val_loss_before"], rtol=1e-6)
+    np.testing.assert_allclose(res["adapted"]["val_loss"], summary["val_loss"], rtol=1e-6)
+    assert res["adapted"]["val_loss"] != res["base"]["val_loss"]
+
+
+def test_info_of_run_and_model(trained, capsys):
+    _, _, run_dir, *_ = trained
+    rc, out, _ = run_cli(capsys, "info", run_dir)
+    assert rc == 0
+    assert out.startswith(f"run {run_dir} (step 4)") and "model: tiny-llama" in out
+    assert "val_loss:" in out
+    rc, out, _ = run_cli(capsys, "info", "tiny-llama")
+    assert rc == 0 and "architecture: llama (tiny-llama), 2 layers" in out
+
+
+def test_export_peft_then_refuse_overwrite(trained, capsys):
+    folder, _, run_dir, *_ = trained
+    dest = folder / "peft"
+    rc, out, _ = run_cli(capsys, "export", run_dir, "--format", "peft", "--out", dest)
+    assert rc == 0 and str(dest) in out
+    assert {p.name for p in dest.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    conf = json.loads((dest / "adapter_config.json").read_text())
+    assert conf["r"] == 4 and conf["peft_type"] == "LORA"
+    before = listing(dest)
+    rc, out, err = run_cli(capsys, "export", run_dir, "--format", "peft", "--out", dest)
+    assert rc != 0 and "refusing to overwrite" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert listing(dest) == before
+
+
+def test_export_merged_hf_folder(trained, capsys):
+    from jaxlora import io as jio
+
+    folder, _, run_dir, *_ = trained
+    dest = folder / "merged"
+    rc, _, _ = run_cli(capsys, "export", run_dir, "--format", "merged", "--out", dest)
+    assert rc == 0
+    names = {p.name for p in dest.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names
+    loaded = jio.load_model(str(dest))
+    opened = train.open_run(run_dir)
+    want = lora.flatten_paths(lora.merge(opened.base, opened.adapters))
+    got = lora.flatten_paths(loaded.params)
+    key = "layers/attn/q_proj/kernel"
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6, atol=1e-7)
+
+
+def test_generate_with_run_adapters_is_deterministic(trained, capsys):
+    _, _, run_dir, *_ = trained
+    rc, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        "tiny-llama",
+        "--adapter",
+        run_dir,
+        "abc",
+        "--max-new-tokens",
+        "5",
+    )
+    assert rc == 0 and len(out) > 1
+    opened = train.open_run(run_dir)
+    want = generate.generate(
+        opened.loaded.config,
+        opened.base,
+        opened.loaded.tokenizer,
+        ["abc"],
+        adapters=opened.adapters,
+        max_new_tokens=5,
+    )
+    assert out == want[0] + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------------
+def test_sweep_two_runs_then_skip(tmp_path, capsys):
+    write_tiny_config(tmp_path, "tiny", steps=2)
+    sw = _sweep(tmp_path, '[set]\n"eval.samples" = []\n[grid]\n"train.seed" = [0, 1]\n')
+    rc, out, err = run_cli(capsys, "sweep", sw)
+    assert rc == 0, err
+    folder = tmp_path / "runs" / "sw"
+    md = (folder / "results.md").read_text()
+    rows = [line for line in md.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) == 2 and all("| done |" in r for r in rows), md
+    names = [r.split("|")[1].strip() for r in rows]
+    assert len(set(names)) == 2 and all((folder / n / "summary.json").is_file() for n in names)
+    vals = [json.loads((folder / n / "summary.json").read_text())["val_loss"] for n in names]
+    assert vals[0] != vals[1]  # different seeds, different runs
+    before = {n: listing(folder / n) for n in names}
+    rc, out, err = run_cli(capsys, "sweep", sw)
+    assert rc == 0
+    assert out.count("done before, skipped") == 2, out
+    assert {n: listing(folder / n) for n in names} == before
