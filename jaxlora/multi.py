@@ -15,18 +15,14 @@ of B add nothing) and their scales kept per adapter; an adapter that does not ta
 gets zeros there. ``ids[i] = -1`` selects the plain base model for row ``i``.
 
 How it plugs into the model: `attach_multi` puts a `MultiLoraWeight` at each adapted leaf and
-the model code calls ``lora.linear`` on it as on any leaf. ``lora.linear`` has no dispatch hook
-for foreign weight types yet, so `forward` routes ``lora.linear`` to `multi_linear` for
-`MultiLoraWeight` leaves while it traces (see `routed_linear`); once ``lora`` offers
-``register_linear`` this module registers itself instead and the routing is a no-op.
+the model code calls ``lora.linear`` on it as on any leaf; this module registers
+`multi_linear` for that type with ``lora.register_linear``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,8 +36,8 @@ __all__ = [
     "stack_adapters",
     "attach_multi",
     "multi_linear",
-    "routed_linear",
     "forward",
+    "generate_tokens",
 ]
 
 Array = jax.Array
@@ -208,36 +204,7 @@ def multi_linear(x: Array, w: MultiLoraWeight, bias: Array | None = None) -> Arr
     return y + d.reshape(y.shape).astype(y.dtype)
 
 
-_ROUTE_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def routed_linear() -> Iterator[None]:
-    """While active (during tracing), ``lora.linear`` sends `MultiLoraWeight` to `multi_linear`.
-
-    A stopgap until ``jaxlora.lora`` has a dispatch hook (``register_linear``); with the hook
-    this context does nothing. Only tracing needs it: compiled programs keep the routing.
-    """
-    if getattr(lora, "register_linear", None) is not None:
-        yield
-        return
-    with _ROUTE_LOCK:
-        original = lora.linear
-
-        def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
-            if isinstance(w, MultiLoraWeight):
-                return multi_linear(x, w, bias)
-            return original(x, w, bias)
-
-        lora.linear = linear
-        try:
-            yield
-        finally:
-            lora.linear = original
-
-
-if getattr(lora, "register_linear", None) is not None:  # pragma: no cover - once the hook lands
-    lora.register_linear(MultiLoraWeight, multi_linear)
+lora.register_linear(MultiLoraWeight, multi_linear)
 
 
 def forward(cfg: Any, params: lora.Params, tokens: Array, stacked: lora.Adapters, ids: Array,
@@ -258,5 +225,21 @@ def forward(cfg: Any, params: lora.Params, tokens: Array, stacked: lora.Adapters
     ids = jnp.asarray(ids, jnp.int32)
     if ids.shape != (tokens.shape[0],):
         raise ValueError(f"multi.forward: ids must be [{tokens.shape[0]}], got shape {ids.shape}")
-    with routed_linear():
-        return models.forward(cfg, attach_multi(params, stacked, ids), tokens, **kwargs)
+    return models.forward(cfg, attach_multi(params, stacked, ids), tokens, **kwargs)
+
+
+def generate_tokens(cfg: Any, params: lora.Params, prompts: Sequence[Sequence[int]],
+                    stacked: lora.Adapters, ids: Sequence[int], **kwargs: Any) -> list[list[int]]:
+    """`jaxlora.generate.generate_tokens` where prompt ``i`` is answered with adapter ``ids[i]``.
+
+    One batched decode: the base projections run once for all rows, each row adds its own
+    low-rank path. ``kwargs`` as for `jaxlora.generate.generate_tokens` (no ``adapters``).
+    """
+    from jaxlora import generate
+
+    if kwargs.get("adapters") is not None:
+        raise ValueError("multi.generate_tokens: pass adapters via `stacked`")
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.shape != (len(prompts),):
+        raise ValueError(f"multi.generate_tokens: ids must be [{len(prompts)}], got {ids.shape}")
+    return generate.generate_tokens(cfg, attach_multi(params, stacked, ids), prompts, **kwargs)

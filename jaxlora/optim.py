@@ -39,9 +39,10 @@ def make_schedule(
     schedule: str = "constant",
     warmup_steps: int = 0,
     total_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
 ) -> optax.Schedule:
     """Learning rate vs step: linear warmup from 0 over ``warmup_steps``, then
-    "constant", "linear" (to 0 at ``total_steps``) or "cosine" (to 0 at ``total_steps``)."""
+    "constant", "linear" or "cosine" decay to ``min_lr_ratio * lr`` at ``total_steps``."""
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
     if warmup_steps < 0:
@@ -52,10 +53,13 @@ def make_schedule(
                 f"schedule {schedule!r} needs total_steps > warmup_steps, got "
                 f"total_steps={total_steps}, warmup_steps={warmup_steps}"
             )
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    end = lr * min_lr_ratio
     if schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps, 0.0)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps, end)
     if schedule == "linear":
-        decay = optax.linear_schedule(lr, 0.0, total_steps - warmup_steps)
+        decay = optax.linear_schedule(lr, end, total_steps - warmup_steps)
     else:
         decay = optax.constant_schedule(lr)
     if warmup_steps == 0:
@@ -72,6 +76,7 @@ def make_optimizer(
     total_steps: int | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    min_lr_ratio: float = 0.0,
     **kwargs: Any,
 ) -> optax.GradientTransformation:
     """An optax optimizer for the adapter tree: ``clip_by_global_norm -> optax.<name>``.
@@ -96,7 +101,7 @@ def make_optimizer(
         if "weight_decay" not in params:
             raise ValueError(f"optax.{name} takes no weight_decay; use e.g. 'adamw'")
         opt_kwargs["weight_decay"] = weight_decay
-    opt = fn(learning_rate=make_schedule(lr, schedule, warmup_steps, total_steps), **opt_kwargs)
+    opt = fn(learning_rate=make_schedule(lr, schedule, warmup_steps, total_steps, min_lr_ratio), **opt_kwargs)
     if max_grad_norm is None:
         return opt
     if max_grad_norm <= 0:

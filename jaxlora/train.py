@@ -173,7 +173,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return optim.make_optimizer(
         name=o.name, lr=o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
         total_steps=cfg.train.steps, weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm or None, **extra,
+        max_grad_norm=o.max_grad_norm or None, min_lr_ratio=o.min_lr_ratio, **extra,
     )
 
 
@@ -645,7 +645,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
 def _lr(cfg: Config, step: int) -> float:
     return float(optim.make_schedule(
         lr=cfg.optim.lr, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
-        total_steps=cfg.train.steps)(step))
+        total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio)(step))
 
 
 def _progress(cfg: Config, start: int):

@@ -178,3 +178,12 @@ def test_optimizer_by_name_and_errors():
         optim.make_optimizer(schedule="step")
     with pytest.raises(ValueError, match="max_grad_norm"):
         optim.make_optimizer(max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_decays_to_min_lr_ratio(schedule):
+    sched = optim.make_schedule(1.0, schedule, warmup_steps=2, total_steps=10, min_lr_ratio=0.25)
+    assert float(sched(0)) == 0.0
+    assert float(sched(2)) == pytest.approx(1.0)
+    assert float(sched(10)) == pytest.approx(0.25)
+    assert all(float(sched(s)) >= 0.25 - 1e-7 for s in range(2, 11))
