@@ -318,3 +318,47 @@ def test_sweep_two_runs_then_skip(tmp_path, capsys):
     assert rc == 0
     assert out.count("done before, skipped") == 2, out
     assert {n: listing(folder / n) for n in names} == before
+
+
+# --------------------------------------------------------------------------------------------
+# config printing and run failures (exit 1, one line)
+# --------------------------------------------------------------------------------------------
+def test_config_prints_the_resolved_config(tiny_config, tmp_path, capsys):
+    from jaxlora.config import load_config
+
+    path = tiny_config()
+    rc, out, _ = run_cli(capsys, "config", path, "--set", "lora.rank=7", "--set", "name=x")
+    assert rc == 0
+    (tmp_path / "resolved.toml").write_text(out)
+    assert load_config(tmp_path / "resolved.toml") == load_config(path, ["lora.rank=7", "name=x"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failures_exit_1_with_one_line(tiny_config, tmp_path, capsys):
+    path = tiny_config()
+    cases = [
+        (
+            ["train", path, "--set", "data.seq_len=1024"],
+            "data.seq_len = 1024 exceeds the model's context of 512 positions",
+        ),
+        (
+            ["train", path, "--set", f'data.sources=["{tmp_path}/missing.txt"]', "--set", "name=m"],
+            "no such file or folder",
+        ),
+        (["eval", tmp_path], "not a run directory"),
+        (
+            ["export", tmp_path, "--format", "peft", "--out", tmp_path / "out"],
+            "not a run directory",
+        ),
+        (["info", tmp_path / "no_such_model.gguf"], "no_such_model.gguf"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 1, (argv, err)
+        assert len(err.strip().splitlines()) == 1 or all(
+            line.startswith("jaxlora: ") for line in err.strip().splitlines()
+        ), err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("jaxlora: error: ") and needle in last, (argv, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
