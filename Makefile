@@ -25,8 +25,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Benchmarks print Markdown tables; benchmarks/RESULTS.md records them with the machine.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_quant.py
+	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV)

@@ -8,6 +8,9 @@ measured in the same run.
 
     .venv/bin/python benchmarks/bench_train.py            # all variants
     .venv/bin/python benchmarks/bench_train.py --steps 3  # fewer timed steps
+    .venv/bin/python benchmarks/bench_train.py --peers /tmp/scratch/bin/python
+        # also PEFT LoRA and PEFT + bitsandbytes QLoRA (benchmarks/peers/peft_train.py) in a
+        # scratch virtualenv with torch/transformers/peft/bitsandbytes, in the same run
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     import numpy as np
     import optax
 
-    from jaxlora import data, io, lora, models, optim, quant, train
+    from jaxlora import data, io, lora, optim, quant, train
 
     rules = quant.QuantRules(qtype="nf4" if variant == "qlora" else "none")
     loaded = io.load_model("smollm2-135m-instruct", quant=rules if variant == "qlora" else None)
@@ -112,6 +115,30 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     }
 
 
+def _peers(args) -> list[dict]:
+    """PEFT LoRA and QLoRA on the same weights, written as an HF folder by jaxlora."""
+    import tempfile
+
+    n_params = 134_515_008
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-c", (
+            "from jaxlora import io; m = io.load_model('smollm2-135m-instruct'); "
+            f"io.save_hf({tmp!r}, m.config, m.params, m.tokenizer)")], check=True)
+        script = os.path.join(os.path.dirname(__file__), "peers", "peft_train.py")
+        for v in ("lora", "qlora"):
+            out = subprocess.run(
+                [args.peers, script, tmp, "--variant", v, "--steps", str(args.steps),
+                 "--batch", str(args.batch), "--seq", str(args.seq)],
+                check=True, capture_output=True, text=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["model_gflops"] = 4 * n_params * args.batch * args.seq / r["step_s"] / 1e9
+            r["compile_s"] = 0.0
+            rows.append(r)
+            print(f"done peft-{v}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
@@ -121,6 +148,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--remat", default="full", choices=("none", "full", "dots"),
                     help="rematerialization policy of the blocks (default full)")
+    ap.add_argument("--peers", metavar="PYTHON",
+                    help="interpreter of a scratch venv with peft + bitsandbytes: run the peers too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -139,6 +168,8 @@ def main() -> None:
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {v}", file=sys.stderr, flush=True)
+    if args.peers:
+        rows += _peers(args)
     by = {r["variant"]: r for r in rows}
     print(f"SmolLM2-135M, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
           f"float32, remat {args.remat}, median of {args.steps} steps; float32 matmul rate "
@@ -149,6 +180,10 @@ def main() -> None:
         print(f"| {r['variant']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['model_gflops']:.0f} | "
               f"{100 * r['model_gflops'] / peak:.0f}% | {r['compile_s']:.0f} |")
+    for name in ("lora", "qlora"):
+        if name in by and f"peft-{name}" in by:
+            print(f"jaxlora / PEFT {name} tokens/s: "
+                  f"{by[name]['tokens_per_s'] / by['peft-' + name]['tokens_per_s']:.2f}")
     if "lora" in by and "qlora" in by:
         print(f"\nQLoRA / LoRA step time: {by['qlora']['step_s'] / by['lora']['step_s']:.3f}")
 

@@ -256,6 +256,7 @@ class CheckpointManager:
         )
         self._metric_cache: dict[int, float | None] = {}
         self._started: set[int] = set()  # steps saved by this manager (maybe still in flight)
+        self._damaged: set[int] = set()  # steps found unreadable by restore (rewritten on save)
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
@@ -301,8 +302,8 @@ class CheckpointManager:
         """Delete finalized steps that are neither among the newest ``keep`` nor the best."""
         finalized = self.all_steps()
         steps = sorted(set(finalized) | ({pending} if pending is not None else set()))
-        keep = set(steps[-self.keep:])
-        scored = [s for s in steps if self._step_metric(s) is not None]
+        keep = set([s for s in steps if s not in self._damaged][-self.keep:])
+        scored = [s for s in steps if s not in self._damaged and self._step_metric(s) is not None]
         if self.keep_best > 0 and scored:
             ranked = sorted(scored, key=lambda s: (self._step_metric(s), -s),
                             reverse=(self.best_mode == "max"))
@@ -336,6 +337,10 @@ class CheckpointManager:
         step = int(step)
         if not (force or self.should_save(step)):
             return False
+        if step in self._damaged and step not in self._started:
+            self._mgr.delete(step)  # unreadable: write it again
+            self._damaged.discard(step)
+            self._metric_cache.pop(step, None)
         if step in self._started or step in self.all_steps():
             return False
         table = _leaf_table(state)
@@ -374,7 +379,8 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until background writes are finished, then apply the retention rule."""
         self._mgr.wait_until_finished()
-        self._prune()
+        if self._started:  # a reader never deletes: retention applies to what we wrote
+            self._prune()
 
     def close(self) -> None:
         self.wait()
@@ -427,6 +433,7 @@ class CheckpointManager:
                     break
                 except _Corrupt as e:
                     errors.append(str(e))
+                    self._damaged.add(s)
                     warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
             if out is None:
                 raise CheckpointError("no readable checkpoint: " + "; ".join(errors))

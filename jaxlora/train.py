@@ -456,12 +456,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
-    """Create the run directory or check that it holds this same run; True when resuming."""
-    text = dump_config(cfg)
+def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """True when `run_dir` holds this same run (resume); refuse a directory of anything else.
+
+    Reads only: the directory is created by `_create_run_dir` once the model and the data have
+    loaded, so a run that fails on bad input leaves nothing behind.
+    """
     saved = run_dir / "config.toml"
     if saved.exists():
-        if saved.read_text() != text:
+        if saved.read_text() != dump_config(cfg):
             raise ConfigError(
                 f"{run_dir}: holds a different run (its config.toml differs); choose another "
                 f"name (--set name=...) or output_dir instead of overwriting it"
@@ -469,9 +472,12 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not a jaxlora run directory; not touching it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(saved, text)
     return False
+
+
+def _create_run_dir(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "config.toml", dump_config(cfg))
 
 
 class _StopFlag:
@@ -509,7 +515,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     same config is resumed from its latest checkpoint; one holding another config is refused.
     """
     run_dir = Path(run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name)
-    resuming = _prepare_run_dir(cfg, run_dir)
+    resuming = _check_run_dir(cfg, run_dir)
     summary_path = run_dir / "summary.json"
     if resuming and summary_path.exists():
         _log(f"jaxlora: {run_dir} is already finished; summary.json left as it is")
@@ -520,6 +526,8 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     loaded, base, spec, tx, state = setup.loaded, setup.base, setup.spec, setup.tx, setup.state
     mcfg, tokenizer = loaded.config, loaded.tokenizer
     datasets = _datasets(cfg, loaded)
+    if not resuming:
+        _create_run_dir(cfg, run_dir)
     summ = lora.summary(base, state.adapters)
     _log(f"jaxlora: model {loaded.source} ({mcfg.name}), base {loaded.report.total_bytes / 2**20:.1f} MiB "
          f"({cfg.quant.qtype}); {summ}")
@@ -531,9 +539,15 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
 
     manager = _manager(cfg, run_dir, setup)
     position: Mapping[str, int] | None = None
+    resumed_metrics: dict[str, float] = {}
+    metrics_path = run_dir / "metrics.jsonl"
     if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
         restored = manager.restore(state)
         state, position = restored.state, restored.data_position
+        resumed_metrics = restored.metrics
+        # records written after the restored step (a fallback past a damaged checkpoint, or
+        # a crash between a log line and the next save) are replayed: drop them
+        _truncate_metrics(metrics_path, restored.step)
         _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
     train_iter = datasets.train.iterator(position)
 
@@ -543,22 +557,21 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         return evaluate(eval_fn, adapters_or_none, base, datasets.validation.eval_batches(),
                         cfg.eval.batches)
 
-    metrics_path = run_dir / "metrics.jsonl"
     start_step = int(state.step)
     with open(metrics_path, "a") as mf, _StopFlag() as stop, manager:
         def emit(record: dict[str, Any]) -> None:
             mf.write(json.dumps(record) + "\n")
             mf.flush()
 
-        before = val_metrics(state.adapters if start_step else None)
+        before = val_metrics(None)  # the base's held-out loss (summary: val_loss_before)
         if start_step == 0 and before:
             emit({"step": 0, **before})
             _log(f"jaxlora: held-out loss before training {before['val_loss']:.4f} "
                  f"(ppl {before['val_ppl']:.2f})")
-        last_val = before.get("val_loss")
+        last_val = resumed_metrics.get("val_loss", before.get("val_loss"))
 
         bar = _progress(cfg, start_step)
-        window: list[tuple[float, float]] = []
+        window: list[tuple[float, float]] = _window_from(resumed_metrics)
         t_window = time.perf_counter()
         tokens_per_s = 0.0
         step = start_step
@@ -597,8 +610,9 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
                     last_val = val["val_loss"]
             final = step == cfg.train.steps
             if (manager.should_save(step) and not final) or stop.signal is not None:
+                saved = {"val_loss": last_val} if last_val is not None else {}
                 manager.save(step, state, data_position=train_iter.state().as_dict(),
-                             metrics={"val_loss": last_val} if last_val is not None else {},
+                             metrics={**saved, **_window_metrics(window)},
                              force=stop.signal is not None)
             if stop.signal is not None:
                 stopped_by = signal.Signals(stop.signal).name
@@ -640,6 +654,38 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     _plot_loss(records, run_dir / "loss.png", cfg.name)
     _write_samples(run_dir / "samples.txt", samples)
     return summary
+
+
+def _window_metrics(window: list[tuple[float, float]]) -> dict[str, float]:
+    """The not yet logged (loss, tokens) of the current log window, as checkpoint metrics."""
+    out = {}
+    for i, (loss, tokens) in enumerate(window):
+        out[f"log_window/{i:05d}/loss"] = loss
+        out[f"log_window/{i:05d}/tokens"] = tokens
+    return out
+
+
+def _window_from(metrics: Mapping[str, float]) -> list[tuple[float, float]]:
+    n = sum(1 for k in metrics if k.startswith("log_window/") and k.endswith("/loss"))
+    return [(float(metrics[f"log_window/{i:05d}/loss"]), float(metrics[f"log_window/{i:05d}/tokens"]))
+            for i in range(n)]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of metrics.jsonl up to `step` (and drop a line cut short)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    if keep != lines:
+        _write_atomic(path, "".join(x + "\n" for x in keep))
 
 
 def _lr(cfg: Config, step: int) -> float:

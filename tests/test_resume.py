@@ -237,12 +237,6 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(root, run_a, resumed):
     _assert_bitwise(train.open_run(run_b).adapters, train.open_run(run_a).adapters)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a resume, summary.json's val_loss_before is the "
-    "held-out loss of the restored adapters, not of the base (train.run evaluates "
-    "`state.adapters if start_step else None`)",
-)
 def test_resumed_summary_equals_uninterrupted_summary(run_a, resumed):
     run_b, _ = resumed
     sa = json.loads((run_a / "summary.json").read_text())
@@ -261,12 +255,6 @@ def test_resuming_a_finished_run_changes_nothing(root, run_a, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.run restarts the log_every window on resume: the "
-    "losses of the steps between the last log line and the stop are lost "
-    "(see the report on the checkpoint issue)",
-)
 def test_resume_inside_a_log_window_keeps_the_logged_means(root, tmp_path):
     cfg = _cfg(root, train={"log_every": 3})
     full = train.run(cfg, tmp_path / "full")
@@ -395,22 +383,11 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(root, run_a, fa
     _assert_bitwise(_saved_state(run_dir, STEPS, template), _saved_state(run_a, STEPS, template))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.run appends to metrics.jsonl after resuming from an "
-    "earlier step than the last logged one: steps 5 and 6 appear twice",
-)
 def test_fallback_resume_does_not_duplicate_metrics(run_a, fallback_run):
     run_dir, _ = fallback_run
     assert _records(run_dir) == _records(run_a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a damaged step directory is never rewritten: "
-    "CheckpointManager.save skips a step that exists on disk, even a damaged one, "
-    "so stopping again at that step 'saves' nothing and progress is lost",
-)
 def test_stop_on_a_damaged_step_saves_it_again(root, tmp_path):
     cfg = _cfg(root, checkpoint={"every": 2, "keep": 3})
     run_dir = tmp_path / "D"
@@ -480,11 +457,6 @@ def test_checkpoint_on_a_different_base_is_refused(root, interrupted, tmp_path):
     assert _snapshot(run_dir) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointManager.restore() calls wait() which prunes: a "
-    "reader constructed with a smaller `keep` deletes the run's checkpoints",
-)
 def test_restoring_never_deletes_checkpoints(root, interrupted, tmp_path):
     run_dir = _copy(interrupted, tmp_path / "F")
     before = _snapshot(run_dir)
