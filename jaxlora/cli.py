@@ -67,7 +67,7 @@ def cmd_sweep(args) -> int:
     from jaxlora import sweep, train
 
     result = sweep.run_sweep(args.sweep, train.run, out_dir=args.out, overrides=args.set or ())
-    print(f"results: {result.markdown}")
+    print(f"results: {result.md_path}")
     failed = [r for r in result.runs if r.status != "done"]
     return 1 if failed else 0
 

@@ -43,7 +43,7 @@ import functools
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import quant
+from jaxlora.paths import flatten_paths, unflatten_paths
 
 __all__ = [
     "Params",
@@ -313,33 +314,6 @@ def attend(x: Array, table: Any) -> Array:
 # --------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------
-
-
-def _iter_paths(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for k in tree:
-        v = tree[k]
-        p = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            yield from _iter_paths(v, p)
-        elif v is not None:
-            yield p, v
-
-
-def flatten_paths(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a": {"b": x}} -> {"a/b": x}``; QTensor / LoraPair / LoraWeight are leaves."""
-    return dict(_iter_paths(tree))
-
-
-def unflatten_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `flatten_paths`."""
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = v
-    return out
 
 
 def _replace_paths(tree: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict:

@@ -31,12 +31,13 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlora.paths import flatten_paths, unflatten_paths
 
 __all__ = [
     "QTYPES",
@@ -852,29 +853,6 @@ class QuantReport:
         return "\n".join(rows)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {path: leaf} with '/'-joined keys (insertion order kept)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return out
-
-
 def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Params, QuantReport]:
     """Quantize the leaves of ``params`` selected by ``rules``; return (new tree, report).
 
@@ -890,7 +868,7 @@ def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Par
         re.compile(rules.exclude),
         re.compile(rules.stacked),
     )
-    flat = _flatten(params)
+    flat = flatten_paths(params)
     out: dict[str, Any] = {}
     leaves = []
     for path, leaf in flat.items():
@@ -926,4 +904,4 @@ def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Par
                         nb,
                     )
                 )
-    return _unflatten(out), QuantReport(tuple(leaves))
+    return unflatten_paths(out), QuantReport(tuple(leaves))

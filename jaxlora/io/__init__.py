@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ from jaxlora.io.hf import HFSource, save_hf
 from jaxlora.io.registry import KNOWN_MODELS, resolve
 from jaxlora.io.tokenizer import Tokenizer
 from jaxlora.models.config import ModelConfig
+from jaxlora.paths import unflatten_paths
 
 __all__ = [
     "LoadedModel",
@@ -231,14 +232,7 @@ def assemble(
         done[path] = _to_device(floats.pop(path))  # one leaf at a time: peak = final + 1 leaf
     for path in list(quantized):
         done[path] = jax.block_until_ready(_stack_leaves(quantized.pop(path)))
-    params: Params = {}
-    for path, leaf in done.items():
-        node = params
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return params
+    return unflatten_paths(done)
 
 
 def _return_freed_memory() -> None:
@@ -281,11 +275,3 @@ def load_model(
     return LoadedModel(config=src.config, params=params, tokenizer=tokenizer, source=str(path))
 
 
-def iter_paths(params: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """`(path, leaf)` pairs of a nested parameter dict."""
-    for k, v in params.items():
-        p = f"{prefix}{k}"
-        if isinstance(v, dict):
-            yield from iter_paths(v, p + "/")
-        else:
-            yield p, v
