@@ -300,23 +300,24 @@ def test_generate_with_run_adapters_is_deterministic(trained, capsys):
 # --------------------------------------------------------------------------------------------
 # Sweep
 # --------------------------------------------------------------------------------------------
-def test_sweep_two_runs_then_skip(tmp_path, capsys):
+def test_sweep_four_runs_then_skip(tmp_path, capsys):
     write_tiny_config(tmp_path, "tiny", steps=2)
-    sw = _sweep(tmp_path, '[set]\n"eval.samples" = []\n[grid]\n"train.seed" = [0, 1]\n')
+    sw = _sweep(tmp_path, '[set]\n"eval.samples" = []\n[grid]\n"train.seed" = [0, 1]\n'
+                '"lora.scaling" = ["standard", "rslora"]\n')
     rc, out, err = run_cli(capsys, "sweep", sw)
     assert rc == 0, err
     folder = tmp_path / "runs" / "sw"
     md = (folder / "results.md").read_text()
     rows = [line for line in md.splitlines()[2:] if line.startswith("| ")]
-    assert len(rows) == 2 and all("| done |" in r for r in rows), md
+    assert len(rows) == 4 and all("| done |" in r for r in rows), md
     names = [r.split("|")[1].strip() for r in rows]
-    assert len(set(names)) == 2 and all((folder / n / "summary.json").is_file() for n in names)
+    assert len(set(names)) == 4 and all((folder / n / "summary.json").is_file() for n in names)
     vals = [json.loads((folder / n / "summary.json").read_text())["val_loss"] for n in names]
-    assert vals[0] != vals[1]  # different seeds, different runs
+    assert len(set(vals)) == 4  # every run trained its own adapters
     before = {n: listing(folder / n) for n in names}
     rc, out, err = run_cli(capsys, "sweep", sw)
     assert rc == 0
-    assert out.count("done before, skipped") == 2, out
+    assert out.count("done before, skipped") == 4, out
     assert {n: listing(folder / n) for n in names} == before
 
 
