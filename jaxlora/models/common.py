@@ -35,6 +35,7 @@ __all__ = [
     "new_token_mask",
     "positions_from_segments",
     "run_layers",
+    "run_cached_layers",
     "remat_policy",
 ]
 
@@ -235,3 +236,20 @@ def run_layers(block: Callable, x: Array, layers: Any, xs_extra: Any = None, *,
         x, y = step(x, jax.tree.map(lambda a, i=i: a[i], (layers, xs_extra)))
         ys.append(y)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def run_cached_layers(block: Callable, x: Array, layers: Any, cache: KVCache | None, *,
+                      remat: str = "none", scan: bool = True) -> tuple[Array, Any]:
+    """`run_layers` for decoder blocks that may read a KV cache.
+
+    `block(x, layer_params, layer_cache) -> (x, (k, v))` where `layer_cache` is None or
+    `(k_cache, v_cache, mask [B, T, S])` of that layer. Returns the final x and, with a cache,
+    the new keys/values stacked on L (None without one).
+    """
+    if cache is None:
+        return run_layers(lambda h, lp, _: (block(h, lp, None)[0], None), x, layers, None,
+                          remat=remat, scan=scan)
+    mask = jnp.broadcast_to(cache.valid[:, None, :],
+                            (x.shape[0], x.shape[1], cache.valid.shape[1]))
+    return run_layers(lambda h, lp, kv: block(h, lp, (*kv, mask)), x, layers,
+                      (cache.k, cache.v), remat=remat, scan=scan)

@@ -115,19 +115,10 @@ def apply(cfg: ModelConfig, params: Params, tokens: Array, positions: Array, mas
     x = (lora.embed(tokens, params["wte"]["embedding"], jnp.float32)
          + lora.embed(positions, params["wpe"]["embedding"], jnp.float32))  # [B, T, d]
     x = x.astype(compute_dtype)
-    cache_mask = None
-    extra = None
-    if cache is not None:
-        cache_mask = jnp.broadcast_to(cache.valid[:, None, :],
-                                      (x.shape[0], x.shape[1], cache.valid.shape[1]))
-        extra = (cache.k, cache.v)
+    def block(x, lp, layer_cache):
+        return _block(cfg, x, lp, mask, layer_cache)
 
-    def block(x, lp, layer_kv):
-        layer_cache = None if layer_kv is None else (*layer_kv, cache_mask)
-        x, kv = _block(cfg, x, lp, mask, layer_cache)
-        return x, (kv if cache is not None else None)
-
-    x, kv = common.run_layers(block, x, params["layers"], extra, remat=remat, scan=scan)
+    x, kv = common.run_cached_layers(block, x, params["layers"], cache, remat=remat, scan=scan)
     x = common.layer_norm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], cfg.norm_eps)
     return x, kv
 

@@ -138,19 +138,10 @@ def apply(cfg: ModelConfig, params: Params, tokens: Array, positions: Array, mas
     x = lora.embed(tokens, params["embed"]["embedding"], compute_dtype)  # [B, T, d]
     inv_freq = common.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
     cos, sin = common.rope_cos_sin(positions, inv_freq)  # [B, T, hd]
-    cache_mask = None
-    extra = None
-    if cache is not None:
-        cache_mask = jnp.broadcast_to(cache.valid[:, None, :],
-                                      (x.shape[0], x.shape[1], cache.valid.shape[1]))
-        extra = (cache.k, cache.v)
+    def block(x, lp, layer_cache):
+        return _block(cfg, x, lp, cos, sin, mask, layer_cache)
 
-    def block(x, lp, layer_kv):
-        layer_cache = None if layer_kv is None else (*layer_kv, cache_mask)
-        x, kv = _block(cfg, x, lp, cos, sin, mask, layer_cache)
-        return x, (kv if cache is not None else None)
-
-    x, kv = common.run_layers(block, x, params["layers"], extra, remat=remat, scan=scan)
+    x, kv = common.run_cached_layers(block, x, params["layers"], cache, remat=remat, scan=scan)
     x = common.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
     return x, kv
 
