@@ -34,7 +34,7 @@ import optax
 
 from jaxlora import data as data_lib
 from jaxlora import lora, models, optim, quant
-from jaxlora.config import Config, dump_config
+from jaxlora.config import Config, dump_config, load_config
 from jaxlora.errors import CheckpointError, ConfigError, JaxloraError
 
 __all__ = [
@@ -241,8 +241,6 @@ class OpenRun(NamedTuple):
 
 def open_run(run_dir: str | os.PathLike) -> OpenRun:
     """The base and the latest checkpointed adapters of a run directory."""
-    from jaxlora.config import load_config
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
@@ -464,7 +462,7 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
     """
     saved = run_dir / "config.toml"
     if saved.exists():
-        if saved.read_text() != dump_config(cfg):
+        if not _same_run(load_config(saved), cfg):
             raise ConfigError(
                 f"{run_dir}: holds a different run (its config.toml differs); choose another "
                 f"name (--set name=...) or output_dir instead of overwriting it"
@@ -473,6 +471,14 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not a jaxlora run directory; not touching it")
     return False
+
+
+def _same_run(a: Config, b: Config) -> bool:
+    """Equal up to settings that do not change what a run computes (the progress bar)."""
+    def norm(c: Config) -> Config:
+        return dataclasses.replace(c, train=dataclasses.replace(c.train, progress=True))
+
+    return norm(a) == norm(b)
 
 
 def _create_run_dir(cfg: Config, run_dir: Path) -> None:

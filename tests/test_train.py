@@ -345,6 +345,11 @@ def test_run_end_to_end_resume_and_refuse(tiny_config):
     again = train.run(load_config(path))
     assert _snapshot(run_dir) == files
     assert again["val_loss"] == s["val_loss"] and again["wall_s"] == s["wall_s"]
+    # ... also when only the progress bar is toggled: that is not another run
+    cfg = load_config(path)
+    toggled = load_config(path, [f"train.progress={'false' if cfg.train.progress else 'true'}"])
+    assert train.run(toggled)["wall_s"] == s["wall_s"]
+    assert _snapshot(run_dir) == files
 
     # a different config in the same run directory: refused, nothing touched
     with pytest.raises(ConfigError, match="different"):
