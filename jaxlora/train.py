@@ -121,31 +121,18 @@ def load_base(cfg: Config) -> Loaded:
     return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source, report)
 
 
-def _byte_tokenizer():
-    """A byte-level tokenizer with 3 specials (ids 0-2) for the random `tiny-*` models."""
-    import tokenizers
-    from tokenizers import decoders, pre_tokenizers
-    from tokenizers import models as tok_models
-
-    from jaxlora.io import Tokenizer
-
-    specials = ["<unk>", "<s>", "</s>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
-    backend = tokenizers.Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    template = (
-        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-    )
-    return Tokenizer(backend, bos_id=1, eos_id=2, pad_id=2, chat_template=template), len(vocab)
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def _tiny(arch: str):
     def build():
-        tokenizer, vocab = _byte_tokenizer()
+        from jaxlora.io import Tokenizer
+
+        tokenizer = Tokenizer.byte_level(_TINY_CHAT_TEMPLATE)
+        vocab = tokenizer.vocab_size
         make = models.ModelConfig.tiny_llama if arch == "llama" else models.ModelConfig.tiny_gpt2
         mcfg = make(vocab_size=vocab, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
         return mcfg, tokenizer

@@ -7,12 +7,17 @@ changes results. Set JAXLORA_TEST_JAX_CACHE to choose its folder ("" disables it
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from jaxlora import lora, models
 
 _CACHE = os.environ.get(
     "JAXLORA_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"jaxlora-test-xla-{os.getuid()}")
@@ -84,3 +89,38 @@ def tiny_config(tmp_path: Path):
         return write_tiny_config(tmp_path, name, **kw)
 
     return make
+
+
+def random_params(cfg: models.ModelConfig, seed: int = 0, kernel_gain: float = 1.0) -> dict:
+    """The init_params structure with O(1) activations, so that tests discriminate.
+
+    Kernels N(0, (gain^2)/in), embeddings N(0, 1), norm scales 1 + N(0, 0.1), biases N(0, 0.1).
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    out = {}
+    for path, leaf in lora.flatten_paths(shapes).items():
+        shape = leaf.shape
+        if path.endswith("kernel"):
+            x = kernel_gain * rng.standard_normal(shape) / math.sqrt(shape[-2])
+        elif path.endswith("embedding"):
+            x = rng.standard_normal(shape)
+        elif path.endswith("scale"):
+            x = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            x = 0.1 * rng.standard_normal(shape)
+        out[path] = jnp.asarray(x, jnp.float32)
+    return lora.unflatten_paths(out)
+
+
+def random_adapters(base: dict, spec: lora.LoraSpec, seed: int = 1, std: float = 1.0) -> dict:
+    """Adapters shaped by `spec` with non-zero A and B (B = 0 would hide transposes)."""
+    rng = np.random.default_rng(seed)
+    flat = lora.flatten_paths(base)
+    out = {}
+    for p in lora.resolve_targets(base, spec):
+        lead, d_in, d_out, r, scale = lora._leaf_geometry(p, tuple(flat[p].shape), spec)
+        a = std * rng.standard_normal((*lead, d_in, r), np.float32)
+        b = std * rng.standard_normal((*lead, r, *d_out), np.float32)
+        out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, float(spec.dropout))
+    return lora.unflatten_paths(out)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params
 
 from jaxlora import lora, models
 from jaxlora.models import ModelConfig, common
@@ -37,23 +38,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 
 def rand_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Parameters with the init_params structure but O(1) activations (so tests discriminate):
-    kernels N(0, 1/in), embeddings N(0, 1), norm scales 1 + N(0, 0.1), biases N(0, 0.1)."""
-    rng = np.random.default_rng(seed)
-    flat = lora.flatten_paths(param_shapes(cfg))
-    out = {}
-    for path, leaf in flat.items():
-        shape = leaf.shape
-        if path.endswith("kernel"):
-            x = rng.standard_normal(shape) / math.sqrt(shape[-2])
-        elif path.endswith("embedding"):
-            x = rng.standard_normal(shape)
-        elif path.endswith("scale"):
-            x = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            x = 0.1 * rng.standard_normal(shape)
-        out[path] = jnp.asarray(x, jnp.float32)
-    return lora.unflatten_paths(out)
+    return random_params(cfg, seed)
 
 
 @functools.partial(

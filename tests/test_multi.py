@@ -6,23 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_adapters
 
 from jaxlora import lora, multi, quant
 from jaxlora.models import ModelConfig, forward, init_params
 
 CFG = ModelConfig.tiny_llama()
-
-
-def _adapters(base, spec, seed):
-    rng = np.random.default_rng(seed)
-    flat = lora.flatten_paths(base)
-    out = {}
-    for p in lora.resolve_targets(base, spec):
-        lead, d_in, d_out, r, scale = lora._leaf_geometry(p, tuple(flat[p].shape), spec)
-        a = 0.1 * rng.standard_normal((*lead, d_in, r), np.float32)
-        b = 0.1 * rng.standard_normal((*lead, r, *d_out), np.float32)
-        out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, 0.0)
-    return lora.unflatten_paths(out)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +24,16 @@ def model():
     # jitted: one compile instead of one per eager op
     qbase = jax.jit(lambda b: quant.quantize_tree(b, quant.QuantRules(qtype="nf4"))[0])(base)
     ads = [
-        _adapters(base, lora.LoraSpec(rank=4, alpha=8, targets="all-linear"), 1),
-        _adapters(base, lora.LoraSpec(rank=2, alpha=16, targets=("q_proj", "v_proj")), 2),
-        _adapters(
+        random_adapters(base, lora.LoraSpec(rank=4, alpha=8, targets="all-linear"), 1, std=0.1),
+        random_adapters(base, lora.LoraSpec(rank=2, alpha=16, targets=("q_proj", "v_proj")), 2,
+                        std=0.1),
+        random_adapters(
             base,
             lora.LoraSpec(
                 rank=8, alpha=4, scaling="rslora", targets=("o_proj", "up_proj", "down_proj")
             ),
             3,
+            std=0.1,
         ),
     ]
     return qbase, ads

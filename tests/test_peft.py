@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_adapters
 from safetensors.numpy import load_file, save_file
 
 from jaxlora import lora
 from jaxlora.errors import CheckpointError
+from jaxlora.io import Tokenizer
 from jaxlora.io.peft import load_peft, save_peft
 from jaxlora.models import ModelConfig, init_params  # noqa: F401 (eval_shape only)
 
@@ -23,19 +25,6 @@ GPT2 = ModelConfig.tiny_gpt2()
 def _shapes(cfg):
     """The base tree as ShapeDtypeStructs: PEFT loading only reads shapes (and it is fast)."""
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-
-
-def _random_adapters(base, spec, seed=1):
-    """Adapters shaped by ``spec`` with non-zero A and B (numpy; B = 0 would hide transposes)."""
-    rng = np.random.default_rng(seed)
-    flat = lora.flatten_paths(base)
-    out = {}
-    for p in lora.resolve_targets(base, spec):
-        lead, d_in, d_out, r, scale = lora._leaf_geometry(p, tuple(flat[p].shape), spec)
-        a = rng.standard_normal((*lead, d_in, r), np.float32)
-        b = rng.standard_normal((*lead, r, *d_out), np.float32)
-        out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, float(spec.dropout))
-    return lora.unflatten_paths(out)
 
 
 def _assert_same(x, y):
@@ -61,7 +50,7 @@ def test_llama_round_trip_bit_exact(tmp_path: Path, scaling: str) -> None:
         alpha_pattern={"v_proj": 3.0},
         dropout=0.05,
     )
-    ad = _random_adapters(base, spec)
+    ad = random_adapters(base, spec)
     save_peft(tmp_path, ad, spec, base_model_name="tiny", arch="llama")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
@@ -90,7 +79,7 @@ def test_llama_round_trip_bit_exact(tmp_path: Path, scaling: str) -> None:
 def test_gpt2_round_trip_and_names(tmp_path: Path) -> None:
     base = _shapes(GPT2)
     spec = lora.LoraSpec(rank=4, alpha=16, targets=r"^layers/.*/(c_attn|c_proj|c_fc)/kernel$")
-    ad = _random_adapters(base, spec)
+    ad = random_adapters(base, spec)
     save_peft(tmp_path, ad, spec, "gpt2", arch=GPT2)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
@@ -109,7 +98,7 @@ def test_forward_unchanged_by_round_trip(tmp_path: Path) -> None:
         lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)), _shapes(LLAMA)
     )
     spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
-    ad = _random_adapters(base, spec)
+    ad = random_adapters(base, spec)
     save_peft(tmp_path, ad, spec, "tiny", "llama")
     from jaxlora.models import forward
 
@@ -126,7 +115,7 @@ def test_forward_unchanged_by_round_trip(tmp_path: Path) -> None:
 def saved(tmp_path: Path):
     base = _shapes(LLAMA)
     spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
-    save_peft(tmp_path, _random_adapters(base, spec), spec, "tiny", "llama")
+    save_peft(tmp_path, random_adapters(base, spec), spec, "tiny", "llama")
     return tmp_path, base
 
 
@@ -183,7 +172,7 @@ def test_unsupported_options_and_save_errors(saved, tmp_path: Path) -> None:
         load_peft(folder, base, "llama")
     with pytest.raises(CheckpointError, match="not found"):
         load_peft(tmp_path / "nope", base, "llama")
-    emb = _random_adapters(base, lora.LoraSpec(targets=r"^embed/embedding$"))
+    emb = random_adapters(base, lora.LoraSpec(targets=r"^embed/embedding$"))
     with pytest.raises(CheckpointError, match="no PEFT module name"):
         save_peft(tmp_path / "e", emb, None, "tiny", "llama")
 
@@ -193,28 +182,13 @@ def test_unsupported_options_and_save_errors(saved, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _byte_tokenizer():
-    import tokenizers
-    from tokenizers import decoders, pre_tokenizers
-    from tokenizers import models as tok_models
-
-    from jaxlora.io import Tokenizer
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = tokenizers.Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    return Tokenizer(backend, bos_id=1, eos_id=2, pad_id=2), len(vocab)
-
-
 @pytest.fixture(scope="module")
 def qlora_model():
     """A tiny Llama with an NF4 base and random non-zero adapters on all linear layers."""
     from jaxlora import quant
 
-    tok, vocab = _byte_tokenizer()
+    tok = Tokenizer.byte_level()
+    vocab = tok.vocab_size
     cfg = ModelConfig.tiny_llama(vocab_size=vocab)
     rng = np.random.default_rng(0)
     base = jax.tree.map(
@@ -224,7 +198,7 @@ def qlora_model():
     qbase = jax.jit(lambda b: quant.quantize_tree(b, quant.QuantRules(qtype="nf4"))[0])(base)
     assert isinstance(qbase["layers"]["attn"]["q_proj"]["kernel"], quant.QTensor)
     spec = lora.LoraSpec(rank=4, alpha=8, targets="all-linear")
-    ad = jax.tree.map(lambda x: 0.1 * x, _random_adapters(base, spec))
+    ad = jax.tree.map(lambda x: 0.1 * x, random_adapters(base, spec))
     return cfg, qbase, ad, tok, spec
 
 

@@ -12,19 +12,10 @@ from jaxlora.models import ModelConfig, init_params
 
 def byte_tokenizer():
     """A byte-level tokenizer (3 specials + 256 bytes): load_model needs a tokenizer.json."""
-    import tokenizers
-    from tokenizers import decoders, pre_tokenizers
-    from tokenizers import models as tok_models
-
     from jaxlora.io import Tokenizer
 
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = tokenizers.Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    return Tokenizer(backend, bos_id=1, eos_id=2, pad_id=2), len(vocab)
+    tok = Tokenizer.byte_level()
+    return tok, tok.vocab_size
 
 
 def tiny_config(arch: str, vocab: int) -> ModelConfig:

@@ -201,6 +201,21 @@ class Tokenizer:
             add_eos=bool(tcfg.get("add_eos_token", False)),
         )
 
+    @classmethod
+    def byte_level(cls, chat_template: str | None = None) -> Tokenizer:
+        """259 ids: `<unk>`, `<s>` (BOS), `</s>` (EOS, pad), then one per byte; no merges.
+
+        The tokenizer of jaxlora's random `tiny-*` models and of tests that write models.
+        """
+        specials = ["<unk>", "<s>", "</s>"]
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {t: i for i, t in enumerate(specials + alphabet)}
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(specials)
+        return cls(backend, bos_id=1, eos_id=2, pad_id=2, chat_template=chat_template)
+
     # --- use ----------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
