@@ -306,7 +306,11 @@ def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: A
                   chunk: int) -> tuple[Array, Array]:
     """Sum of masked token cross-entropies and the count of masked tokens, in float32.
 
-    hidden [B, T, d]; targets, mask [B, T]. Logits are built `chunk` tokens at a time.
+    hidden [B, T, d]; targets, mask [B, T]. Logits are built `chunk` tokens at a time and never
+    kept: each chunk's gradient (softmax minus one-hot) is pulled back through the LM head
+    right away, in the forward pass, so the backward pass neither stores nor recomputes the
+    `[N, V]` logits. The loss is returned through a first-order surrogate whose gradient with
+    respect to `hidden` and to the head's adapters is exactly those pulled-back gradients.
     """
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)  # [N, d]
@@ -322,19 +326,28 @@ def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: A
     h = h.reshape(-1, chunk, d)
     t = t.reshape(-1, chunk)
     m = m.reshape(-1, chunk)
+    # Only the head's adapters (the tied embedding or lm_head) reach the logits.
+    head_ad = None if adapters is None else {k: v for k, v in adapters.items() if k != "layers"}
+    h_sg, ad_sg = jax.lax.stop_gradient((h, head_ad))
 
-    @jax.checkpoint
-    def piece(h_c, t_c, m_c):
-        logits = models.logits(mcfg, params, h_c, adapters)  # [chunk, V] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)
+    def body(carry, xs):
+        total, d_ad = carry
+        h_c, t_c, m_c = xs
+        logits, pull = jax.vjp(lambda x, a: models.logits(mcfg, params, x, a), h_c, ad_sg)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
         gold = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - gold) * m_c)
+        dlogits = jnp.exp(logits - lse[:, None]) * m_c[:, None]  # d loss / d logits
+        dlogits = dlogits.at[jnp.arange(chunk), t_c].add(-m_c)
+        dh_c, da = pull(dlogits)
+        return (total + jnp.sum((lse - gold) * m_c), jax.tree.map(jnp.add, d_ad, da)), dh_c
 
-    def body(total, xs):
-        return total + piece(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, m))
-    return total, jnp.sum(m)
+    zeros = jax.tree.map(jnp.zeros_like, ad_sg)
+    (total, d_ad), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (h_sg, t, m))
+    surrogate = jnp.sum(h * jax.lax.stop_gradient(dh)) + sum(
+        jnp.sum(x * jax.lax.stop_gradient(g))
+        for x, g in zip(jax.tree.leaves(head_ad), jax.tree.leaves(d_ad), strict=True))
+    # value: exactly `total` (x - x == 0); gradient: that of the surrogate
+    return surrogate - jax.lax.stop_gradient(surrogate) + total, jnp.sum(m)
 
 
 def loss_and_count(adapters: Adapters, base: Params, batch: data_lib.Batch, *, mcfg,

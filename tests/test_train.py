@@ -269,6 +269,38 @@ def test_chunked_xent_matches_float64_reference(fkit, chunk):
     np.testing.assert_allclose(float(total), ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [5, 26])
+def test_chunked_xent_gradient_equals_autodiff_of_the_plain_loss(cfg_path, chunk):
+    """The xent pulls each chunk's gradient back in the forward pass (no logits kept for the
+    backward). Its gradient with respect to the hidden states and to adapters on the tied
+    embedding / LM head equals plain autodiff of the unchunked loss, in float64 math."""
+    kit = Kit(load_config(cfg_path, ["quant.qtype=none", 'lora.targets="(kernel|embedding)$"']))
+    ad = {"embed": perturbed(kit.adapters)["embed"]}
+    rng = np.random.default_rng(7)
+    hidden = jnp.asarray(rng.standard_normal((2, 13, kit.mcfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, kit.mcfg.vocab_size, (2, 13)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 13)) < 0.7, jnp.float32)
+
+    def chunked(h, a):
+        return train._chunked_xent(kit.mcfg, kit.base, a, h, targets, mask, chunk)[0]
+
+    def plain(base, h, a):
+        logits = models.logits(kit.mcfg, base, h, a)
+        gold = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, -1) - gold) * mask)
+
+    with jax.enable_x64():
+        to64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)  # noqa: E731
+        ref_val, ref = jax.value_and_grad(functools.partial(plain, to64(kit.base)),
+                                          argnums=(0, 1))(to64(hidden), to64(ad))
+    val, got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, ad)
+    np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert np.abs(np.asarray(r)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4,
+                                   atol=1e-5 * np.abs(np.asarray(r)).max())
+
+
 def _poison_base(base):
     """The base with one NaN in a float (unquantized) leaf: the final norm's scale."""
     flat = lora.flatten_paths(base)
