@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_derivatives
 
 from jaxlora import quant
 from jaxlora.paths import flatten_paths, unflatten_paths
@@ -228,6 +229,52 @@ def _low_rank_bwd(scale, res, dy):
 _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _merged_lora(x: Array, w: Any, a: Array, b: Array, scale: float) -> Array:
+    """``x @ (W + s A B)`` for ``x [..., in]``, ``w [in, *out]`` (array or QTensor), ``a [in, r]``.
+
+    Without dropout the low-rank path folds into the weight: one matmul forward and one for
+    the input gradient instead of two skinny matmuls and an add over ``[..., out]`` each way.
+    ``W + s A B`` is a per-call temporary (the dequantized weight is one already); the
+    backward rebuilds it from the packed codes rather than keeping it.
+    """
+    return _contract1(x, _effective(w, a, b, scale, x.dtype))
+
+
+def _effective(w: Any, a: Array, b: Array, scale: float, dtype: Any) -> Array:
+    return _dense(w, dtype) + scale * _contract1(a, b)
+
+
+def _merged_lora_fwd(x, w, a, b, scale):
+    # symbolic_zeros: each argument leaf arrives as CustomVJPPrimal(value, perturbed), which
+    # tells whether a float base weight is being differentiated (full fine-tuning through a
+    # LoraWeight); only then does the backward form the weight gradient.
+    x, a, b = x.value, a.value, b.value
+    primal = lambda t: isinstance(t, custom_derivatives.CustomVJPPrimal)  # noqa: E731
+    w_grad = not _is_qtensor(w) and any(p.perturbed for p in jax.tree.leaves(w, is_leaf=primal))
+    w = jax.tree.map(lambda p: p.value, w, is_leaf=primal)
+    # The last residual is the flag: None, or a second (no-copy) reference to w.
+    return _merged_lora(x, w, a, b, scale), (x, _contract1(x, a), w, a, b, w if w_grad else None)
+
+
+def _merged_lora_bwd(scale, res, dy):
+    x, xa, w, a, b, w_ref = res
+    if isinstance(dy, custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    b2 = b.reshape(b.shape[0], -1)  # [r, out]
+    dy2 = dy.reshape(x2.shape[0], -1)  # [N, out]
+    w2 = _effective(w, a, b, scale, x.dtype).reshape(x2.shape[1], -1)  # [in, out]
+    dx = (dy2 @ w2.T).reshape(x.shape)
+    da = x2.T @ (scale * (dy2 @ b2.T))  # [in, r]
+    db = scale * (xa.reshape(-1, xa.shape[-1]).T @ dy2)  # [r, out]
+    dw = None if w_ref is None else (x2.T @ dy2).reshape(w.shape).astype(w.dtype)
+    return dx, dw, da, db.reshape(b.shape)
+
+
+_merged_lora.defvjp(_merged_lora_fwd, _merged_lora_bwd, symbolic_zeros=True)
+
+
 def _dequant_matmul(x: Array, q: Any) -> Array:
     return _contract1(x, quant.dequantize(q, x.dtype))
 
@@ -261,7 +308,9 @@ def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     rule = _LINEAR_RULES.get(type(w))
     if rule is not None:
         return rule(x, w, bias)
-    if isinstance(w, LoraWeight):
+    if isinstance(w, LoraWeight) and (w.key is None or w.dropout <= 0.0):
+        y = _merged_lora(x, w.w, w.a.astype(x.dtype), w.b.astype(x.dtype), w.scale)
+    elif isinstance(w, LoraWeight):
         y = _base_matmul(x, w.w)  # [..., *out]
         xd = _dropout(x, w.dropout, w.key)
         y = y + _low_rank(xd, w.a.astype(x.dtype), w.b.astype(x.dtype), w.scale)  # [..., *out]

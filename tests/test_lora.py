@@ -77,6 +77,30 @@ def test_linear_matches_float64_reference_and_zero_b_is_exact():
     np.testing.assert_array_equal(y0, jax.jit(lora.linear)(x, w, bias))
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_linear_gradients_match_float64_formulas(quantized):
+    """d/dx, d/dA, d/dB (and d/dW for a float base) of sum(r * linear(x, W + s A B)).
+
+    Without dropout the adapter is folded into the weight under a custom VJP, so every
+    cotangent is written by hand; each is checked against its float64 formula.
+    """
+    x, w, a, b, r = rnd("g1", (3, 5, D)), rnd("g2", (D, F)), rnd("g3", (D, 4)), rnd("g4", (4, F)), rnd("g5", (3, 5, F))
+    base = quant.quantize(w) if quantized else w
+    wd = f64(lora._dense(base, jnp.float32))
+
+    def loss(x, w, a, b):
+        return jnp.sum(r * lora.linear(x, LoraWeight(w, a, b, scale=0.5)))
+
+    argnums = (0, 2, 3) if quantized else (0, 1, 2, 3)
+    got = jax.jit(jax.grad(loss, argnums=argnums))(x, base, a, b)
+    x2, r2 = f64(x).reshape(-1, D), f64(r).reshape(-1, F)
+    refs = {"x": (r2 @ (wd + 0.5 * f64(a) @ f64(b)).T).reshape(x.shape), "w": x2.T @ r2,
+            "a": x2.T @ (0.5 * r2 @ f64(b).T), "b": 0.5 * (x2 @ f64(a)).T @ r2}
+    names = ["x", "a", "b"] if quantized else ["x", "w", "a", "b"]
+    for name, g in zip(names, got, strict=True):
+        assert relerr(g, refs[name]) < 1e-5, name
+
+
 def test_linear_several_output_axes():
     x, w = rnd("k1", (7, D)), rnd("k2", (D, 4, 8))
     a, b = rnd("k3", (D, 2)), rnd("k4", (2, 4, 8))
@@ -184,14 +208,18 @@ def test_dropout_only_with_a_key_and_per_layer():
     )
 
 
-def _dot_general_out_shapes(jaxpr):
-    shapes = []
+def _dot_generals(jaxpr) -> list[tuple[tuple[int, ...], int]]:
+    """(output shape, product of the contracted sizes) of every dot_general, nested included."""
+    found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            found.append((tuple(eqn.outvars[0].aval.shape),
+                          int(np.prod([lhs_shape[i] for i in lhs_contract]))))
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            shapes += _dot_general_out_shapes(sub)
-    return shapes
+            found += _dot_generals(sub)
+    return found
 
 
 def test_adapter_gradient_never_forms_a_full_weight_gradient():
@@ -208,13 +236,18 @@ def test_adapter_gradient_never_forms_a_full_weight_gradient():
         return jax.lax.scan(body, 0.0, tree["layers"])[0]
 
     g = jax.jit(jax.grad(loss))(ad, base)
-    shapes = _dot_general_out_shapes(jax.make_jaxpr(jax.grad(loss))(ad, base).jaxpr)
-    assert shapes, "no dot_general found: the check would be vacuous"
-    full = lambda s: sorted(s[-2:]) == sorted((D, F))  # [in, out] or [out, in]
-    assert not any(full(s) for s in shapes), shapes
+    dots = _dot_generals(jax.make_jaxpr(jax.grad(loss))(ad, base).jaxpr)
+    assert dots, "no dot_general found: the check would be vacuous"
+
+    def weight_gradient(shape, contracted):
+        # [in, out] (or [out, in]) summed over the 16 tokens: N x in x out work. Folding the
+        # adapter into the weight, W + s A B, contracts only the rank (4): r x in x out.
+        return sorted(shape[-2:]) == sorted((D, F)) and contracted == x.shape[0]
+
+    assert not any(weight_gradient(*d) for d in dots), dots
     # Control: the gradient w.r.t. the base does form the [in, out] product, so the check can fail.
-    shapes_w = _dot_general_out_shapes(jax.make_jaxpr(jax.grad(loss, argnums=1))(ad, base).jaxpr)
-    assert any(full(s) for s in shapes_w), shapes_w
+    dots_w = _dot_generals(jax.make_jaxpr(jax.grad(loss, argnums=1))(ad, base).jaxpr)
+    assert any(weight_gradient(*d) for d in dots_w), dots_w
     pair = g["layers"]["mlp"]["up_proj"]["kernel"]
     assert pair.a.shape == (L, D, 4) and pair.b.shape == (L, 4, F)
     assert float(jnp.abs(pair.a).sum()) > 0 and float(jnp.abs(pair.b).sum()) > 0
