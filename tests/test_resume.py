@@ -115,11 +115,11 @@ def sigterm_after(n_steps: int):
     The signal reaches `train._StopFlag` exactly as an external `kill` would; we refuse to
     send it unless the flag's handler is installed (never kill the test process).
     """
-    orig = train.make_train_step
+    orig = train.compile_step
     calls = {"n": 0}
 
-    def patched(*args, **kwargs):
-        step = orig(*args, **kwargs)
+    def patched(*args):
+        step = orig(*args)
 
         def wrapped(*a, **k):
             out = step(*a, **k)
@@ -131,11 +131,11 @@ def sigterm_after(n_steps: int):
 
         return wrapped
 
-    train.make_train_step = patched
+    train.compile_step = patched
     try:
         yield calls
     finally:
-        train.make_train_step = orig
+        train.compile_step = orig
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -406,11 +406,11 @@ def test_run_stops_on_non_finite_loss_and_keeps_last_good_adapters(tmp_path, mon
         ],
     )
     tilde = train.load_base(cfg).tokenizer.encode("~")[0]
-    real = train.make_train_step
+    real = train.compile_step
     good: list[list[np.ndarray]] = []
 
-    def make_step(*args, **kwargs):
-        step = real(*args, **kwargs)
+    def compile_step(*args):
+        step = real(*args)
 
         def wrapped(state, base, batches):
             if bool(jnp.any(batches.inputs == tilde)):
@@ -422,12 +422,12 @@ def test_run_stops_on_non_finite_loss_and_keeps_last_good_adapters(tmp_path, mon
 
         return wrapped
 
-    monkeypatch.setattr(train, "make_train_step", make_step)
+    monkeypatch.setattr(train, "compile_step", compile_step)
     with pytest.raises(train.NonFiniteError, match="step 3: non-finite") as exc:
         train.run(cfg)
     assert "last good adapters saved at step 2" in str(exc.value)
     assert len(good) == 2
-    monkeypatch.setattr(train, "make_train_step", real)
+    monkeypatch.setattr(train, "compile_step", real)
     opened = train.open_run(cfg.run_dir)
     assert opened.step == 2
     saved = [np.asarray(x) for x in jax.tree.leaves(opened.adapters)]

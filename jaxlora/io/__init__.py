@@ -9,7 +9,6 @@ final footprint plus one float tensor.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import memory
 from jaxlora.errors import ModelLoadError
 from jaxlora.io.gguf import GGUFSource, permute_qk, unpermute_qk
 from jaxlora.io.hf import HFSource, save_hf
@@ -235,18 +235,6 @@ def assemble(
     return unflatten_paths(done)
 
 
-def _return_freed_memory() -> None:
-    """Hand the per-tensor conversion buffers back to the OS.
-
-    glibc keeps freed heap pages in its arenas; after streaming a checkpoint that is ~250 MB
-    of resident memory for SmolLM2 that nothing uses any more.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
-
-
 def load_model(
     name_or_path: str | os.PathLike[str], *, quant: Any = None, dtype: Any = jnp.float32
 ) -> LoadedModel:
@@ -271,7 +259,7 @@ def load_model(
     # which would otherwise add to the peak on top of the loaded weights.
     tokenizer = src.tokenizer()
     params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant, dtype))
-    _return_freed_memory()
+    memory.return_freed_memory()  # the per-tensor conversion buffers
     return LoadedModel(config=src.config, params=params, tokenizer=tokenizer, source=str(path))
 
 
