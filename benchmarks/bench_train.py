@@ -147,8 +147,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--remat", default="full", choices=("none", "full", "dots"),
-                    help="rematerialization policy of the blocks (default full)")
+    ap.add_argument("--remat", default="attn", choices=("none", "full", "attn", "dots"),
+                    help="rematerialization policy of the blocks (default attn, the main job's)")
     ap.add_argument("--peers", metavar="PYTHON",
                     help="interpreter of a scratch venv with peft + bitsandbytes: run the peers too")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -126,8 +126,10 @@ class ModelSection:
         "float32", "Dtype of activations and matmuls in the forward pass.", choices=_FLOAT_DTYPES
     )
     remat: str = _field(
-        "none", "Rematerialization of each scanned block: none, full, or save only dots.",
-        choices=("none", "full", "dots"),
+        "none", "Rematerialization of each scanned block: none (keep all activations), full "
+        "(recompute the block in the backward), attn (full, but keep keys, values and the "
+        "residual after attention), dots (keep matmul outputs).",
+        choices=("none", "full", "attn", "dots"),  # models.common.REMAT_POLICIES (jax-free here)
     )
 
 

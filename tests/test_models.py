@@ -296,26 +296,50 @@ def test_scan_equals_unrolled(name):
     )
 
 
-def test_remat_variants_equal_values_and_gradients():
-    cfg = CONFIGS["llama_gqa"]
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_remat_variants_equal_values_and_gradients(name):
+    cfg = CONFIGS[name]
     params = rand_params(cfg)
     toks = tokens_for(cfg)
 
-    @functools.partial(jax.jit, static_argnums=1)
-    def loss_and_grad(p, remat):
-        def loss(p):
-            lg = models.forward(cfg, p, toks, remat=remat)
-            return jnp.mean(jax.nn.log_softmax(lg)[..., 0])
+    def loss(p, remat):
+        lg = models.forward(cfg, p, toks, remat=remat)
+        return jnp.mean(jax.nn.log_softmax(lg)[..., 0])
 
-        return jax.value_and_grad(loss)(p)
-
-    grads = {r: loss_and_grad(params, r) for r in ("none", "full", "dots")}
-    for r in ("full", "dots"):
+    grads = {r: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r)
+             for r in common.REMAT_POLICIES}
+    for r in common.REMAT_POLICIES[1:]:
         np.testing.assert_allclose(grads[r][0], grads["none"][0], rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grads[r][1]), jax.tree.leaves(grads["none"][1]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="remat"):
         models.forward(cfg, params, toks, remat="some")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_remat_attn_keeps_keys_values_and_the_mid_residual(name):
+    """What each policy keeps for the backward: the residuals of `jax.vjp`, stacked over L."""
+    cfg = CONFIGS[name]
+    params = rand_params(cfg)
+    toks = tokens_for(cfg)
+    (b, t), nl = toks.shape, cfg.num_layers
+
+    def kept(remat):
+        _, pull = jax.vjp(lambda p: models.forward(cfg, p, toks, remat=remat), params)
+        shapes = [leaf.shape for leaf in jax.tree.leaves(pull)]
+        return (shapes.count((nl, b, t, cfg.hidden_size)),
+                shapes.count((nl, b, t, cfg.num_kv_heads, cfg.head_dim)))
+
+    full, attn = kept("full"), kept("attn")
+    assert full == (1, 0)  # the block inputs only
+    assert attn == (2, 2)  # + the residual after attention; + keys and values
+
+
+def test_remat_policies_match_the_config_choices():
+    from jaxlora.config import ModelSection
+
+    field = {f.name: f for f in dataclasses.fields(ModelSection)}["remat"]
+    assert tuple(field.metadata["choices"]) == common.REMAT_POLICIES
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])

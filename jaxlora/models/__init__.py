@@ -100,7 +100,8 @@ def forward(cfg: ModelConfig, params: Params, tokens: Array, *, adapters: Any = 
         documents). When `positions` is None they also restart the positions per segment.
       positions: optional [B, T] ints (default 0..T-1, or per segment as above).
       compute_dtype: activations / matmul dtype (float32 on CPU, bfloat16 on accelerators).
-      remat: "none" | "full" | "dots" -- `jax.checkpoint` policy around each block.
+      remat: "none" | "full" | "attn" | "dots" -- `jax.checkpoint` policy around each block
+        (see `common.remat_policy`).
       return_hidden: return the final normed hidden states [B, T, d] (compute dtype) instead
         of logits, so the caller can chunk the vocabulary projection with `logits`.
       scan_layers: `lax.scan` over the stacked blocks (default); False unrolls (tests).

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora import lora
 from jaxlora.models import common
@@ -112,10 +113,10 @@ def _block(cfg: ModelConfig, x: Array, p: Params, cos: Array, sin: Array, mask: 
     k = lora.linear(h, a["k_proj"]["kernel"], a["k_proj"].get("bias"))
     v = lora.linear(h, a["v_proj"]["kernel"], a["v_proj"].get("bias"))
     q = common.apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)  # [B, T, H, hd]
-    k = common.apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)  # [B, T, KV, hd]
-    v = v.reshape(b, t, cfg.num_kv_heads, hd)
+    k = checkpoint_name(common.apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin), "k")
+    v = checkpoint_name(v.reshape(b, t, cfg.num_kv_heads, hd), "v")
     o = common.attention(q, k, v, mask, cache)  # [B, T, H*hd]
-    x = x + lora.linear(o, a["o_proj"]["kernel"]).astype(x.dtype)
+    x = checkpoint_name(x + lora.linear(o, a["o_proj"]["kernel"]).astype(x.dtype), "mid")
     m = p["mlp"]
     h = common.rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
     g = lora.linear(h, m["gate_proj"]["kernel"])
