@@ -563,8 +563,10 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     def val_metrics(adapters_or_none) -> dict[str, float]:
         if datasets.validation is None:
             return {}
-        return evaluate(eval_fn, adapters_or_none, base, datasets.validation.eval_batches(),
-                        cfg.eval.batches)
+        out = evaluate(eval_fn, adapters_or_none, base, datasets.validation.eval_batches(),
+                       cfg.eval.batches)
+        memory.return_freed_memory()  # the eval buffers, before the train step's land beside them
+        return out
 
     start_step = int(state.step)
     with open(metrics_path, "a") as mf, _StopFlag() as stop, manager:
