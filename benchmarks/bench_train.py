@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 VARIANTS = ("lora", "qlora", "full")
@@ -116,28 +117,38 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     }
 
 
-def _peers(args) -> list[dict]:
-    """PEFT LoRA and QLoRA on the same weights, written as an HF folder by jaxlora."""
-    import tempfile
+def _jaxlora_child(args, variant: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
+         "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+         "--remat", args.remat],
+        check=True, capture_output=True, text=True, env=dict(os.environ),
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    n_params = 134_515_008
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-c", (
-            "from jaxlora import io; m = io.load_model('smollm2-135m-instruct'); "
-            f"io.save_hf({tmp!r}, m.config, m.params, m.tokenizer)")], check=True)
-        script = os.path.join(os.path.dirname(__file__), "peers", "peft_train.py")
-        for v in ("lora", "qlora"):
-            out = subprocess.run(
-                [args.peers, script, tmp, "--variant", v, "--steps", str(args.steps),
-                 "--batch", str(args.batch), "--seq", str(args.seq)],
-                check=True, capture_output=True, text=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            r["model_gflops"] = 4 * n_params * args.batch * args.seq / r["step_s"] / 1e9
-            r["compile_s"] = 0.0
-            rows.append(r)
-            print(f"done peft-{v}", file=sys.stderr, flush=True)
-    return rows
+
+def _peer_child(args, hf_dir: str, variant: str) -> dict:
+    """PEFT LoRA or QLoRA (benchmarks/peers/peft_train.py) on the same weights."""
+    script = os.path.join(os.path.dirname(__file__), "peers", "peft_train.py")
+    out = subprocess.run(
+        [args.peers, script, hf_dir, "--variant", variant, "--steps", str(args.steps),
+         "--batch", str(args.batch), "--seq", str(args.seq)],
+        check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["model_gflops"] = 4 * 134_515_008 * args.batch * args.seq / r["step_s"] / 1e9
+    r["compile_s"] = 0.0
+    return r
+
+
+def _merge_rounds(runs: list[dict]) -> dict:
+    """One row from a variant's rounds: median step time, largest peak RSS."""
+    step_s = float(sorted(r["step_s"] for r in runs)[len(runs) // 2])
+    row = dict(runs[0])
+    row.update(step_s=step_s, tokens_per_s=runs[0]["tokens_per_s"] * runs[0]["step_s"] / step_s,
+               model_gflops=runs[0]["model_gflops"] * runs[0]["step_s"] / step_s,
+               peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
+               rounds=[round(r["step_s"], 2) for r in runs])
+    return row
 
 
 def main() -> None:
@@ -151,6 +162,8 @@ def main() -> None:
                     help="rematerialization policy of the blocks (default attn, the main job's)")
     ap.add_argument("--peers", metavar="PYTHON",
                     help="interpreter of a scratch venv with peft + bitsandbytes: run the peers too")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every variant this many times, interleaved (median of rounds)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -159,28 +172,33 @@ def main() -> None:
         return
 
     peak = matmul_gflops()
-    rows = []
-    for v in args.variants.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", v, "--steps", str(args.steps),
-             "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
-             "--remat", args.remat],
-            check=True, capture_output=True, text=True, env=dict(os.environ),
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"done {v}", file=sys.stderr, flush=True)
-    if args.peers:
-        rows += _peers(args)
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as hf_dir:
+        if args.peers:  # the same weights for the peers, as an HF folder written by jaxlora
+            subprocess.run([sys.executable, "-c", (
+                "from jaxlora import io; m = io.load_model('smollm2-135m-instruct'); "
+                f"io.save_hf({hf_dir!r}, m.config, m.params, m.tokenizer)")], check=True)
+        # Rounds interleave every variant, so a change in the machine's load hits all alike.
+        for _ in range(args.rounds):
+            for v in args.variants.split(","):
+                runs.setdefault(v, []).append(_jaxlora_child(args, v))
+                print(f"done {v}", file=sys.stderr, flush=True)
+                if args.peers and v in ("lora", "qlora"):
+                    runs.setdefault(f"peft-{v}", []).append(_peer_child(args, hf_dir, v))
+                    print(f"done peft-{v}", file=sys.stderr, flush=True)
+    rows = [_merge_rounds(r) for r in runs.values()]
     by = {r["variant"]: r for r in rows}
     print(f"SmolLM2-135M, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
-          f"float32, remat {args.remat}, median of {args.steps} steps; float32 matmul rate "
-          f"{peak:.0f} GFLOP/s\n")
-    print("| variant | step (s) | tokens/s | peak RSS (MB) | model GFLOP/s | of matmul rate | compile (s) |")
-    print("|---|---|---|---|---|---|---|")
+          f"float32, remat {args.remat}, median of {args.steps} steps, median of {args.rounds} "
+          f"interleaved round(s); float32 matmul rate {peak:.0f} GFLOP/s\n")
+    print("| variant | step (s) | tokens/s | peak RSS (MiB) | model GFLOP/s | of matmul rate | "
+          "compile (s) | step (s) per round |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {r['model_gflops']:.0f} | "
-              f"{100 * r['model_gflops'] / peak:.0f}% | {r['compile_s']:.0f} |")
+              f"{100 * r['model_gflops'] / peak:.0f}% | {r['compile_s']:.0f} | "
+              f"{', '.join(map(str, r['rounds']))} |")
     for name in ("lora", "qlora"):
         if name in by and f"peft-{name}" in by:
             print(f"jaxlora / PEFT {name} tokens/s: "
