@@ -11,6 +11,8 @@ measured in the same run.
     .venv/bin/python benchmarks/bench_train.py --peers /tmp/scratch/bin/python
         # also PEFT LoRA and PEFT + bitsandbytes QLoRA (benchmarks/peers/peft_train.py) in a
         # scratch virtualenv with torch/transformers/peft/bitsandbytes, in the same run
+    .venv/bin/python benchmarks/bench_train.py --variants lora,qlora --rounds 3 --peers ...
+        # every variant 3 times, interleaved with its peer; median of the rounds
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,7 +145,7 @@ def _peer_child(args, hf_dir: str, variant: str) -> dict:
 
 def _merge_rounds(runs: list[dict]) -> dict:
     """One row from a variant's rounds: median step time, largest peak RSS."""
-    step_s = float(sorted(r["step_s"] for r in runs)[len(runs) // 2])
+    step_s = statistics.median(r["step_s"] for r in runs)
     row = dict(runs[0])
     row.update(step_s=step_s, tokens_per_s=runs[0]["tokens_per_s"] * runs[0]["step_s"] / step_s,
                model_gflops=runs[0]["model_gflops"] * runs[0]["step_s"] / step_s,
