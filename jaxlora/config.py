@@ -465,6 +465,13 @@ def _set_path(raw: dict[str, Any], path: str, value: Any, src: str) -> None:
     raise _unknown_key(src, path)
 
 
+def _check_override(path: str, value: Any, where: str) -> None:
+    """Type and range of one overridden field, so an error names the override, not the file."""
+    found = _lookup(path)
+    if found is not None:
+        _check_value(_coerce(value, found[2], where), found[1], where)
+
+
 def _pair_value_type(tp: Any) -> type | None:
     """For ``tuple[tuple[str, X], ...]`` return X, else None."""
     if typing.get_origin(tp) is tuple:
@@ -634,6 +641,7 @@ def load_config(path: str | os.PathLike, overrides: Overrides | None = ()) -> Co
     raw.setdefault("name", p.stem)
     for key, value in _normalize_overrides(overrides):
         _set_path(raw, key, value, f"{p} (override {key})")
+        _check_override(key, value, f"{p}: override {key}")
     return config_from_dict(raw, str(p))
 
 
@@ -642,6 +650,7 @@ def apply_overrides(cfg: Config, overrides: Overrides, src: str = "<overrides>")
     raw = to_dict(cfg)
     for key, value in _normalize_overrides(overrides):
         _set_path(raw, key, value, f"{src} ({key})")
+        _check_override(key, value, f"{src}: override {key}")
     return config_from_dict(raw, src)
 
 

@@ -202,9 +202,9 @@ BAD_CASES = [
     ("[sharding]\nmesh = { data = 0 }\n", (), ["sharding.mesh"]),
     ("lora = 3\n", (), ["lora", "table"]),
     ("", ["lora.rnak=3"], ["lora.rnak", "lora.rank", "override"]),
-    ("", ["lora.rank=-2"], ["lora.rank", ">= 1"]),
-    ("", ["lora.rank=abc"], ["lora.rank", "expected an integer"]),
-    ("", ["quant.qtype=nf5"], ["quant.qtype"]),
+    ("", ["lora.rank=-2"], ["override lora.rank", ">= 1"]),
+    ("", ["lora.rank=abc"], ["override lora.rank", "expected an integer"]),
+    ("", ["quant.qtype=nf5"], ["override quant.qtype", "'nf4'"]),
 ]
 
 
