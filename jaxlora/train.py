@@ -303,7 +303,7 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
 # Loss and steps
 # --------------------------------------------------------------------------------------------
 def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: Array,
-                  chunk: int) -> tuple[Array, Array]:
+                  chunk: int, differentiable: bool = True) -> tuple[Array, Array]:
     """Sum of masked token cross-entropies and the count of masked tokens, in float32.
 
     hidden [B, T, d]; targets, mask [B, T]. Logits are built `chunk` tokens at a time and never
@@ -311,6 +311,7 @@ def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: A
     right away, in the forward pass, so the backward pass neither stores nor recomputes the
     `[N, V]` logits. The loss is returned through a first-order surrogate whose gradient with
     respect to `hidden` and to the head's adapters is exactly those pulled-back gradients.
+    With `differentiable=False` (evaluation) only the loss is computed.
     """
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)  # [N, d]
@@ -330,16 +331,28 @@ def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: A
     head_ad = None if adapters is None else {k: v for k, v in adapters.items() if k != "layers"}
     h_sg, ad_sg = jax.lax.stop_gradient((h, head_ad))
 
+    def nll(logits, t_c, m_c):
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
+        gold = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        return lse, jnp.sum((lse - gold) * m_c)
+
+    if not differentiable:
+        def loss_only(total, xs):
+            h_c, t_c, m_c = xs
+            return total + nll(models.logits(mcfg, params, h_c, ad_sg), t_c, m_c)[1], None
+
+        total, _ = jax.lax.scan(loss_only, jnp.zeros((), jnp.float32), (h_sg, t, m))
+        return total, jnp.sum(m)
+
     def body(carry, xs):
         total, d_ad = carry
         h_c, t_c, m_c = xs
         logits, pull = jax.vjp(lambda x, a: models.logits(mcfg, params, x, a), h_c, ad_sg)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [chunk]
-        gold = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        lse, loss = nll(logits, t_c, m_c)
         dlogits = jnp.exp(logits - lse[:, None]) * m_c[:, None]  # d loss / d logits
         dlogits = dlogits.at[jnp.arange(chunk), t_c].add(-m_c)
         dh_c, da = pull(dlogits)
-        return (total + jnp.sum((lse - gold) * m_c), jax.tree.map(jnp.add, d_ad, da)), dh_c
+        return (total + loss, jax.tree.map(jnp.add, d_ad, da)), dh_c
 
     zeros = jax.tree.map(jnp.zeros_like, ad_sg)
     (total, d_ad), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (h_sg, t, m))
@@ -352,14 +365,19 @@ def _chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: A
 
 def loss_and_count(adapters: Adapters, base: Params, batch: data_lib.Batch, *, mcfg,
                    dropout_key: Array | None = None, compute_dtype: Any = jnp.float32,
-                   remat: str = "none", chunk: int = 128) -> tuple[Array, Array]:
-    """(sum of token losses, number of trained tokens) of one micro-batch."""
+                   remat: str = "none", chunk: int = 128,
+                   differentiable: bool = True) -> tuple[Array, Array]:
+    """(sum of token losses, number of trained tokens) of one micro-batch.
+
+    `differentiable=False` skips the LM-head gradient the loss otherwise forms in its forward
+    pass (for evaluation; the loss itself is the same)."""
     hidden = models.forward(
         mcfg, base, batch.inputs, adapters=adapters, segment_ids=batch.segment_ids,
         positions=batch.positions, dropout_key=dropout_key, compute_dtype=compute_dtype,
         remat=remat, return_hidden=True,
     )
-    return _chunked_xent(mcfg, base, adapters, hidden, batch.targets, batch.loss_mask, chunk)
+    return _chunked_xent(mcfg, base, adapters, hidden, batch.targets, batch.loss_mask, chunk,
+                         differentiable)
 
 
 def make_train_step(mcfg, tx: optax.GradientTransformation, *, compute_dtype=jnp.float32,
@@ -422,7 +440,7 @@ def make_eval_step(mcfg, *, compute_dtype=jnp.float32, chunk: int = 256):
 
     def ev(adapters, base, batch):
         return loss_and_count(adapters, base, batch, mcfg=mcfg, compute_dtype=compute_dtype,
-                              chunk=chunk)
+                              chunk=chunk, differentiable=False)
 
     return jax.jit(ev)
 

@@ -249,16 +249,18 @@ def test_gradient_accumulation_equals_full_batch(fkit):
         assert np.abs(f - o).max() > 1e-5  # a real update happened
 
 
+@pytest.mark.parametrize("differentiable", [True, False])
 @pytest.mark.parametrize("chunk", [1, 5, 13, 26, 256])
-def test_chunked_xent_matches_float64_reference(fkit, chunk):
-    """Masked token cross-entropy, summed; N = 2 x 13 tokens (chunk 5 does not divide it)."""
+def test_chunked_xent_matches_float64_reference(fkit, chunk, differentiable):
+    """Masked token cross-entropy, summed; N = 2 x 13 tokens (chunk 5 does not divide it).
+    The training path (gradient formed in the forward) and the evaluation path agree."""
     rng = np.random.default_rng(5)
     d, v = fkit.mcfg.hidden_size, fkit.mcfg.vocab_size
     hidden = rng.standard_normal((2, 13, d)).astype(np.float32)
     targets = rng.integers(0, v, (2, 13)).astype(np.int32)
     mask = (rng.random((2, 13)) < 0.7).astype(np.float32)
-    total, count = jax.jit(train._chunked_xent, static_argnums=(0, 6))(
-        fkit.mcfg, fkit.base, None, hidden, targets, mask, chunk
+    total, count = jax.jit(train._chunked_xent, static_argnums=(0, 6, 7))(
+        fkit.mcfg, fkit.base, None, hidden, targets, mask, chunk, differentiable
     )
     logits = np.asarray(models.logits(fkit.mcfg, fkit.base, jnp.asarray(hidden)), np.float64)
     mx = logits.max(-1, keepdims=True)
