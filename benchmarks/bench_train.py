@@ -1,9 +1,9 @@
 """Training-step throughput and memory on SmolLM2-135M: LoRA, QLoRA (NF4) and full fine-tuning.
 
 Each variant runs in a fresh subprocess (so peak RSS is its own), one after another in this
-run, on a random token batch of 4 x 256 with r=8 adapters on all seven linear kinds, float32
-compute. Reported: median step time over the timed steps after a warm-up (compile) step,
-tokens/s, peak RSS, and the step's model FLOPs per second against the float32 matmul rate
+run (with --rounds several times, each beside its PEFT peer), on a random token batch of
+4 x 256 with r=8 adapters on all seven linear kinds, float32 compute. Reported: median step
+time over the timed steps after a warm-up (compile) step, tokens/s, peak RSS, and the step's model FLOPs per second against the float32 matmul rate
 measured in the same run.
 
     .venv/bin/python benchmarks/bench_train.py            # all variants
@@ -26,7 +26,10 @@ import sys
 import tempfile
 import time
 
+from jaxlora.models.common import REMAT_POLICIES
+
 VARIANTS = ("lora", "qlora", "full")
+N_PARAMS = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once)
 
 
 def matmul_gflops(repeats: int = 10) -> float:
@@ -110,9 +113,8 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     times.sort()
     step_s = times[len(times) // 2]
     n_tokens = batch * seq
-    n_params = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once)
     # Forward 2PN; backward: input gradients 2PN (+ weight gradients 2PN for full FT).
-    flops = (6 if variant == "full" else 4) * n_params * n_tokens
+    flops = (6 if variant == "full" else 4) * N_PARAMS * n_tokens
     return {
         "variant": variant, "step_s": step_s, "compile_s": compile_s,
         "tokens_per_s": n_tokens / step_s, "peak_rss_mb": memory.peak_rss_mb(),
@@ -138,7 +140,7 @@ def _peer_child(args, hf_dir: str, variant: str) -> dict:
          "--batch", str(args.batch), "--seq", str(args.seq)],
         check=True, capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    r["model_gflops"] = 4 * 134_515_008 * args.batch * args.seq / r["step_s"] / 1e9
+    r["model_gflops"] = 4 * N_PARAMS * args.batch * args.seq / r["step_s"] / 1e9
     r["compile_s"] = 0.0
     return r
 
@@ -161,7 +163,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--remat", default="attn", choices=("none", "full", "attn", "dots"),
+    ap.add_argument("--remat", default="attn", choices=REMAT_POLICIES,
                     help="rematerialization policy of the blocks (default attn, the main job's)")
     ap.add_argument("--peers", metavar="PYTHON",
                     help="interpreter of a scratch venv with peft + bitsandbytes: run the peers too")
