@@ -3,8 +3,8 @@
 Each variant runs in a fresh subprocess (so peak RSS is its own), one after another in this
 run (with --rounds several times, each beside its PEFT peer), on a random token batch of
 4 x 256 with r=8 adapters on all seven linear kinds, float32 compute. Reported: median step
-time over the timed steps after a warm-up (compile) step, tokens/s, peak RSS, and the step's model FLOPs per second against the float32 matmul rate
-measured in the same run.
+time over the timed steps after a warm-up (compile) step, tokens/s, peak RSS, and the step's
+model FLOPs per second against the float32 matmul rate measured in the same run.
 
     .venv/bin/python benchmarks/bench_train.py            # all variants
     .venv/bin/python benchmarks/bench_train.py --steps 3  # fewer timed steps
