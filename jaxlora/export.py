@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from jaxlora import lora
 from jaxlora.errors import CheckpointError
 
-__all__ = ["export_merged", "export", "open_run_for_export", "RunPieces", "atomic_dir", "FORMATS"]
+__all__ = ["export_merged", "export", "RunPieces", "atomic_dir", "FORMATS"]
 
 FORMATS = ("peft", "merged")
 
@@ -88,7 +88,7 @@ def export_merged(
 
 
 class RunPieces(NamedTuple):
-    """What an export needs from a run (`open_run_for_export` builds it from a run dir)."""
+    """What an export needs from a run (`export` builds it with `jaxlora.train.open_run`)."""
 
     model_config: Any  # ModelConfig
     base: lora.Params  # the base the adapters were trained on (PiSSA: the residual)
@@ -97,33 +97,6 @@ class RunPieces(NamedTuple):
     spec: lora.LoraSpec
     model_name: str
     step: int
-
-
-def open_run_for_export(run_dir: str | os.PathLike, step: int | str = "best") -> RunPieces:
-    """Rebuild base, spec and adapters of ``run_dir`` from its config.toml and checkpoints.
-
-    Args:
-      step: "best" (lowest validation loss; the latest if no step has one), "latest", or a
-        step number.
-    """
-    from jaxlora import train
-    from jaxlora.config import load_config
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
-    cfg = load_config(cfg_path)
-    setup = train._setup(cfg)  # same base / spec / template as the training run
-    mgr = train._manager(cfg, run_dir, setup)
-    which: int | str | None = step
-    if step == "best" and mgr.best_step() is None:
-        which = "latest"
-    if which == "best":
-        which = mgr.best_step()
-    restored = mgr.restore(setup.state, step=None if which == "latest" else which, base=setup.base)
-    return RunPieces(setup.loaded.config, setup.base, restored.state.adapters,
-                     setup.loaded.tokenizer, setup.spec, cfg.model.name, restored.step)
 
 
 def export(
@@ -158,7 +131,11 @@ def export(
     if pieces is None:
         if run_dir is None:
             raise CheckpointError("export: give a run directory or the pieces")
-        pieces = open_run_for_export(run_dir, step)
+        from jaxlora import train
+
+        o = train.open_run(run_dir, step)  # the base is verified against checkpoints/base.json
+        pieces = RunPieces(o.loaded.config, o.base, o.adapters, o.loaded.tokenizer, o.spec,
+                           o.config.model.name, o.step)
     if fmt == "peft":
         if pieces.spec.init == "pissa":
             raise CheckpointError(

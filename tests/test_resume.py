@@ -112,10 +112,10 @@ def _cfg(root: Path, **sections):
 def sigterm_after(n_steps: int):
     """SIGTERM this process right after the `n_steps`-th train step of the next run.
 
-    The signal reaches `train._StopFlag` exactly as an external `kill` would; we refuse to
+    The signal reaches `train.loop.StopSignals` exactly as an external `kill` would; we refuse to
     send it unless the flag's handler is installed (never kill the test process).
     """
-    orig = train.compile_step
+    orig = train.loop.compile_step
     calls = {"n": 0}
 
     def patched(*args):
@@ -131,11 +131,11 @@ def sigterm_after(n_steps: int):
 
         return wrapped
 
-    train.compile_step = patched
+    train.loop.compile_step = patched
     try:
         yield calls
     finally:
-        train.compile_step = orig
+        train.loop.compile_step = orig
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -148,7 +148,7 @@ def _train_steps(records: list[dict]) -> list[int]:
 
 
 def _state_template(cfg):
-    return train._setup(cfg).state
+    return train.setup(cfg).state
 
 
 def _saved_state(run_dir: Path, step: int, template):
@@ -415,13 +415,13 @@ def test_checkpoint_on_a_different_base_is_refused(root, interrupted, tmp_path):
     quant = dataclasses.asdict(cfg.quant)
 
     # same architecture and quantization, other weights (another init seed)
-    other = train._setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1)))
+    other = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1)))
     with pytest.raises(CheckpointError, match=r"different base model.*weights differ"):
         ckpt_lib.CheckpointManager(
             run_dir, base=ckpt_lib.base_record(other.base, name="tiny-llama", quant=quant)
         )
     # another quantization of the same model: named, with the leaves whose layout differs
-    int8 = train._setup(
+    int8 = train.setup(
         dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, qtype="int8"))
     )
     with pytest.raises(CheckpointError, match=r"quant .*'nf4'.*'int8'") as info:

@@ -259,7 +259,7 @@ def test_chunked_xent_matches_float64_reference(fkit, chunk, differentiable):
     hidden = rng.standard_normal((2, 13, d)).astype(np.float32)
     targets = rng.integers(0, v, (2, 13)).astype(np.int32)
     mask = (rng.random((2, 13)) < 0.7).astype(np.float32)
-    total, count = jax.jit(train._chunked_xent, static_argnums=(0, 6, 7))(
+    total, count = jax.jit(train.chunked_xent, static_argnums=(0, 6, 7))(
         fkit.mcfg, fkit.base, None, hidden, targets, mask, chunk, differentiable
     )
     logits = np.asarray(models.logits(fkit.mcfg, fkit.base, jnp.asarray(hidden)), np.float64)
@@ -284,7 +284,7 @@ def test_chunked_xent_gradient_equals_autodiff_of_the_plain_loss(cfg_path, chunk
     mask = jnp.asarray(rng.random((2, 13)) < 0.7, jnp.float32)
 
     def chunked(h, a):
-        return train._chunked_xent(kit.mcfg, kit.base, a, h, targets, mask, chunk)[0]
+        return train.chunked_xent(kit.mcfg, kit.base, a, h, targets, mask, chunk)[0]
 
     def plain(base, h, a):
         logits = models.logits(kit.mcfg, base, h, a)
@@ -424,12 +424,12 @@ def test_run_stops_on_non_finite_loss_and_keeps_last_good_adapters(tmp_path, mon
 
         return wrapped
 
-    monkeypatch.setattr(train, "compile_step", compile_step)
+    monkeypatch.setattr(train.loop, "compile_step", compile_step)
     with pytest.raises(train.NonFiniteError, match="step 3: non-finite") as exc:
         train.run(cfg)
     assert "last good adapters saved at step 2" in str(exc.value)
     assert len(good) == 2
-    monkeypatch.setattr(train, "compile_step", real)
+    monkeypatch.setattr(train.loop, "compile_step", real)
     opened = train.open_run(cfg.run_dir)
     assert opened.step == 2
     saved = [np.asarray(x) for x in jax.tree.leaves(opened.adapters)]

@@ -1,0 +1,75 @@
+"""Training: the pure steps (`step`), the loop with hooks (`loop`), run directories (`runs`).
+
+    from jaxlora import train
+    summary = train.run(config)                         # config.toml in, run directory out
+    opened = train.open_run("runs/qlora-smollm2")       # its base and latest adapters
+
+The step is a pure jitted `(state, base, batches) -> (state, metrics)` with gradients and
+optimizer state for the adapters alone; the loop only steps and calls hooks; a run directory
+is created, checked, resumed and read back by `runs`.
+"""
+
+from jaxlora.train import loop, runs, step
+from jaxlora.train.loop import Hook, StepInfo, train_loop
+from jaxlora.train.runs import (
+    Loaded,
+    OpenRun,
+    Setup,
+    describe,
+    evaluate_run,
+    load_base,
+    load_for_inference,
+    make_datasets,
+    make_lora_spec,
+    make_optimizer,
+    open_run,
+    run,
+    setup,
+)
+from jaxlora.train.step import (
+    NonFiniteError,
+    StepMetrics,
+    TrainState,
+    chunked_xent,
+    compile_step,
+    evaluate,
+    init_state,
+    loss_and_count,
+    make_eval_step,
+    make_train_step,
+)
+
+__all__ = [
+    "step",
+    "loop",
+    "runs",
+    # the step
+    "TrainState",
+    "StepMetrics",
+    "NonFiniteError",
+    "init_state",
+    "chunked_xent",
+    "loss_and_count",
+    "make_train_step",
+    "compile_step",
+    "make_eval_step",
+    "evaluate",
+    # the loop
+    "StepInfo",
+    "Hook",
+    "train_loop",
+    # run directories
+    "Loaded",
+    "Setup",
+    "OpenRun",
+    "load_base",
+    "make_lora_spec",
+    "make_optimizer",
+    "make_datasets",
+    "setup",
+    "run",
+    "open_run",
+    "evaluate_run",
+    "load_for_inference",
+    "describe",
+]

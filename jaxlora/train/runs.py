@@ -1,0 +1,519 @@
+"""Run directories: build a run from its config, create or check its folder, train it, open it.
+
+A run directory holds `config.toml` (the resolved config, enough to rebuild everything),
+`metrics.jsonl`, `checkpoints/` (adapters and train state; the base by name and fingerprint),
+`summary.json`, `loss.png` and `samples.txt`. `run` trains a config into one (resuming the
+same config, refusing another); `open_run`, `evaluate_run`, `load_for_inference` and
+`describe` read one back, so `eval`, `export`, `generate` and `info` need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlora import data as data_lib
+from jaxlora import lora, memory, models, optim, quant
+from jaxlora.config import Config, ModelSection, QuantSection, dump_config, load_config
+from jaxlora.errors import CheckpointError, ConfigError
+from jaxlora.train import loop
+from jaxlora.train.step import (
+    NonFiniteError,
+    TrainState,
+    evaluate,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
+
+__all__ = [
+    "Loaded",
+    "Setup",
+    "OpenRun",
+    "DTYPES",
+    "load_base",
+    "make_lora_spec",
+    "make_optimizer",
+    "make_datasets",
+    "setup",
+    "checkpoint_manager",
+    "run",
+    "open_run",
+    "evaluate_run",
+    "load_for_inference",
+    "describe",
+]
+
+Params = lora.Params
+Adapters = lora.Adapters
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Loaded(NamedTuple):
+    """The frozen model a run trains on."""
+
+    config: models.ModelConfig
+    base: Params
+    tokenizer: Any
+    source: str
+    report: quant.QuantReport
+
+
+class Setup(NamedTuple):
+    """Everything a config determines before training: deterministic in its seeds."""
+
+    loaded: Loaded
+    base: Params  # the loaded base, or PiSSA's residual
+    spec: lora.LoraSpec
+    tx: optax.GradientTransformation
+    state: TrainState  # freshly initialized (also the template a checkpoint restores into)
+    base_record: dict[str, Any]
+
+
+class OpenRun(NamedTuple):
+    """A run directory read back: its config, base, adapters of one checkpoint and step."""
+
+    config: Config
+    loaded: Loaded
+    base: Params
+    adapters: Adapters
+    spec: lora.LoraSpec
+    step: int
+
+
+# --------------------------------------------------------------------------------------------
+# From the config to the pieces of a run
+# --------------------------------------------------------------------------------------------
+def load_base(cfg: Config) -> Loaded:
+    """Load (or, for `tiny-*` names, randomly initialize) the base and quantize it.
+
+    Real checkpoints are quantized tensor by tensor while they are read, so the float model
+    never exists whole in host memory.
+    """
+    from jaxlora import io
+
+    rules = quant.QuantRules(**dataclasses.asdict(cfg.quant))
+    dtype = DTYPES[cfg.model.param_dtype]
+    name = cfg.model.name
+    if name in _TINY:
+        mcfg, tokenizer = _TINY[name]()
+        params = models.init_params(mcfg, jax.random.key(cfg.train.seed), dtype=dtype)
+        base, report = quant.quantize_tree(params, rules)
+        return Loaded(mcfg, base, tokenizer, name, report)
+    loaded = io.load_model(name, quant=None if rules.qtype == "none" else rules, dtype=dtype)
+    _, report = quant.quantize_tree(loaded.params, dataclasses.replace(rules, qtype="none"))
+    return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source, report)
+
+
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def _tiny(arch: str):
+    def build():
+        from jaxlora.io import Tokenizer
+
+        tokenizer = Tokenizer.byte_level(_TINY_CHAT_TEMPLATE)
+        vocab = tokenizer.vocab_size
+        make = models.ModelConfig.tiny_llama if arch == "llama" else models.ModelConfig.tiny_gpt2
+        mcfg = make(vocab_size=vocab, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+        return mcfg, tokenizer
+
+    return build
+
+
+_TINY = {"tiny-llama": _tiny("llama"), "tiny-gpt2": _tiny("gpt2")}
+
+
+def make_lora_spec(cfg: Config) -> lora.LoraSpec:
+    """The `LoraSpec` described by the config's `[lora]` section."""
+    fields = dataclasses.asdict(cfg.lora)
+    fields["exclude"] = fields["exclude"] or None
+    return lora.LoraSpec(**fields)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """The optax optimizer of the config's `[optim]` section (adapters only)."""
+    o = cfg.optim
+    extra = {"momentum": o.b1} if o.name == "sgd" else {"b1": o.b1, "b2": o.b2, "eps": o.eps}
+    return optim.make_optimizer(
+        name=o.name, lr=o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
+        total_steps=cfg.train.steps, weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm or None, min_lr_ratio=o.min_lr_ratio, **extra,
+    )
+
+
+def _lr(cfg: Config, step: int) -> float:
+    return float(optim.make_schedule(
+        lr=cfg.optim.lr, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
+        total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio)(step))
+
+
+def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
+    """The training and validation data of the config, tokenized by the run's model."""
+    d = cfg.data
+    dcfg = data_lib.DataConfig(
+        sources=d.sources, validation_sources=d.validation_sources,
+        validation_fraction=d.validation_fraction, seq_len=d.seq_len, batch_size=d.batch_size,
+        seed=d.seed, shuffle=d.shuffle, max_documents=d.max_documents or None, pack=d.pack,
+    )
+    return data_lib.load_datasets(dcfg, loaded.tokenizer,
+                                  max_positions=loaded.config.max_position_embeddings)
+
+
+def setup(cfg: Config) -> Setup:
+    """Base, adapters, optimizer and initial state of a config (deterministic in the seeds)."""
+    from jaxlora import checkpoint as ckpt_lib
+
+    loaded = load_base(cfg)
+    spec = make_lora_spec(cfg)
+    base = loaded.base
+    if spec.init == "pissa":
+        base, adapters = lora.init_pissa(base, spec)
+    else:
+        adapters = lora.init(jax.random.key(cfg.train.seed), base, spec)
+    tx = make_optimizer(cfg)
+    state = init_state(adapters, tx, cfg.train.seed)
+    record = ckpt_lib.base_record(base, name=cfg.model.name, quant=dataclasses.asdict(cfg.quant))
+    return Setup(loaded, base, spec, tx, state, record)
+
+
+def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup):
+    """The `CheckpointManager` of a run directory, checking the base against `setup`'s."""
+    from jaxlora import checkpoint as ckpt_lib
+
+    return ckpt_lib.CheckpointManager(
+        Path(run_dir), save_every=cfg.checkpoint.every or cfg.train.steps,
+        keep=cfg.checkpoint.keep, keep_best=1 if cfg.checkpoint.keep_best else 0,
+        async_save=cfg.checkpoint.async_save, base=setup.base_record,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run directory back
+# --------------------------------------------------------------------------------------------
+def _read_config(run_dir: Path) -> Config:
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.toml)")
+    return load_config(run_dir / "config.toml")
+
+
+def open_run(run_dir: str | os.PathLike, step: int | str = "latest") -> OpenRun:
+    """The base and the checkpointed adapters of a run directory.
+
+    `step`: "latest", "best" (lowest validation loss; the latest when no step has one) or a
+    step number.
+    """
+    run_dir = Path(run_dir)
+    cfg = _read_config(run_dir)
+    s = setup(cfg)
+    mgr = checkpoint_manager(cfg, run_dir, s)
+    which = step
+    if step == "best":
+        which = mgr.best_step()
+    which = None if which in ("latest", None) else int(which)
+    restored = mgr.restore(s.state, step=which, base=s.base)
+    return OpenRun(cfg, s.loaded, s.base, restored.state.adapters, s.spec, restored.step)
+
+
+def load_for_inference(model: str, adapter: str | None = None, *, qtype: str = "none"
+                       ) -> tuple[Loaded, Adapters | None]:
+    """A base model (quantized on load unless qtype is "none") and optional adapters.
+
+    `adapter` is a run directory (its own base is used) or a PEFT adapter folder.
+    """
+    if adapter is not None and (Path(adapter) / "config.toml").is_file():
+        opened = open_run(adapter)
+        return opened.loaded._replace(base=opened.base), opened.adapters
+    loaded = load_base(Config(model=ModelSection(name=model), quant=QuantSection(qtype=qtype)))
+    if adapter is None:
+        return loaded, None
+    from jaxlora.io import peft
+
+    return loaded, peft.load_peft(adapter, loaded.base, loaded.config.arch)
+
+
+def evaluate_run(run_dir: str | os.PathLike, max_batches: int | None = None) -> dict[str, Any]:
+    """Held-out loss and perplexity of a run's latest adapters and of its bare base."""
+    opened = open_run(run_dir)
+    cfg = opened.config
+    val = make_datasets(cfg, opened.loaded).validation
+    if val is None:
+        raise ConfigError(f"{run_dir}: the run's config has no validation data")
+    n = max_batches or cfg.eval.batches
+    ev = make_eval_step(opened.loaded.config, compute_dtype=DTYPES[cfg.model.compute_dtype])
+    return {
+        "step": opened.step,
+        "base": evaluate(ev, None, opened.base, val.eval_batches(), n),
+        "adapted": evaluate(ev, opened.adapters, opened.base, val.eval_batches(), n),
+    }
+
+
+def describe(target: str, *, qtype: str = "nf4") -> str:
+    """A text summary of a run directory or of a model (architecture, sizes, quantization)."""
+    path = Path(target)
+    if (path / "config.toml").is_file():
+        opened = open_run(path)
+        summ = lora.summary(opened.base, opened.adapters)
+        lines = [f"run {path} (step {opened.step})", f"model: {opened.loaded.source}",
+                 f"adapters: {summ}"]
+        if (path / "summary.json").is_file():
+            s = json.loads((path / "summary.json").read_text())
+            lines += [f"{k}: {v}" for k, v in s.items() if not isinstance(v, list | dict)]
+        return "\n".join(lines)
+    loaded = load_base(Config(model=ModelSection(name=target), quant=QuantSection(qtype=qtype)))
+    c, r = loaded.config, loaded.report
+    mib = 2**20
+    return "\n".join([
+        f"model: {loaded.source}",
+        f"architecture: {c.arch} ({c.name}), {c.num_layers} layers, d={c.hidden_size}, heads "
+        f"{c.num_heads}/{c.num_kv_heads} (q/kv), head_dim {c.head_dim}, mlp "
+        f"{c.intermediate_size}, vocab {c.vocab_size}, tied={c.tie_embeddings}",
+        f"parameters: {r.total_params:,} ({r.quantized_params:,} quantized as {qtype}, "
+        f"{r.float_params:,} float)",
+        f"bytes: {r.total_bytes / mib:.1f} MiB ({r.quantized_bytes / mib:.1f} MiB quantized, "
+        f"{r.float_bytes / mib:.1f} MiB float), "
+        f"{8 * r.total_bytes / max(r.total_params, 1):.3f} bits/param",
+    ])
+
+
+# --------------------------------------------------------------------------------------------
+# Creating, checking and training a run directory
+# --------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _same_run(a: Config, b: Config) -> bool:
+    """Equal up to settings that do not change what a run computes (the progress bar)."""
+    def norm(c: Config) -> Config:
+        return dataclasses.replace(c, train=dataclasses.replace(c.train, progress=True))
+
+    return norm(a) == norm(b)
+
+
+def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """True when `run_dir` holds this same run (resume); refuse a directory of anything else.
+
+    Reads only: the directory is created once the model and the data have loaded, so a run
+    that fails on bad input leaves nothing behind.
+    """
+    saved = run_dir / "config.toml"
+    if saved.exists():
+        if not _same_run(load_config(saved), cfg):
+            raise ConfigError(
+                f"{run_dir}: holds a different run (its config.toml differs); choose another "
+                f"name (--set name=...) or output_dir instead of overwriting it"
+            )
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: exists and is not a jaxlora run directory; not touching it")
+    return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of metrics.jsonl up to `step` (and drop a line cut short)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    if keep != lines:
+        _write_atomic(path, "".join(x + "\n" for x in keep))
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one experiment into `run_dir` (default `output_dir/name`) and return its summary.
+
+    Writes `config.toml` (the resolved config), `metrics.jsonl`, `checkpoints/`,
+    `summary.json`, `loss.png` and `samples.txt`. A run directory that already holds the
+    same config is resumed from its latest checkpoint; one holding another config is refused.
+    """
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    resuming = _check_run_dir(cfg, run_dir)
+    if resuming and (run_dir / "summary.json").exists():
+        _log(f"jaxlora: {run_dir} is already finished; summary.json left as it is")
+        return json.loads((run_dir / "summary.json").read_text())
+    t_start = time.perf_counter()
+    s = setup(cfg)
+    datasets = make_datasets(cfg, s.loaded)
+    if not resuming:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "config.toml", dump_config(cfg))
+    summ = lora.summary(s.base, s.state.adapters)
+    _log(f"jaxlora: model {s.loaded.source} ({s.loaded.config.name}), base "
+         f"{s.loaded.report.total_bytes / 2**20:.1f} MiB ({cfg.quant.qtype}); {summ}")
+    manager = checkpoint_manager(cfg, run_dir, s)
+    state, position, resumed = s.state, None, {}
+    if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
+        restored = manager.restore(s.state)
+        state, position, resumed = restored.state, restored.data_position, restored.metrics
+        # records written after the restored step (a fallback past a damaged checkpoint, or
+        # a crash between a log line and the next save) are replayed: drop them
+        _truncate_metrics(run_dir / "metrics.jsonl", restored.step)
+        _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
+    with open(run_dir / "metrics.jsonl", "a") as mf, loop.StopSignals() as stop, manager:
+        out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
+    if "stopped" in out:
+        return out
+    return _finish(cfg, s, run_dir, out, summ, t_start)
+
+
+def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, mf, stop,
+           t_start) -> dict[str, Any]:
+    """The loop of `run` with its hooks: logs, evaluations, checkpoints, stop signals."""
+    from tqdm.auto import tqdm
+
+    compute_dtype = DTYPES[cfg.model.compute_dtype]
+    eval_fn = make_eval_step(s.loaded.config, compute_dtype=compute_dtype)
+
+    def val_metrics(adapters_or_none) -> dict[str, float]:
+        if datasets.validation is None:
+            return {}
+        out = evaluate(eval_fn, adapters_or_none, s.base, datasets.validation.eval_batches(),
+                       cfg.eval.batches)
+        memory.return_freed_memory()  # the eval buffers, before the train step's land beside them
+        return out
+
+    start = int(state.step)
+    train_iter = datasets.train.iterator(position)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress,
+               desc=cfg.name, unit="step", dynamic_ncols=True, file=sys.stderr)
+    log = loop.MetricsLog(mf, log_every=cfg.train.log_every, steps=cfg.train.steps,
+                          lr=lambda step: _lr(cfg, step), t_start=t_start, progress=bar,
+                          window=resumed)
+    before = val_metrics(None)  # the base's held-out loss (summary: val_loss_before)
+    if start == 0 and before:
+        log.emit({"step": 0, **before})
+        _log(f"jaxlora: held-out loss before training {before['val_loss']:.4f} "
+             f"(ppl {before['val_ppl']:.2f})")
+    log.last_val = resumed.get("val_loss", before.get("val_loss"))
+    position_now = lambda: train_iter.state().as_dict()
+    step_fn = make_train_step(s.loaded.config, s.tx, compute_dtype=compute_dtype,
+                              remat=cfg.model.remat, dropout=s.spec.dropout > 0)
+    hooks = [log, loop.eval_hook(log, val_metrics, cfg.eval.every),
+             loop.checkpoint_hook(manager, log, position_now)]
+    try:
+        info = loop.train_loop(step_fn, state, s.base, train_iter, steps=cfg.train.steps,
+                               grad_accum=cfg.train.grad_accum, hooks=hooks, stop=stop)
+    except loop.NonFiniteStep as e:
+        manager.save(e.step, e.state, data_position=position_now(), metrics={}, force=True)
+        raise NonFiniteError(
+            f"step {e.step + 1}: non-finite loss or gradient (loss={float(e.metrics.loss)}, "
+            f"grad_norm={float(e.metrics.grad_norm)}); stopped, last good adapters saved at "
+            f"step {e.step} in {manager.directory}"
+        ) from None
+    bar.close()
+    state = state if info is None else info.state
+    step = int(state.step)
+    if info is not None and info.stop is not None:
+        manager.wait()
+        _log(f"jaxlora: {info.stop} received; saved step {step} in {manager.directory}; "
+             f"run the same command again to resume")
+        return {"stopped": info.stop, "step": step}
+    after = val_metrics(state.adapters)
+    if after:
+        log.emit({"step": step, **after})
+    manager.save(step, state, data_position=position_now(),
+                 metrics={"val_loss": after["val_loss"]} if after else {}, force=True)
+    return {"state": state, "before": before, "after": after, "tokens_per_s": log.tokens_per_s}
+
+
+def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start
+            ) -> dict[str, Any]:
+    """Samples, summary.json, loss.png and samples.txt of a finished run."""
+    memory.return_freed_memory()  # the step's buffers, before the generation programs compile
+    state = out["state"]
+    samples = _samples(cfg, s.loaded, s.base, state.adapters)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    summary = {
+        "name": cfg.name,
+        "model": s.loaded.source,
+        "qtype": cfg.quant.qtype,
+        "steps": int(state.step),
+        "train_loss": train_losses[-1] if train_losses else None,
+        "val_loss_before": out["before"].get("val_loss"),
+        "val_loss": out["after"].get("val_loss"),
+        "val_ppl": out["after"].get("val_ppl"),
+        "tokens_per_s": out["tokens_per_s"],
+        "peak_rss_mb": memory.peak_rss_mb(),
+        "base_bytes": s.loaded.report.total_bytes,
+        "adapter_params": summ.trainable,
+        "adapter_bytes": summ.adapter_bytes,
+        "wall_s": time.perf_counter() - t_start,
+        "samples": samples,
+    }
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    _plot_loss(records, run_dir / "loss.png", cfg.name)
+    _write_atomic(run_dir / "samples.txt", _samples_text(samples))
+    return summary
+
+
+def _samples(cfg: Config, loaded: Loaded, base: Params, adapters: Adapters
+             ) -> list[dict[str, str]]:
+    """Greedy completions of the configured prompts, without and with the adapters."""
+    if not cfg.eval.samples:
+        return []
+    from jaxlora import generate
+
+    prompts = list(cfg.eval.samples)
+    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+              chat=loaded.tokenizer.chat_template is not None)
+    before = generate.generate(loaded.config, base, loaded.tokenizer, prompts, **kw)
+    after = generate.generate(loaded.config, base, loaded.tokenizer, prompts, adapters=adapters,
+                              **kw)
+    return [{"prompt": p, "base": b, "adapted": a}
+            for p, b, a in zip(prompts, before, after, strict=True)]
+
+
+def _samples_text(samples: list[dict[str, str]]) -> str:
+    return "\n".join(f"### prompt\n{s['prompt']}\n\n### base model\n{s['base']}\n\n"
+                     f"### with adapters\n{s['adapted']}\n" for s in samples)
+
+
+def _plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if tr:
+        ax.plot(*zip(*tr, strict=True), label="train")
+    if va:
+        ax.plot(*zip(*va, strict=True), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
