@@ -13,6 +13,9 @@ model FLOPs per second against the float32 matmul rate measured in the same run.
         # scratch virtualenv with torch/transformers/peft/bitsandbytes, in the same run
     .venv/bin/python benchmarks/bench_train.py --variants lora,qlora --rounds 3 --peers ...
         # every variant 3 times, interleaved with its peer; median of the rounds
+    .venv/bin/python benchmarks/bench_train.py --variants lora,qlora --rounds 3 --against TREE
+        # also on another checkout's jaxlora (git worktree add TREE REV), interleaved: before
+        # and after a change, side by side
 """
 
 from __future__ import annotations
@@ -122,14 +125,21 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     }
 
 
-def _jaxlora_child(args, variant: str) -> dict:
+def _jaxlora_child(args, variant: str, tree: str | None = None) -> dict:
+    """One variant in a fresh process; with `tree`, importing that checkout's jaxlora."""
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), env.get("PYTHONPATH", "")])
     out = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
          "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
          "--remat", args.remat],
-        check=True, capture_output=True, text=True, env=dict(os.environ),
+        check=True, capture_output=True, text=True, env=env,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if tree:
+        row["variant"] = f"{variant} @ {os.path.basename(os.path.abspath(tree))}"
+    return row
 
 
 def _peer_child(args, hf_dir: str, variant: str) -> dict:
@@ -169,6 +179,9 @@ def main() -> None:
                     help="interpreter of a scratch venv with peft + bitsandbytes: run the peers too")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every variant this many times, interleaved (median of rounds)")
+    ap.add_argument("--against", metavar="TREE",
+                    help="another checkout of the repo (e.g. the commit before a change): every "
+                         "variant also runs on its jaxlora, interleaved in the same rounds")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -188,6 +201,9 @@ def main() -> None:
             for v in args.variants.split(","):
                 runs.setdefault(v, []).append(_jaxlora_child(args, v))
                 print(f"done {v}", file=sys.stderr, flush=True)
+                if args.against:
+                    runs.setdefault(f"{v}@", []).append(_jaxlora_child(args, v, args.against))
+                    print(f"done {v} @ {args.against}", file=sys.stderr, flush=True)
                 if args.peers and v in ("lora", "qlora"):
                     runs.setdefault(f"peft-{v}", []).append(_peer_child(args, hf_dir, v))
                     print(f"done peft-{v}", file=sys.stderr, flush=True)
@@ -208,6 +224,11 @@ def main() -> None:
         if name in by and f"peft-{name}" in by:
             print(f"jaxlora / PEFT {name} tokens/s: "
                   f"{by[name]['tokens_per_s'] / by['peft-' + name]['tokens_per_s']:.2f}")
+    for name in args.variants.split(","):
+        other = next((r for r in rows if r["variant"].startswith(f"{name} @ ")), None)
+        if other is not None and name in by:
+            print(f"{name} step time, this tree / {other['variant']}: "
+                  f"{by[name]['step_s'] / other['step_s']:.3f}")
     if "lora" in by and "qlora" in by:
         print(f"\nQLoRA / LoRA step time: {by['qlora']['step_s'] / by['lora']['step_s']:.3f}")
 
