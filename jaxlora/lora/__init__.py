@@ -12,11 +12,12 @@ One module per concept (see ``docs/DESIGN.md``):
   names over ``/``-joined paths, resolved once outside jit by `resolve_targets`; a target that
   matches nothing is an error that lists the closest paths.
 * `jaxlora.lora.primitive`: the leaves (`LoraPair`, `LoraWeight`) and the primitive
-  (`linear`, `embed`, `attend`, with their custom VJPs), `attach` and `check_fit`. The base
-  (``Params``: Array or ``quant.QTensor`` leaves) and the adapters (``Adapters``: `LoraPair`
-  leaves at the targeted paths) are two pytrees; only the adapters are trained. Model code
-  only calls `linear` / `embed` / `attend` on whatever leaf it holds. Stacked leaves (under
-  ``layers/``) carry leading axes ``[*lead, ...]`` on every child, so ``lax.scan`` slices them.
+  (`linear`, its einsum twin ``primitive.einsum``, `embed`, `attend`, with their custom VJPs),
+  `attach` and `check_fit`. The base (``Params``: Array or ``quant.QTensor`` leaves) and the
+  adapters (``Adapters``: `LoraPair` leaves at the targeted paths) are two pytrees; only the
+  adapters are trained. Model code only calls `linear` / `embed` / `attend` on whatever leaf
+  it holds. Stacked leaves (under ``layers/``) carry leading axes ``[*lead, ...]`` on every
+  child, so ``lax.scan`` slices them together.
 * `jaxlora.lora.adapters`: `init`, `init_pissa` (which changes the base too), `merge`,
   `unmerge`, `summary`.
 * `jaxlora.lora.nnx`: `nnx_params` / `nnx_bind` run any Flax NNX model on this primitive.
