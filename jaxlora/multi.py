@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import lora
+from jaxlora.paths import replace_paths
 
 __all__ = [
     "StackedLoraPair",
@@ -175,7 +176,7 @@ def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array) -> lora.
         new[path] = MultiLoraWeight(
             w=w, a=sp.a, b=sp.b, ids=jnp.broadcast_to(ids, (*lead, ids.shape[0])), scales=sp.scales
         )
-    return lora._replace_paths(base, new)
+    return replace_paths(base, new)
 
 
 def multi_linear(x: Array, w: MultiLoraWeight, bias: Array | None = None) -> Array:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["iter_paths", "flatten_paths", "unflatten_paths"]
+__all__ = ["iter_paths", "flatten_paths", "unflatten_paths", "replace_paths"]
 
 
 def iter_paths(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -38,4 +38,24 @@ def unflatten_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
         for k in parents:
             node = node.setdefault(k, {})
         node[last] = v
+    return out
+
+
+def replace_paths(
+    tree: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
+) -> dict[str, Any]:
+    """A copy of ``tree`` whose leaves at the paths of ``new`` are ``new[path]``.
+
+    The dict structure (and key order) of ``tree`` is kept; paths of ``new`` that are not leaves
+    of ``tree`` are ignored, and ``tree`` itself is not modified. This is how a view of a
+    parameter tree is built (LoRA weights at the targeted leaves, a residual base after PiSSA,
+    merged weights) without rebuilding the untouched part of the tree.
+
+    Example: ``replace_paths({"a": {"b": 1, "c": 2}}, {"a/b": 9}) == {"a": {"b": 9, "c": 2}}``.
+    """
+    out = {}
+    for k in tree:
+        v = tree[k]
+        p = f"{prefix}/{k}" if prefix else str(k)
+        out[k] = replace_paths(v, new, p) if isinstance(v, Mapping) else new.get(p, v)
     return out

@@ -1,0 +1,87 @@
+"""LoRA adapters as a separate pytree, and the one primitive that applies them.
+
+LoRA (Hu et al. 2021, arXiv 2106.09685) freezes a weight ``W [in, out]`` and learns a
+low-rank update ``delta W = A @ B`` with ``A [in, r]``, ``B [r, out]``, scaled by
+``s = alpha / r``; rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) uses ``s = alpha / sqrt(r)``
+so that learning does not collapse at high rank. PiSSA (Meng et al. 2024, arXiv 2404.02948)
+starts the adapters at the top singular directions of ``W``.
+
+One module per concept (see ``docs/DESIGN.md``):
+
+* `jaxlora.lora.spec`: `LoraSpec` and target selection. Selection is static: regexes / module
+  names over ``/``-joined paths, resolved once outside jit by `resolve_targets`; a target that
+  matches nothing is an error that lists the closest paths.
+* `jaxlora.lora.primitive`: the leaves (`LoraPair`, `LoraWeight`) and the primitive
+  (`linear`, its einsum twin ``primitive.einsum``, `embed`, `attend`, with their custom VJPs),
+  `attach` and `check_fit`. The base (``Params``: Array or ``quant.QTensor`` leaves) and the
+  adapters (``Adapters``: `LoraPair` leaves at the targeted paths) are two pytrees; only the
+  adapters are trained. Model code only calls `linear` / `embed` / `attend` on whatever leaf
+  it holds. Stacked leaves (under ``layers/``) carry leading axes ``[*lead, ...]`` on every
+  child, so ``lax.scan`` slices them together.
+* `jaxlora.lora.adapters`: `init`, `init_pissa` (which changes the base too), `merge`,
+  `unmerge`, `summary`.
+* `jaxlora.lora.nnx`: `nnx_params` / `nnx_bind` run any Flax NNX model on this primitive.
+
+Example::
+
+    spec = LoraSpec(rank=16, alpha=32.0, targets="all-linear")
+    adapters = init(jax.random.key(0), base, spec)
+    y = model_forward(attach(base, adapters, dropout_key), tokens)  # model calls `linear`
+"""
+
+from jaxlora.lora.adapters import Summary, init, init_pissa, merge, summary, unmerge
+from jaxlora.lora.nnx import nnx_bind, nnx_params
+from jaxlora.lora.primitive import (
+    Adapters,
+    LoraPair,
+    LoraWeight,
+    Params,
+    attach,
+    attend,
+    check_fit,
+    embed,
+    linear,
+    register_linear,
+)
+from jaxlora.lora.spec import (
+    LeafGeometry,
+    LoraSpec,
+    Targets,
+    leaf_geometry,
+    lora_scale,
+    resolve_targets,
+)
+from jaxlora.paths import flatten_paths, unflatten_paths
+
+__all__ = [
+    "Params",
+    "Adapters",
+    "LoraPair",
+    "LoraWeight",
+    "LoraSpec",
+    "Targets",
+    "Summary",
+    "LeafGeometry",
+    "init",
+    "init_pissa",
+    "attach",
+    "linear",
+    "register_linear",
+    "embed",
+    "attend",
+    "merge",
+    "unmerge",
+    "check_fit",
+    "resolve_targets",
+    "leaf_geometry",
+    "lora_scale",
+    "summary",
+    "flatten_paths",
+    "unflatten_paths",
+    "nnx_params",
+    "nnx_bind",
+]
+
+# Only for tests/conftest.py, which still calls the old private name: remove together with
+# that call (it becomes `lora.leaf_geometry`) when the branches are merged.
+_leaf_geometry = leaf_geometry

@@ -1,0 +1,234 @@
+"""Which base leaves get a LoRA adapter, and the shape and scale each one gets.
+
+LoRA (Hu et al. 2021, arXiv 2106.09685) learns ``delta W = s * A @ B`` with ``A [in, r]``,
+``B [r, out]`` and ``s = alpha / r``; rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) uses
+``s = alpha / sqrt(r)`` so that learning does not collapse at high rank (`lora_scale`).
+
+Selection is static data (`LoraSpec.targets`: a regex, module names or ``"all-linear"`` over
+``/``-joined parameter paths), resolved once outside ``jit`` by `resolve_targets`. A target
+that matches nothing is an error that lists the closest paths. `leaf_geometry` turns a
+targeted leaf's shape into its adapter geometry (stacked axes, ``in``, ``out``, rank, scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.lora.primitive import Params
+from jaxlora.paths import flatten_paths
+
+__all__ = ["Targets", "LoraSpec", "lora_scale", "resolve_targets", "LeafGeometry", "leaf_geometry"]
+
+Targets = str | tuple[str, ...]
+"""A regex over leaf paths, a tuple of module names (path components) or ``"all-linear"``."""
+_SCALINGS = ("standard", "rslora")
+_INITS = ("kaiming", "gaussian", "pissa")
+_ADAPTABLE = ("kernel", "embedding")
+
+
+def _as_pairs(x: Any, name: str) -> tuple[tuple[str, Any], ...]:
+    if x is None:
+        return ()
+    items = x.items() if isinstance(x, Mapping) else x
+    out = []
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"LoraSpec.{name}: expected (regex, value) pairs, got {item!r}")
+        pat, val = item
+        re.compile(pat)
+        out.append((str(pat), val))
+    return tuple(out)
+
+
+def _as_targets(x: Any, name: str) -> Targets | None:
+    if x is None or isinstance(x, str):
+        if isinstance(x, str) and x != "all-linear":
+            try:
+                re.compile(x)
+            except re.error as e:
+                raise ValueError(f"LoraSpec.{name}: bad regex {x!r}: {e}") from None
+        return x
+    if isinstance(x, Sequence) and all(isinstance(t, str) for t in x):
+        return tuple(x)
+    raise ValueError(f"LoraSpec.{name}: expected a regex, a list of module names or 'all-linear'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which base leaves get an adapter, and how the adapters are shaped and initialized.
+
+    Lists and dicts given to the fields are stored as tuples so the spec stays hashable.
+    """
+
+    rank: int = 8
+    """Adapter rank ``r``."""
+    alpha: float = 16.0
+    """Scale numerator: ``s = alpha / r`` ("standard") or ``alpha / sqrt(r)`` ("rslora")."""
+    scaling: str = "standard"
+    """"standard" (LoRA, 2106.09685) or "rslora" (2312.03732)."""
+    dropout: float = 0.0
+    """Dropout rate on the input of the low-rank path (training only: needs a key)."""
+    targets: Targets = ("q_proj", "v_proj")
+    """A regex (``re.search`` over leaf paths), module names (a path component, e.g.
+    ``("q_proj", "v_proj")``) or ``"all-linear"`` (every ``kernel`` leaf except ``lm_head``).
+    Only leaves named ``kernel`` or ``embedding`` are adaptable."""
+    exclude: Targets | None = None
+    """Same forms as ``targets``; matching leaves are removed from the selection."""
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    """``(regex, rank)`` pairs (or a dict), first ``re.search`` match on the path wins."""
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    """``(regex, alpha)`` pairs (or a dict), first match wins."""
+    init: str = "kaiming"
+    """"kaiming" (A ~ U(+-1/sqrt(in)) as loralib's kaiming_uniform(a=sqrt(5)), B = 0),
+    "gaussian" (A ~ N(0, (1/r)^2), B = 0) or "pissa" (top-r SVD; use `init_pissa`).
+    Embedding tables swap the roles as in PEFT: A = 0, B ~ N(0, 1)."""
+    dtype: str = "float32"
+    """Adapter parameter dtype."""
+    stacked: tuple[tuple[str, int], ...] = ((r"^layers/", 1),)
+    """``(regex, n)`` pairs: leaves whose path matches carry ``n`` leading (stacked) axes."""
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("targets", _as_targets(self.targets, "targets"))
+        set_("exclude", _as_targets(self.exclude, "exclude"))
+        set_("rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern"))
+        set_("alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
+        set_("stacked", _as_pairs(self.stacked, "stacked"))
+        if self.targets is None:
+            raise ValueError("LoraSpec.targets must not be None")
+        if self.scaling not in _SCALINGS:
+            raise ValueError(f"LoraSpec.scaling must be one of {_SCALINGS}, got {self.scaling!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"LoraSpec.init must be one of {_INITS}, got {self.init!r}")
+        for where, r in (
+            ("rank", self.rank),
+            *((f"rank_pattern[{p!r}]", v) for p, v in self.rank_pattern),
+        ):
+            if not isinstance(r, (int, np.integer)) or r <= 0:
+                raise ValueError(f"LoraSpec.{where} must be a positive integer, got {r!r}")
+        for where, a in (
+            ("alpha", self.alpha),
+            *((f"alpha_pattern[{p!r}]", v) for p, v in self.alpha_pattern),
+        ):
+            if not a > 0:
+                raise ValueError(f"LoraSpec.{where} must be > 0, got {a!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        jnp.dtype(self.dtype)
+
+
+def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
+    """``alpha / r`` (LoRA, arXiv 2106.09685) or ``alpha / sqrt(r)`` (rsLoRA, arXiv 2312.03732)."""
+    if scaling == "rslora":
+        return float(alpha) / math.sqrt(rank)
+    if scaling == "standard":
+        return float(alpha) / rank
+    raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
+
+
+def _first_match(pairs: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
+    for pat, val in pairs:
+        if re.search(pat, path):
+            return val
+    return default
+
+
+def _n_lead(spec: LoraSpec, path: str) -> int:
+    return int(_first_match(spec.stacked, path, 0))
+
+
+def _matches(targets: Targets, path: str, shape: tuple[int, ...], n_lead: int) -> bool:
+    parts = path.split("/")
+    if targets == "all-linear":
+        return (
+            parts[-1] == "kernel"
+            and len(shape) - n_lead >= 2
+            and "lm_head" not in parts
+            and not any("embed" in p for p in parts)
+        )
+    if isinstance(targets, str):
+        return re.search(targets, path) is not None
+    return any(t in parts[:-1] for t in targets)
+
+
+def resolve_targets(base: Params, spec: LoraSpec) -> list[str]:
+    """The sorted paths of the base leaves that ``spec`` adapts (resolved outside jit).
+
+    Raises:
+      ValueError: when a target (or the whole selection) matches nothing; the message lists
+        the closest adaptable paths (difflib).
+    """
+    flat = flatten_paths(base)
+    cands = {
+        p: tuple(v.shape)
+        for p, v in flat.items()
+        if p.split("/")[-1] in _ADAPTABLE and len(v.shape) - _n_lead(spec, p) >= 2
+    }
+
+    def hits(t: Targets) -> list[str]:
+        return [p for p, s in cands.items() if _matches(t, p, s, _n_lead(spec, p))]
+
+    def near(word: str) -> list[str]:
+        return difflib.get_close_matches(word, list(cands), n=3, cutoff=0.0)
+
+    targets = spec.targets
+    if isinstance(targets, tuple):
+        for t in targets:
+            if not hits((t,)):
+                raise ValueError(
+                    f"LoRA target module {t!r} matches no adaptable parameter; closest: {near(t)}"
+                )
+    chosen = set(hits(targets))
+    if not chosen:
+        raise ValueError(
+            f"LoRA targets {targets!r} match no adaptable parameter; closest: {near(str(targets))}"
+        )
+    if spec.exclude is not None:
+        chosen -= set(hits(spec.exclude))
+        if not chosen:
+            raise ValueError(f"LoRA exclude {spec.exclude!r} removes every target {targets!r}")
+    return sorted(chosen)
+
+
+class LeafGeometry(NamedTuple):
+    """The adapter a `LoraSpec` gives one base leaf ``[*lead, in, *out]``.
+
+    The adapter is ``a [*lead, in, rank]``, ``b [*lead, rank, *out]``, applied with ``scale``.
+    """
+
+    lead: tuple[int, ...]
+    """Stacked (layer) axes, from `LoraSpec.stacked`."""
+    d_in: int
+    """The input axis (the vocabulary for an embedding table)."""
+    out: tuple[int, ...]
+    """The output axes (one or several, like the base kernel's)."""
+    rank: int
+    """From `LoraSpec.rank_pattern` (first match) or `LoraSpec.rank`."""
+    scale: float
+    """`lora_scale` of the leaf's alpha and rank."""
+
+
+def leaf_geometry(path: str, shape: tuple[int, ...], spec: LoraSpec) -> LeafGeometry:
+    """The adapter geometry of the targeted leaf at ``path`` with base ``shape``, validated.
+
+    Raises:
+      ValueError: the rank exceeds ``min(in, prod(out))`` (the update could not be low-rank).
+    """
+    n = _n_lead(spec, path)
+    lead, d_in, out = shape[:n], shape[n], shape[n + 1 :]
+    r = int(_first_match(spec.rank_pattern, path, spec.rank))
+    alpha = float(_first_match(spec.alpha_pattern, path, spec.alpha))
+    d_out = int(np.prod(out))
+    if r > min(d_in, d_out):
+        raise ValueError(
+            f"LoRA rank {r} for {path!r} exceeds min(in, out) = min({d_in}, {d_out}) of {shape}"
+        )
+    return LeafGeometry(lead, d_in, out, r, lora_scale(alpha, r, spec.scaling))
