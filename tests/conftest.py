@@ -119,7 +119,7 @@ def random_adapters(base: dict, spec: lora.LoraSpec, seed: int = 1, std: float =
     flat = lora.flatten_paths(base)
     out = {}
     for p in lora.resolve_targets(base, spec):
-        lead, d_in, d_out, r, scale = lora._leaf_geometry(p, tuple(flat[p].shape), spec)
+        lead, d_in, d_out, r, scale = lora.leaf_geometry(p, tuple(flat[p].shape), spec)
         a = std * rng.standard_normal((*lead, d_in, r), np.float32)
         b = std * rng.standard_normal((*lead, r, *d_out), np.float32)
         out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, float(spec.dropout))

@@ -81,7 +81,3 @@ __all__ = [
     "nnx_params",
     "nnx_bind",
 ]
-
-# Only for tests/conftest.py, which still calls the old private name: remove together with
-# that call (it becomes `lora.leaf_geometry`) when the branches are merged.
-_leaf_geometry = leaf_geometry
