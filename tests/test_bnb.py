@@ -15,6 +15,7 @@ import pytest
 from jaxlora import quant
 from jaxlora.io.bnb import from_bnb_state_dict, to_bnb_state_dict
 from jaxlora.quant import QTensor, dequantize, quantize
+from jaxlora.quant.codec import _quantize_dynamic
 
 FIXTURE = np.load(os.path.join(os.path.dirname(__file__), "data", "bnb_quantize_4bit.npz"))
 CASES = [
@@ -25,6 +26,54 @@ CASES = [
 ]
 
 
+# bitsandbytes 0.50 ``create_dynamic_map(signed=True)`` (torch 2.x, CPU) as float32, the table
+# jaxlora kept as a literal until `quant.create_dynamic_map` built it (the fixture's
+# ``nested_code`` is the same map, stored by bitsandbytes itself).
+BNB_DYNAMIC_MAP = np.array(
+    [
+        float(v)
+        for v in """
+    -0.99296874 -0.9789063 -0.96484375 -0.9507812 -0.93671876 -0.92265624 -0.9085938
+    -0.89453125 -0.8804687 -0.86640626 -0.85234374 -0.8382813 -0.82421875 -0.8101562
+    -0.79609376 -0.78203124 -0.7679688 -0.75390625 -0.7398437 -0.72578126 -0.7117188 -0.6976563
+    -0.68359375 -0.6695312 -0.65546876 -0.6414063 -0.6273438 -0.61328125 -0.5992187 -0.58515626
+    -0.5710938 -0.5570313 -0.54296875 -0.5289062 -0.5148437 -0.50078124 -0.4867187 -0.47265625
+    -0.45859373 -0.44453126 -0.43046874 -0.41640624 -0.40234375 -0.38828123 -0.37421876
+    -0.36015624 -0.34609374 -0.33203125 -0.31796873 -0.30390626 -0.28984374 -0.27578127
+    -0.26171875 -0.24765624 -0.23359375 -0.21953125 -0.20546874 -0.19140625 -0.17734376
+    -0.16328125 -0.14921875 -0.13515624 -0.12109375 -0.107031256 -0.09859375 -0.09578126
+    -0.092968754 -0.09015625 -0.08734375 -0.08453125 -0.08171876 -0.07890625 -0.07609375
+    -0.07328125 -0.070468746 -0.067656256 -0.06484375 -0.06203125 -0.059218753 -0.05640625
+    -0.05359375 -0.05078125 -0.04796875 -0.04515625 -0.042343747 -0.03953125 -0.036718752
+    -0.03390625 -0.03109375 -0.028281251 -0.02546875 -0.02265625 -0.019843752 -0.01703125
+    -0.01421875 -0.01140625 -0.00971875 -0.009156249 -0.00859375 -0.00803125 -0.00746875
+    -0.00690625 -0.00634375 -0.00578125 -0.0052187503 -0.0046562497 -0.00409375 -0.0035312497
+    -0.00296875 -0.00240625 -0.00184375 -0.0012812499 -0.0009437501 -0.00083125 -0.00071875006
+    -0.0006062501 -0.00049375003 -0.00038125002 -0.00026875004 -0.00015625001 -8.875e-05
+    -6.625e-05 -4.375e-05 -2.1249998e-05 -7.75e-06 -3.2500002e-06 -5.5000004e-07 0.0
+    5.5000004e-07 3.2500002e-06 7.75e-06 2.1249998e-05 4.375e-05 6.625e-05 8.875e-05
+    0.00015625001 0.00026875004 0.00038125002 0.00049375003 0.0006062501 0.00071875006
+    0.00083125 0.0009437501 0.0012812499 0.00184375 0.00240625 0.00296875 0.0035312497
+    0.00409375 0.0046562497 0.0052187503 0.00578125 0.00634375 0.00690625 0.00746875 0.00803125
+    0.00859375 0.009156249 0.00971875 0.01140625 0.01421875 0.01703125 0.019843752 0.02265625
+    0.02546875 0.028281251 0.03109375 0.03390625 0.036718752 0.03953125 0.042343747 0.04515625
+    0.04796875 0.05078125 0.05359375 0.05640625 0.059218753 0.06203125 0.06484375 0.067656256
+    0.070468746 0.07328125 0.07609375 0.07890625 0.08171876 0.08453125 0.08734375 0.09015625
+    0.092968754 0.09578126 0.09859375 0.107031256 0.12109375 0.13515624 0.14921875 0.16328125
+    0.17734376 0.19140625 0.20546874 0.21953125 0.23359375 0.24765624 0.26171875 0.27578127
+    0.28984374 0.30390626 0.31796873 0.33203125 0.34609374 0.36015624 0.37421876 0.38828123
+    0.40234375 0.41640624 0.43046874 0.44453126 0.45859373 0.47265625 0.4867187 0.50078124
+    0.5148437 0.5289062 0.54296875 0.5570313 0.5710938 0.58515626 0.5992187 0.61328125
+    0.6273438 0.6414063 0.65546876 0.6695312 0.68359375 0.6976563 0.7117188 0.72578126
+    0.7398437 0.75390625 0.7679688 0.78203124 0.79609376 0.8101562 0.82421875 0.8382813
+    0.85234374 0.86640626 0.8804687 0.89453125 0.9085938 0.92265624 0.93671876 0.9507812
+    0.96484375 0.9789063 0.99296874 1.0
+""".split()
+    ],
+    np.float32,
+)
+
+
 def key(name, qt, dq):
     return f"{name}/{qt}/{'dq' if dq else 'nodq'}"
 
@@ -32,6 +81,16 @@ def key(name, qt, dq):
 def test_fixture_is_from_bitsandbytes_050():
     assert str(FIXTURE["version"]).startswith("0.50")
     np.testing.assert_array_equal(FIXTURE["big/nf4/dq/nested_code"], quant.DYNAMIC_CODE)
+
+
+def test_dynamic_map_built_bit_exact_as_bitsandbytes():
+    """`create_dynamic_map` reproduces bitsandbytes' float32 map bit for bit (sign of zero
+    included), and the codec's `DYNAMIC_CODE` is that map."""
+    bits = BNB_DYNAMIC_MAP.view(np.uint32)
+    assert BNB_DYNAMIC_MAP.shape == (256,)
+    np.testing.assert_array_equal(FIXTURE["big/nf4/dq/nested_code"].view(np.uint32), bits)
+    np.testing.assert_array_equal(quant.create_dynamic_map(signed=True).view(np.uint32), bits)
+    np.testing.assert_array_equal(quant.DYNAMIC_CODE.view(np.uint32), bits)
 
 
 @pytest.mark.parametrize("name,qt,dq", CASES)
@@ -57,7 +116,7 @@ def test_nested_quantization_bit_exact_given_offset(name, qt):
     (this exercises bitsandbytes' 16-bit-grid lookup for the dynamic map)."""
     k = key(name, qt, True)
     absmax = FIXTURE[f"{key(name, qt, False)}/absmax"]
-    codes, nested = jax.jit(quant._quantize_dynamic)(absmax - FIXTURE[f"{k}/offset"])
+    codes, nested = jax.jit(_quantize_dynamic)(absmax - FIXTURE[f"{k}/offset"])
     np.testing.assert_array_equal(np.asarray(codes), FIXTURE[f"{k}/absmax"])
     np.testing.assert_array_equal(np.asarray(nested), FIXTURE[f"{k}/nested_absmax"])
 
