@@ -24,10 +24,13 @@ __all__ = [
     "INT4_CODE",
     "create_dynamic_map",
     "DYNAMIC_CODE",
+    "TABLES",
+    "BYTE_TABLES",
+    "DYNAMIC_LUT",
 ]
 
 QTYPES = ("nf4", "fp4", "int4", "int8")
-"""The quantization formats, the one list every other module reads."""
+"""The quantization formats (`QuantRules.qtype` also takes "none": keep the tree float)."""
 
 # bitsandbytes get_4bit_type("nf4"), index 0..15 (sorted, so index order == value order).
 NF4_CODE = np.array(
@@ -61,7 +64,7 @@ FP4_CODE = (
 # int4: code c holds (c - 8) / 7; code 0 (-8/7) is never produced by quantize.
 INT4_CODE = ((np.arange(16, dtype=np.float32) - 8.0) / np.float32(7.0)).astype(np.float32)
 
-TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
+TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}  # the 4-bit formats
 # Per packed byte, its two values (high nibble first): one lookup decodes two codes, 2.3x
 # faster than unpacking and looking up each nibble on XLA:CPU.
 BYTE_TABLES = {
@@ -84,8 +87,9 @@ def _linspace32(start: float, end: float, steps: int) -> np.ndarray:
     """torch's float32 ``linspace(start, end, steps)`` on CPU, bit for bit: ``float32 [steps]``.
 
     The first half counts up from ``start``, the second down from ``end`` (as torch's kernel
-    does), each point one fused multiply-add of the float32 step. Rounding the product
-    separately would change 42 of the 256 values of `DYNAMIC_CODE` by 1 ulp.
+    does), each point ``start + step * i`` rounded once (a fused multiply-add): that is what
+    reproduces torch's values; rounding the product first changes 42 of the 256 values of
+    `DYNAMIC_CODE` by 1 ulp.
     """
     s, e = np.float32(start), np.float32(end)
     step = np.float32((e - s) / np.float32(steps - 1))
@@ -151,4 +155,4 @@ def _dynamic_lut() -> np.ndarray:
     return np.where(closer, right, left).astype(np.uint8)
 
 
-DYNAMIC_LUT = _dynamic_lut()
+DYNAMIC_LUT = _dynamic_lut()  # [65536]
