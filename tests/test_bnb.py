@@ -15,6 +15,7 @@ import pytest
 from jaxlora import quant
 from jaxlora.io.bnb import from_bnb_state_dict, to_bnb_state_dict
 from jaxlora.quant import QTensor, dequantize, quantize
+from jaxlora.quant.codec import _quantize_dynamic
 
 FIXTURE = np.load(os.path.join(os.path.dirname(__file__), "data", "bnb_quantize_4bit.npz"))
 CASES = [
@@ -25,6 +26,12 @@ CASES = [
 ]
 
 
+# bitsandbytes' dynamic map as float32 text, the literal jaxlora kept before building it
+BNB_DYNAMIC_MAP = np.loadtxt(
+    os.path.join(os.path.dirname(__file__), "data", "bnb_dynamic_map.txt"), np.float64
+).astype(np.float32)
+
+
 def key(name, qt, dq):
     return f"{name}/{qt}/{'dq' if dq else 'nodq'}"
 
@@ -32,6 +39,16 @@ def key(name, qt, dq):
 def test_fixture_is_from_bitsandbytes_050():
     assert str(FIXTURE["version"]).startswith("0.50")
     np.testing.assert_array_equal(FIXTURE["big/nf4/dq/nested_code"], quant.DYNAMIC_CODE)
+
+
+def test_dynamic_map_built_bit_exact_as_bitsandbytes():
+    """`create_dynamic_map` reproduces bitsandbytes' float32 map bit for bit (sign of zero
+    included), and the codec's `DYNAMIC_CODE` is that map."""
+    bits = BNB_DYNAMIC_MAP.view(np.uint32)
+    assert BNB_DYNAMIC_MAP.shape == (256,)
+    np.testing.assert_array_equal(FIXTURE["big/nf4/dq/nested_code"].view(np.uint32), bits)
+    np.testing.assert_array_equal(quant.create_dynamic_map(signed=True).view(np.uint32), bits)
+    np.testing.assert_array_equal(quant.DYNAMIC_CODE.view(np.uint32), bits)
 
 
 @pytest.mark.parametrize("name,qt,dq", CASES)
@@ -57,7 +74,7 @@ def test_nested_quantization_bit_exact_given_offset(name, qt):
     (this exercises bitsandbytes' 16-bit-grid lookup for the dynamic map)."""
     k = key(name, qt, True)
     absmax = FIXTURE[f"{key(name, qt, False)}/absmax"]
-    codes, nested = jax.jit(quant._quantize_dynamic)(absmax - FIXTURE[f"{k}/offset"])
+    codes, nested = jax.jit(_quantize_dynamic)(absmax - FIXTURE[f"{k}/offset"])
     np.testing.assert_array_equal(np.asarray(codes), FIXTURE[f"{k}/absmax"])
     np.testing.assert_array_equal(np.asarray(nested), FIXTURE[f"{k}/nested_absmax"])
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxlora import quant
-from jaxlora.quant import QTensor, QuantRules, bits_per_param, dequantize, quantize, quantize_tree
+from jaxlora.quant import QTensor, bits_per_param, dequantize, quantize
 
 NF4_REF = [
     -1.0,
@@ -99,13 +99,29 @@ def test_fp4_table_exact():
     assert quant.FP4_CODE[3] == 1.0 and quant.FP4_CODE[11] == -1.0
 
 
-def test_dynamic_map_matches_formula():
-    code = quant.DYNAMIC_CODE
+def ref_dynamic_map(signed=True):
+    """float64 numpy rendering of bitsandbytes' 8-bit dynamic map (7 exponent bits, 8 bits):
+    per exponent 10**(i - 6), the midpoints of a linear grid on [0.1, 1] of 2**i (signed) or
+    2**(i + 1) (unsigned) intervals, both signs if signed; then 0 and 1."""
+    data = [0.0, 1.0]
+    for i in range(7):
+        grid = np.linspace(0.1, 1.0, 2 ** (i + (0 if signed else 1)) + 1)
+        mids = (grid[:-1] + grid[1:]) / 2.0 * 10.0 ** (i - 6)
+        data += [*mids, *(-mids if signed else [])]
+    return np.sort(np.array(data, np.float64))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_matches_formula(signed):
+    code = quant.create_dynamic_map(signed=signed)
     assert code.shape == (256,) and code.dtype == np.float32
     assert (np.diff(code) > 0).all() and code[-1] == 1.0 and 0.0 in code
-    formula = quant.create_dynamic_map(signed=True)
-    # the stored table is torch's float32 rendering of the float64 formula: within 2 ulp
+    assert (code >= 0).all() != signed
+    # float32 (torch's linspace and scaling) rendering of the float64 formula: within 2 ulp
+    formula = ref_dynamic_map(signed)
     np.testing.assert_array_less(np.abs(formula - code), 2 * np.spacing(np.abs(code)) + 1e-45)
+    if signed:
+        np.testing.assert_array_equal(quant.DYNAMIC_CODE, code)  # the codec's table is this map
 
 
 # ------------------------------------------------------------------ round trips
@@ -375,79 +391,3 @@ def test_tracer_input_skips_finite_check():
     # under jit values are unknown; quantize must still trace (NaN handling is the caller's)
     q = jax.jit(lambda a: quantize(a))(jnp.ones(64))
     assert q.shape == (64,)
-
-
-# ------------------------------------------------------------------ trees
-def _nnx_params():
-    from flax import nnx
-
-    class Tiny(nnx.Module):
-        def __init__(self, rngs):
-            self.embed = nnx.Embed(50, 64, rngs=rngs)
-            self.attn_norm = nnx.RMSNorm(64, rngs=rngs)
-            self.q_proj = nnx.Linear(64, 96, rngs=rngs)
-            self.down_proj = nnx.Linear(96, 64, use_bias=False, rngs=rngs)
-            self.lm_head = nnx.Linear(64, 50, use_bias=False, rngs=rngs)
-
-    return nnx.to_pure_dict(nnx.state(Tiny(nnx.Rngs(0))))
-
-
-def test_quantize_tree_nnx_model():
-    params = _nnx_params()
-    qp, rep = quantize_tree(params, QuantRules())
-    assert isinstance(qp["q_proj"]["kernel"], QTensor)
-    assert isinstance(qp["down_proj"]["kernel"], QTensor)
-    for path in (
-        ("embed", "embedding"),
-        ("attn_norm", "scale"),
-        ("q_proj", "bias"),
-        ("lm_head", "kernel"),
-    ):
-        leaf = qp[path[0]][path[1]]
-        assert not isinstance(leaf, QTensor)
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(params[path[0]][path[1]]))
-    assert {lf.path for lf in rep.leaves if lf.stored == "nf4"} == {
-        "q_proj/kernel",
-        "down_proj/kernel",
-    }
-    assert rep.quantized_params == 2 * 64 * 96
-    assert rep.quantized_bytes == qp["q_proj"]["kernel"].nbytes + qp["down_proj"]["kernel"].nbytes
-    assert rep.total_params == sum(x.size for x in jax.tree.leaves(params))
-    assert rep.total_bytes == rep.quantized_bytes + rep.float_bytes
-    assert rep.float_bytes == 4 * rep.float_params
-    assert 4.1 < rep.quantized_bits_per_param < 4.2 and rep.bits_per_param < 32
-    assert "| q_proj/kernel |" in rep.table()
-    # jitted forward through a quantized leaf
-    y = jax.jit(lambda p, x: x @ dequantize(p["q_proj"]["kernel"]))(qp, jnp.ones((2, 64)))
-    assert y.shape == (2, 96)
-
-
-def test_quantize_tree_stacked_and_none():
-    params = {
-        "layers": {
-            "attn": {"q_proj": {"kernel": jnp.asarray(normal((3, 32, 64)))}},
-            "mlp_norm": {"scale": jnp.ones((3, 32))},
-        },
-        "embed": {"embedding": jnp.ones((10, 32))},
-    }
-    qp, rep = quantize_tree(params, QuantRules(qtype="int8", double_quant=False))
-    q = qp["layers"]["attn"]["q_proj"]["kernel"]
-    assert q.batch_shape == (3,) and q.item_shape == (32, 64) and q.qtype == "int8"
-    assert not isinstance(qp["layers"]["mlp_norm"]["scale"], QTensor)
-    qn, repn = quantize_tree(params, QuantRules(qtype="none"))
-    assert not any(
-        isinstance(lf, QTensor)
-        for lf in jax.tree.leaves(qn, is_leaf=lambda a: isinstance(a, QTensor))
-    )
-    assert repn.quantized_params == 0 and repn.bits_per_param == 32.0
-
-
-def test_quantize_tree_error_names_path_and_returns_nothing():
-    bad = np.ones((32, 64), np.float32)
-    bad[3, 3] = np.nan
-    params = {"a": {"kernel": jnp.asarray(normal((32, 64)))}, "b": {"kernel": jnp.asarray(bad)}}
-    with pytest.raises(ValueError, match=r"'b/kernel'.*NaN"):
-        quantize_tree(params)
-    assert not isinstance(params["a"]["kernel"], QTensor)  # input untouched
-    with pytest.raises(ValueError, match="block_size"):
-        quantize_tree(params, QuantRules(block_size=3))

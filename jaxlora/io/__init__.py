@@ -112,29 +112,39 @@ def open_source(path: str | os.PathLike[str]) -> GGUFSource | HFSource:
 def _rules_hook(rules: Any, dtype: Any) -> QuantHook | None:
     """A hook that applies `jaxlora.quant.QuantRules` to one tensor (one layer) at a time.
 
-    Quantizing each layer's slice and stacking equals `quantize_tree` on the stacked leaf
-    (`quantize(..., batch_dims=1)`), so loading with `quant=rules` gives the same tree as
-    `quantize_tree(load_model(...).params, rules)` without ever holding the float model.
+    Which tensors, and over how many stacked axes, is `jaxlora.quant.select`, the decision
+    `quantize_tree` makes: a layer's slice of a stacked leaf is quantized on its own, and
+    stacking the slices equals `quantize(..., batch_dims=1)` of the stacked leaf. So loading
+    with `quant=rules` gives the tree of `quantize_tree(load_model(...).params, rules)` without
+    ever holding the float model.
     """
-    import re
-
     from jaxlora import quant as q
 
     if rules.qtype == "none":
         return None
-    inc, exc = re.compile(rules.include), re.compile(rules.exclude)
-
     # One jitted function, compiled once per tensor shape: eager quantization of ~200 tensors
     # costs ~45 s of op dispatch for SmolLM2, jitted ~1 s of compiles.
-    fn = jax.jit(lambda x: q.quantize(x, rules.qtype, rules.block_size, rules.double_quant))
+    fn = jax.jit(
+        lambda x, batch_dims: q.quantize(
+            x, rules.qtype, rules.block_size, rules.double_quant, batch_dims=batch_dims
+        ),
+        static_argnums=1,
+    )
 
     def hook(path: str, arr: np.ndarray, layer: int | None) -> Any:
-        if inc.search(path) is None or exc.search(path) is not None:
+        sliced = layer is not None  # one layer of a stacked leaf: its leading axis is gone
+        batch_dims = q.select(rules, path, arr.ndim + sliced)
+        if batch_dims is None:
             return None
+        where = path if layer is None else f"{path}[layer {layer}]"
+        if sliced and batch_dims == 0:
+            raise ModelLoadError(
+                f"cannot quantize {where} on load: rules.stacked {rules.stacked!r} does not "
+                "match it, so it would be quantized whole; load it in float and quantize_tree it"
+            )
         if not np.isfinite(arr).all():  # the check quantize() does eagerly, which jit skips
-            where = path if layer is None else f"{path}[layer {layer}]"
             raise ModelLoadError(f"cannot quantize {where}: it contains NaN or Inf")
-        return fn(jnp.asarray(arr, dtype=dtype))
+        return fn(jnp.asarray(arr, dtype=dtype), batch_dims - int(sliced))
 
     return hook
 
