@@ -111,7 +111,7 @@ def load_base(cfg: Config) -> Loaded:
         base, report = quant.quantize_tree(params, rules)
         return Loaded(mcfg, base, tokenizer, name, report)
     loaded = io.load_model(name, quant=None if rules.qtype == "none" else rules, dtype=dtype)
-    _, report = quant.quantize_tree(loaded.params, dataclasses.replace(rules, qtype="none"))
+    report = quant.report(loaded.params)
     return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source, report)
 
 
