@@ -80,7 +80,11 @@ def _metric_fn(name: str, mode: str) -> Callable[[Mapping[str, Any]], float]:
 def _orbax_options(
     keep: int, keep_best: int, metric_fn: Callable, best_mode: str, async_save: bool
 ):
-    """Orbax options: keep the newest ``keep`` and the ``keep_best`` best by ``metric_fn``."""
+    """Orbax options: keep the newest ``keep`` and the ``keep_best`` best by ``metric_fn``.
+
+    A preservation policy rather than ``max_to_keep=`` with ``best_fn=``: with both set Orbax
+    keeps the ``max_to_keep`` *best* steps, and the newest only if it is among them.
+    """
     policy = ocp_policies.AnyPreservationPolicy(
         [
             ocp_policies.LatestN(n=keep),
