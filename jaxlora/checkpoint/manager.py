@@ -188,6 +188,7 @@ class CheckpointManager:
         return sorted(int(s) for s in self._mgr.all_steps())
 
     def latest_step(self) -> int | None:
+        """The newest step Orbax tracks (None if none); it may be damaged (see `restore`)."""
         return self._mgr.latest_step()
 
     def best_step(self) -> int | None:
