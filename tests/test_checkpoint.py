@@ -252,3 +252,70 @@ def test_restore_adapters_only(tmp_path: Path) -> None:
     _assert_equal(latest.state, _state(3).adapters)
     with pytest.raises(CheckpointError, match=r"\[2, 8, 4\].*\[2, 8, 2\]"):
         mgr.restore_adapters(jax.eval_shape(lambda: _state(0, r=2).adapters))
+
+
+def test_keep_best_ranks_steps_without_the_metric_last(tmp_path: Path, capfd) -> None:
+    losses = {1: 0.3, 2: None, 3: 0.1, 4: None, 5: 0.2, 6: None}
+    with CheckpointManager(tmp_path, keep=1, keep_best=2) as ckpt:
+        for s, v in losses.items():
+            ckpt.save(s, _state(s), metrics={} if v is None else {"val_loss": v, "loss": 1.0})
+        ckpt.wait()
+        # the newest (6), and the two best of the steps that have a val_loss (3, 5)
+        assert ckpt.all_steps() == [3, 5, 6]
+        assert ckpt.best_step() == 3
+    assert "tracked_metric" not in capfd.readouterr().err  # Orbax gets metrics on every save
+    got = CheckpointManager(tmp_path).restore(_state(0), step=5)
+    assert got.metrics == {"val_loss": 0.2, "loss": 1.0}
+    with pytest.raises(ValueError, match="keep_best"):
+        CheckpointManager(tmp_path, keep_best=-1)
+
+
+def test_best_step_none_without_the_metric(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, _state(1), metrics={"loss": 2.0})
+        assert ckpt.best_step() is None
+    template = jax.eval_shape(lambda: _state(0).adapters)
+    with pytest.raises(CheckpointError, match="no checkpoint with a 'val_loss' metric"):
+        CheckpointManager(tmp_path).restore_adapters(template, step="best")
+
+
+def test_damaged_step_is_dropped_by_the_next_save_only(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep=2) as ckpt:
+        for s in (1, 2, 3):
+            ckpt.save(s, _state(s), metrics={"val_loss": 1.0 / s})
+    step3 = tmp_path / "checkpoints" / "3" / "state"
+    for p in (p for p in step3.rglob("*") if p.is_file() and p.stat().st_size > 0):
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    mgr = CheckpointManager(tmp_path, keep=2)
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert mgr.restore(_state(0)).step == 2
+    assert mgr.all_steps() == [2, 3]  # restoring deleted nothing
+    assert mgr.save(3, _state(13))  # the damaged step is written again
+    mgr.close()
+    mgr = CheckpointManager(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = mgr.restore(_state(0))
+    assert got.step == 3 and mgr.all_steps() == [2, 3]
+    _assert_equal(got.state, _state(13))
+
+
+def test_damaged_metrics_file_does_not_block_the_directory(tmp_path: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    with CheckpointManager(tmp_path, keep=5) as ckpt:
+        ckpt.save(1, _state(1), metrics={"val_loss": 0.5})
+        ckpt.save(2, _state(2), metrics={"val_loss": 0.1})
+    metrics_files = [p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.name == "metrics"]
+    metrics_files = [p for p in metrics_files if p.is_file()]
+    assert len(metrics_files) == 1
+    metrics_files[0].write_text('{"val_lo')
+    # control: Orbax alone cannot even list this directory
+    with pytest.raises(ValueError):
+        ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("state", "data", "meta"))
+    mgr = CheckpointManager(tmp_path)
+    assert mgr.all_steps() == [1, 2]
+    assert mgr.best_step() == 1  # step 2's ranking metric is unreadable
+    got = mgr.restore(_state(0))  # its own metadata is intact: restored with its metrics
+    assert got.step == 2 and got.metrics == {"val_loss": 0.1}
+    _assert_equal(got.state, _state(2))
