@@ -49,16 +49,15 @@ from jaxlora.config import (
     SECTIONS,
     Config,
     Overrides,
-    _lookup,
-    _normalize_overrides,
-    _pair_value_type,
-    _read_with_bases,
-    _set_path,
     closest_key,
     config_from_dict,
     config_hash,
     dump_config,
+    is_key,
+    override_items,
+    read_raw,
     read_toml,
+    set_key,
 )
 from jaxlora.errors import ConfigError
 
@@ -145,7 +144,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]
     out = []
     for key, value in table.items():
         path = f"{prefix}{key}"
-        if _lookup(path) is None and path in SECTIONS and isinstance(value, dict):
+        if path in SECTIONS and isinstance(value, dict):
             out += _flatten(value, f"{path}.")
         else:
             out.append((path, value))
@@ -154,11 +153,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]
 
 def _check_key(src: str, where: str, key: str) -> None:
     """A swept or set key must name a config field (or a key inside a table-valued field)."""
-    if _lookup(key) is not None:
-        return
-    parts = key.split(".")
-    found = _lookup(".".join(parts[:2])) if len(parts) > 2 else None
-    if found is not None and _pair_value_type(found[2]) is not None:
+    if is_key(key):
         return
     hint = closest_key(key)
     suggestion = f"; did you mean '{hint}'?" if hint else ""
@@ -338,14 +333,14 @@ def expand(
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     folder = str(sweep_dir(sweep, out_dir))
-    base_raw = _read_with_bases(sweep.base)
+    base_raw = read_raw(sweep.base)
     base_raw.setdefault("name", sweep.base.stem)
     for key, value in sweep.set:
-        _set_path(base_raw, key, value, f"{sweep.path} (set.{key})")
-    for key, value in _normalize_overrides(overrides):
+        set_key(base_raw, key, value, f"{sweep.path} (set.{key})")
+    for key, value in override_items(overrides):
         if key in sweep.axes:
             raise ConfigError(f"{sweep.path}: override {key}: the sweep varies this key")
-        _set_path(base_raw, key, value, f"{sweep.path} (override {key})")
+        set_key(base_raw, key, value, f"{sweep.path} (override {key})")
 
     specs: list[RunSpec] = []
     names: dict[str, int] = {}
@@ -356,7 +351,7 @@ def expand(
         names[name] = 1
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base_raw.items()}
         for key, value in point:
-            _set_path(raw, key, value, f"{sweep.path} ({key}={_fmt(value)})")
+            set_key(raw, key, value, f"{sweep.path} ({key}={_fmt(value)})")
         raw["name"], raw["output_dir"] = name, folder
         cfg = config_from_dict(raw, f"{sweep.path} (run {name})")
         specs.append(RunSpec(name=name, overrides=tuple(point), config=cfg))
@@ -369,7 +364,7 @@ def sweep_dir(sweep: Sweep, out_dir: str | os.PathLike | None = None) -> Path:
         return Path(out_dir)
     if sweep.output_dir is not None:
         return Path(sweep.output_dir)
-    base_out = _read_with_bases(sweep.base).get("output_dir", "runs")
+    base_out = read_raw(sweep.base).get("output_dir", "runs")
     for key, value in sweep.set:
         if key == "output_dir":
             base_out = value

@@ -15,6 +15,7 @@ from jaxlora import lora, quant
 from jaxlora.lora import LoraPair, LoraSpec, LoraWeight
 
 L, D, F, V = 2, 64, 128, 50
+QV = ("q_proj", "v_proj")  # LoraSpec's targets default before it became "all-linear"
 
 
 def rnd(seed, shape):
@@ -179,7 +180,8 @@ def test_stacked_leaves_under_scan(quantized):
 
 def test_dropout_only_with_a_key_and_per_layer():
     base = tiny_base()
-    ad = randomize(lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, dropout=0.5)))
+    spec = LoraSpec(rank=4, dropout=0.5, targets=QV)
+    ad = randomize(lora.init(jax.random.PRNGKey(0), base, spec))
     ad = jax.tree.map(lambda x: x, ad)
     x = jnp.ones((8, D))
     no_key = lora.attach(base, ad)
@@ -201,7 +203,7 @@ def test_dropout_only_with_a_key_and_per_layer():
     assert set(np.unique(np.asarray(xd))) <= {0.0, 2.0}
     assert 0.35 < float(jnp.mean(xd == 0)) < 0.65
     # rate 0: no key is attached even in training
-    ad0 = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4))
+    ad0 = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, targets=QV))
     assert (
         lora.attach(base, ad0, jax.random.PRNGKey(7))["layers"]["attn"]["q_proj"]["kernel"].key
         is None
@@ -270,7 +272,8 @@ def test_scale_standard_vs_rslora_and_patterns():
     up = ad["layers"]["mlp"]["up_proj"]["kernel"]
     assert (q.rank, v.rank, up.rank) == (2, 4, 2)
     assert (q.scale, v.scale, up.scale) == (8.0, 4.0, 0.5)
-    rs = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, alpha=16.0, scaling="rslora"))
+    rs_spec = LoraSpec(rank=8, alpha=16.0, scaling="rslora", targets=QV)
+    rs = lora.init(jax.random.PRNGKey(0), base, rs_spec)
     assert rs["layers"]["attn"]["q_proj"]["kernel"].scale == 16.0 / math.sqrt(8)
     assert lora.lora_scale(16.0, 8) == 2.0
     assert hash(spec) == hash(LoraSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__}))
@@ -308,7 +311,7 @@ def test_init_distributions_and_embedding_roles():
     emb = ad["embed"]["embedding"]
     assert emb.a.shape == (V, 8) and emb.b.shape == (8, D)
     assert not jnp.any(emb.a) and 0.8 < float(jnp.std(emb.b)) < 1.2
-    g = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, init="gaussian"))
+    g = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, init="gaussian", targets=QV))
     a = g["layers"]["attn"]["q_proj"]["kernel"].a
     assert abs(float(jnp.std(a)) - 1 / 8) < 0.01
     assert not jnp.array_equal(a[0], g["layers"]["attn"]["v_proj"]["kernel"].a[0])
@@ -387,7 +390,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="match no adaptable"):
         lora.init(jax.random.PRNGKey(0), base, LoraSpec(targets=r"^nothing/"))
     with pytest.raises(ValueError, match="exceeds min"):
-        lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=65))
+        lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=65, targets=QV))
     with pytest.raises(ValueError, match="rank"):
         LoraSpec(rank=0)
     with pytest.raises(ValueError, match="rank_pattern"):
@@ -398,7 +401,7 @@ def test_bad_inputs():
         LoraSpec(scaling="fancy")
     with pytest.raises(ValueError, match="exclude"):
         lora.resolve_targets(base, LoraSpec(targets=("q_proj",), exclude=("attn",)))
-    ad = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4))
+    ad = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, targets=QV))
     bad = jax.tree.map(lambda x: x, ad)
     pair = bad["layers"]["attn"]["q_proj"]["kernel"]
     bad["layers"]["attn"]["q_proj"]["kernel"] = LoraPair(pair.a, pair.b[:, :, :-1], scale=1.0)

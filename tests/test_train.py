@@ -466,7 +466,8 @@ def test_invalid_utf8_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"fine start \xff\xfe broken")
     loaded = train.load_base(_cfg(tmp_path))
     dcfg = data_lib.DataConfig(
-        sources=(str(tmp_path / "good.txt"), str(tmp_path / "bad.txt")), seq_len=T, batch_size=B
+        sources=(str(tmp_path / "good.txt"), str(tmp_path / "bad.txt")), seq_len=T, batch_size=B,
+        validation_fraction=0.0,
     )
     ds = data_lib.load_datasets(dcfg, loaded.tokenizer, max_positions=512)
     assert ds.train.stats.skipped_files == 1
