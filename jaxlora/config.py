@@ -31,7 +31,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import tomllib
@@ -92,7 +91,7 @@ def _mesh_check(mesh: tuple[tuple[str, int], ...]) -> str | None:
     if sum(size == -1 for _, size in mesh) > 1:
         return "at most one axis may have size -1"
     if mesh != _DEFAULT_MESH:
-        return f"{_toml_value(dict(mesh))} is refused: {_NO_SHARDING}"
+        return f"{schema.toml_value(dict(mesh))} is refused: {_NO_SHARDING}"
     return None
 
 
@@ -380,9 +379,9 @@ def _apply(raw: dict[str, Any], overrides: Overrides | None, src: str) -> None:
 def config_from_dict(raw: Mapping[str, Any], src: str = "<config>") -> Config:
     """Validate a raw (TOML-shaped) dict into a Config. ``src`` names it in error messages."""
     kwargs: dict[str, Any] = {}
+    unknown = lambda where: _unknown_key(src, where)
     for key, value in raw.items():
         if key in SECTIONS:
-            unknown = lambda where: _unknown_key(src, where)
             kwargs[key] = schema.build(SECTIONS[key], value, key, src, unknown)
         elif key in _TOP_FIELDS:
             value = schema.coerce(value, schema.hints(Config)[key], f"{src}: {key}")
@@ -452,45 +451,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _toml_str(s: str) -> str:
-    # JSON string escapes (\" \\ \n \t \uXXXX) are valid TOML basic-string escapes;
-    # TOML also forbids a raw DEL.
-    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007F")
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        if not v:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
 def dump_config(cfg: Config, *, comments: bool = True) -> str:
     """TOML text of every field of ``cfg``; ``load_config`` of it gives back ``cfg``."""
     data = to_dict(cfg)
     lines = ["# Resolved jaxlora config: every field, after base configs and overrides."]
 
     def emit(key: str, value: Any, f: dataclasses.Field) -> None:
-        line = f"{_toml_key(key)} = {_toml_value(value)}"
+        line = f"{schema.toml_key(key)} = {schema.toml_value(value)}"
         if comments:
             line += f"  # {f.metadata['doc']}"
         lines.append(line)
@@ -523,7 +490,7 @@ def describe() -> str:
         out = []
         for key, f in fields.items():
             tp = schema.hints(cls)[key]
-            value = _toml_value(schema.plain(f.default, f, tp))
+            value = schema.toml_value(schema.plain(f.default, f, tp))
             kind = schema.type_name(f, tp)
             out.append(f"| `{key}` | {cell(kind)} | `{cell(value)}` | {cell(f.metadata['doc'])} |")
         return out

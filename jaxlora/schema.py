@@ -4,7 +4,9 @@ The library's specs (`lora.LoraSpec`, `quant.QuantRules`, `data.DataConfig`,
 `optim.OptimSpec`) and the run-only config sections declare their fields with :func:`field`;
 `jaxlora.config` reads that metadata to parse TOML tables onto the specs, validate them with
 messages that name the file and the key path, and render the reference (``describe``). So
-a default, a choice list or a bound is written once, on the spec itself.
+a default, a choice list or a bound is written once, on the spec itself. The TOML side of
+those fields lives here too: coercing TOML values to the field types (`coerce`) and writing
+field values back as TOML literals (`plain`, `toml_value`).
 
 This module imports neither jax nor any other part of jaxlora but `jaxlora.errors`, so a
 config can be checked without loading the numerical stack.
@@ -15,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxlora.errors import ConfigError
@@ -39,6 +42,8 @@ __all__ = [
     "build",
     "plain",
     "type_name",
+    "toml_key",
+    "toml_value",
 ]
 
 FLOAT_DTYPES = ("float32", "bfloat16")
@@ -263,3 +268,37 @@ def type_name(f: dataclasses.Field, tp: Any) -> str:
     if vt is not None:
         return f"table str → {vt.__name__}"
     return tp.__name__
+
+
+def _toml_str(s: str) -> str:
+    # JSON string escapes (\" \\ \n \t \uXXXX) are valid TOML basic-string escapes;
+    # TOML also forbids a raw DEL.
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007F")
+
+
+def toml_key(k: str) -> str:
+    """A bare TOML key when it can be one, else a quoted one."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
+
+
+def toml_value(v: Any) -> str:
+    """A TOML literal of a value: bools, numbers (nan/inf too), strings, lists, tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        if not v:
+            return "{}"
+        return "{ " + ", ".join(f"{toml_key(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
