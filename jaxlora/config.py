@@ -1,9 +1,15 @@
-"""Run configuration: a TOML file mapped onto typed, frozen dataclasses.
+"""Run configuration: a TOML file mapped onto the library's own typed, frozen specs.
 
-A config file has one table per section (``[model]``, ``[quant]``, ``[lora]``, ``[data]``,
-``[optim]``, ``[train]``, ``[eval]``, ``[checkpoint]``, ``[sharding]``) and two top-level keys,
-``name`` (the run name) and ``output_dir``. Every field has a default and a one-line doc
-(``dataclasses.field(metadata={"doc": ...})``); :func:`describe` renders them all.
+A config file has one table per section and two top-level keys, ``name`` (the run name)
+and ``output_dir``. The sections that describe a library concept *are* that concept's spec,
+so there is nothing to copy field by field::
+
+    [lora]   -> jaxlora.lora.LoraSpec        [quant] -> jaxlora.quant.QuantRules
+    [data]   -> jaxlora.data.DataConfig      [optim] -> jaxlora.optim.OptimSpec
+
+and the run-only sections (``[model]``, ``[train]``, ``[eval]``, ``[checkpoint]``,
+``[sharding]``) are declared here. Every field's default, one-line doc and checks are its
+dataclass field metadata (`jaxlora.schema.field`); :func:`describe` renders them all.
 
     cfg = load_config("experiments/qlora_smollm2.toml", overrides=["lora.rank=32"])
     (run_dir / "config.toml").write_text(dump_config(cfg))   # load_config of it == cfg
@@ -15,6 +21,8 @@ Mistakes fail early with :class:`~jaxlora.errors.ConfigError`, one line naming t
 the full key path: unknown keys (with the closest valid name), wrong types, values out of
 range. Overrides (``--set lora.rank=32``) are applied before validation; their values are
 parsed as TOML literals and fall back to a plain string (``--set model.name=tiny-llama``).
+The override API (:func:`read_raw`, :func:`override_items`, :func:`set_key`,
+:func:`is_key`) is public so that sweeps build their runs the same way.
 """
 
 from __future__ import annotations
@@ -23,33 +31,39 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import tomllib
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxlora import schema
+from jaxlora.data import DataConfig
 from jaxlora.errors import ConfigError
+from jaxlora.lora import LoraSpec
+from jaxlora.models.common import REMAT_POLICIES
+from jaxlora.optim import OptimSpec
+from jaxlora.quant import QuantRules
+from jaxlora.schema import FLOAT_DTYPES, field
 
 __all__ = [
     "Config",
     "ModelSection",
-    "QuantSection",
-    "LoraSection",
-    "DataSection",
-    "OptimSection",
     "TrainSection",
     "EvalSection",
     "CheckpointSection",
     "ShardingSection",
     "SECTIONS",
+    "Overrides",
     "load_config",
     "config_from_dict",
     "apply_overrides",
+    "read_raw",
     "parse_override",
+    "override_items",
+    "set_key",
+    "is_key",
     "dump_config",
     "to_dict",
     "describe",
@@ -60,24 +74,10 @@ __all__ = [
 ]
 
 Overrides = Sequence[str] | Mapping[str, Any]
+"""``["lora.rank=32", ...]`` (values parsed as TOML literals) or ``{"lora.rank": 32}``."""
 
-_QTYPES = ("nf4", "fp4", "int4", "int8", "none")
-_FLOAT_DTYPES = ("float32", "bfloat16")
-
-
-def _field(default: Any, doc: str, **checks: Any) -> Any:
-    """A dataclass field with a one-line ``doc`` and declarative checks.
-
-    Checks: ``choices`` (tuple of allowed values), ``ge``/``gt``/``le``/``lt`` (numeric bounds),
-    ``check`` (a function returning an error string or None), ``regex`` (strings are regexes).
-    """
-    return dataclasses.field(default=default, metadata={"doc": doc, **checks})
-
-
-def _power_of_two_block(v: int) -> str | None:
-    if v < 32 or v > 4096 or v & (v - 1):
-        return f"must be a power of two in 32..4096, got {v}"
-    return None
+_DEFAULT_MESH = (("data", -1),)
+_NO_SHARDING = "sharding is not implemented yet (only mesh = {data = -1}, strategy = 'data' run)"
 
 
 def _mesh_check(mesh: tuple[tuple[str, int], ...]) -> str | None:
@@ -90,198 +90,86 @@ def _mesh_check(mesh: tuple[tuple[str, int], ...]) -> str | None:
             return f"axis {axis!r} has size {size}; sizes are >= 1, or -1 for 'the rest'"
     if sum(size == -1 for _, size in mesh) > 1:
         return "at most one axis may have size -1"
+    if mesh != _DEFAULT_MESH:
+        return f"{schema.toml_value(dict(mesh))} is refused: {_NO_SHARDING}"
     return None
 
 
-def _targets_check(value: str | tuple[str, ...]) -> str | None:
-    if isinstance(value, tuple) and "all-linear" in value:
-        return "write 'all-linear' as a string, not inside a list (a list holds module names)"
-    return None
-
-
-def _positive_pairs(pairs: tuple[tuple[str, Any], ...]) -> str | None:
-    for key, value in pairs:
-        if value <= 0:
-            return f"value for {key!r} must be > 0, got {value}"
-    return None
+def _strategy_check(strategy: str) -> str | None:
+    return None if strategy == "data" else f"{strategy!r} is refused: {_NO_SHARDING}"
 
 
 # ----------------------------------------------------------------------------------------
-# Sections. Field comments live in the docs (metadata) so `describe()` can list them.
+# The run-only sections (the library's specs are imported above).
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """Which base model to load and how to run it."""
 
-    name: str = _field(
+    name: str = field(
         "smollm2-135m-instruct",
         "Model name, or path to a GGUF file / HF folder; 'tiny-llama'/'tiny-gpt2' are random test models.",
     )
-    param_dtype: str = _field(
+    param_dtype: str = field(
         "float32", "Dtype of base weights that stay unquantized (norms, embeddings).",
-        choices=_FLOAT_DTYPES,
+        choices=FLOAT_DTYPES,
     )
-    compute_dtype: str = _field(
-        "float32", "Dtype of activations and matmuls in the forward pass.", choices=_FLOAT_DTYPES
+    compute_dtype: str = field(
+        "float32", "Dtype of activations and matmuls in the forward pass.", choices=FLOAT_DTYPES
     )
-    remat: str = _field(
+    remat: str = field(
         "none", "Rematerialization of each scanned block: none (keep all activations), full "
         "(recompute the block in the backward), attn (full, but keep keys, values and the "
         "residual after attention), dots (keep matmul outputs).",
-        choices=("none", "full", "attn", "dots"),  # models.common.REMAT_POLICIES (jax-free here)
+        choices=REMAT_POLICIES,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSection:
-    """How the frozen base weights are quantized on load (QLoRA)."""
-
-    qtype: str = _field(
-        "nf4", "Quantization of base weights: nf4, fp4, int4, int8, or none (keep float).",
-        choices=_QTYPES,
-    )
-    block_size: int = _field(
-        64, "Elements per quantization block (one absmax scale each); power of two in 32..4096.",
-        check=_power_of_two_block,
-    )
-    double_quant: bool = _field(
-        True, "Quantize the per-block absmax scales to 8 bits as well (QLoRA double quantization)."
-    )
-    include: str = _field(
-        r"(^|/)kernel$", "Regex (re.search) over parameter paths of the leaves to quantize.",
-        regex=True,
-    )
-    exclude: str = _field(
-        r"(^|/)(embed|embedding|wte|wpe|lm_head)(/|$)|norm|(^|/)ln_|(^|/)bias$|scale$",
-        "Regex over parameter paths kept in float even if included (embeddings, head, norms).",
-        regex=True,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSection:
-    """The low-rank adapters: y = x W + scale * dropout(x) A B."""
-
-    rank: int = _field(8, "Adapter rank r (default for every target).", ge=1)
-    alpha: float = _field(
-        16.0, "Scale numerator: scale = alpha/r (standard) or alpha/sqrt(r) (rslora).", gt=0
-    )
-    scaling: str = _field(
-        "standard", "standard: alpha/r (Hu et al. 2021); rslora: alpha/sqrt(r) (Kalajdzievski 2023).",
-        choices=("standard", "rslora"),
-    )
-    dropout: float = _field(0.0, "Dropout on the adapter input during training, in [0, 1).", ge=0, lt=1)
-    targets: str | tuple[str, ...] = _field(
-        "all-linear",
-        "'all-linear', a list of module names (['q_proj', 'v_proj']) or one regex string over parameter paths.",
-        regex=True, check=_targets_check,
-    )
-    exclude: str | tuple[str, ...] = _field(
-        (), "Same forms as targets; matching leaves are not adapted (empty = none).", regex=True
-    )
-    init: str = _field(
-        "kaiming", "Init of A (B starts at zero): kaiming, gaussian; pissa uses the base's SVD.",
-        choices=("kaiming", "gaussian", "pissa"),
-    )
-    rank_pattern: tuple[tuple[str, int], ...] = _field(
-        (), "Table regex -> rank overriding `rank` for matching paths (first match wins).",
-        regex=True, check=_positive_pairs,
-    )
-    alpha_pattern: tuple[tuple[str, float], ...] = _field(
-        (), "Table regex -> alpha overriding `alpha` for matching paths (first match wins).",
-        regex=True, check=_positive_pairs,
-    )
-    dtype: str = _field("float32", "Dtype of the adapter parameters A and B.", choices=_FLOAT_DTYPES)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    """Training and validation corpora, packed into fixed-length batches."""
-
-    sources: tuple[str, ...] = _field(
-        (), "Training data: files, folders, globs or 'stdlib:<glob>'; .jsonl holds text, prompt/completion or chat records."
-    )
-    validation_sources: tuple[str, ...] = _field(
-        (), "Held-out data; when empty, `validation_fraction` of the documents is held out."
-    )
-    validation_fraction: float = _field(
-        0.05, "Fraction of documents held out for validation when no validation_sources.", ge=0, lt=1
-    )
-    seq_len: int = _field(256, "Tokens per packed training sequence.", ge=2)
-    batch_size: int = _field(8, "Sequences per micro-batch (one jitted step).", ge=1)
-    seed: int = _field(0, "Seed of the document shuffle and the train/validation split.", ge=0)
-    shuffle: bool = _field(True, "Shuffle documents each epoch (deterministic in `seed`).")
-    max_documents: int = _field(0, "Use only the first N documents in sorted file order (0 = all).", ge=0)
-    pack: bool = _field(True, "Concatenate documents into full rows (false: one document per row).")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
-    """The optimizer of the adapters (the base never gets optimizer state)."""
-
-    name: str = _field("adamw", "Optimizer: adamw, adam, or sgd (with momentum b1).",
-                       choices=("adamw", "adam", "sgd"))
-    lr: float = _field(2e-4, "Peak learning rate.", gt=0)
-    schedule: str = _field(
-        "cosine", "Learning-rate decay after warmup: constant, linear, or cosine.",
-        choices=("constant", "linear", "cosine"),
-    )
-    warmup_steps: int = _field(0, "Linear warmup steps from 0 to `lr` (<= train.steps).", ge=0)
-    min_lr_ratio: float = _field(
-        0.0, "Final learning rate as a fraction of `lr` for linear/cosine decay.", ge=0, le=1
-    )
-    weight_decay: float = _field(0.0, "Decoupled weight decay on the adapters (adamw).", ge=0)
-    max_grad_norm: float = _field(1.0, "Clip the global gradient norm to this (0 = no clipping).", ge=0)
-    b1: float = _field(0.9, "Adam beta1 / SGD momentum.", ge=0, lt=1)
-    b2: float = _field(0.999, "Adam beta2.", ge=0, lt=1)
-    eps: float = _field(1e-8, "Adam epsilon.", gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     """The training loop."""
 
-    steps: int = _field(200, "Optimizer steps.", ge=1)
-    grad_accum: int = _field(1, "Micro-batches accumulated per optimizer step.", ge=1)
-    seed: int = _field(0, "Seed of adapter init and dropout.", ge=0)
-    log_every: int = _field(10, "Write metrics.jsonl and the progress line every N steps.", ge=1)
-    progress: bool = _field(True, "Show a progress bar with loss, lr and tokens/s.")
+    steps: int = field(200, "Optimizer steps.", ge=1)
+    grad_accum: int = field(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    seed: int = field(0, "Seed of adapter init and dropout.", ge=0)
+    log_every: int = field(10, "Write metrics.jsonl and the progress line every N steps.", ge=1)
+    progress: bool = field(True, "Show a progress bar with loss, lr and tokens/s.")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Validation and sample generations."""
 
-    every: int = _field(50, "Evaluate validation loss every N steps (0 = only at the end).", ge=0)
-    batches: int = _field(20, "At most this many validation batches per evaluation.", ge=1)
-    samples: tuple[str, ...] = _field((), "Prompts answered with and without the adapter at the end.")
-    max_new_tokens: int = _field(64, "Tokens generated per sample prompt.", ge=1)
-    temperature: float = _field(0.0, "Sampling temperature of the samples (0 = greedy).", ge=0)
+    every: int = field(50, "Evaluate validation loss every N steps (0 = only at the end).", ge=0)
+    batches: int = field(20, "At most this many validation batches per evaluation.", ge=1)
+    samples: tuple[str, ...] = field((), "Prompts answered with and without the adapter at the end.")
+    max_new_tokens: int = field(64, "Tokens generated per sample prompt.", ge=1)
+    temperature: float = field(0.0, "Sampling temperature of the samples (0 = greedy).", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     """Adapter + optimizer checkpoints in the run directory."""
 
-    every: int = _field(100, "Save every N steps (0 = only at the end).", ge=0)
-    keep: int = _field(2, "Keep the latest N checkpoints.", ge=1)
-    keep_best: bool = _field(True, "Also keep the checkpoint with the lowest validation loss.")
-    async_save: bool = _field(True, "Write checkpoints in the background while training goes on.")
-    resume: bool = _field(True, "Resume from the latest checkpoint found in the run directory.")
+    every: int = field(100, "Save every N steps (0 = only at the end).", ge=0)
+    keep: int = field(2, "Keep the latest N checkpoints.", ge=1)
+    keep_best: bool = field(True, "Also keep the checkpoint with the lowest validation loss.")
+    async_save: bool = field(True, "Write checkpoints in the background while training goes on.")
+    resume: bool = field(True, "Resume from the latest checkpoint found in the run directory.")
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingSection:
-    """Device mesh and how parameters and batches are laid out on it."""
+    """Device mesh and layout. Not implemented yet: any value but the defaults is refused."""
 
-    mesh: tuple[tuple[str, int], ...] = _field(
-        (("data", -1),), "Table axis name -> size; -1 takes the remaining devices.",
+    mesh: tuple[tuple[str, int], ...] = field(
+        _DEFAULT_MESH, "Table axis name -> size; -1 takes the remaining devices (only {data = -1} for now).",
         check=_mesh_check,
     )
-    strategy: str = _field(
-        "data", "data: replicate params, split batch; fsdp: also shard params; tensor: shard matmuls.",
-        choices=("data", "fsdp", "tensor"),
+    strategy: str = field(
+        "data", "data: replicate params, split the batch (fsdp and tensor: not implemented yet).",
+        choices=("data", "fsdp", "tensor"), check=_strategy_check,
     )
 
 
@@ -289,13 +177,13 @@ class ShardingSection:
 class Config:
     """A complete run description; `jaxlora train` needs nothing else."""
 
-    name: str = _field("run", "Run name (default: the config file's stem); the run directory is output_dir/name.")
-    output_dir: str = _field("runs", "Folder that holds run directories.")
+    name: str = field("run", "Run name (default: the config file's stem); the run directory is output_dir/name.")
+    output_dir: str = field("runs", "Folder that holds run directories.")
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    quant: QuantSection = dataclasses.field(default_factory=QuantSection)
-    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    quant: QuantRules = dataclasses.field(default_factory=QuantRules)
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
@@ -312,23 +200,15 @@ SECTIONS: dict[str, type] = {
     for f in dataclasses.fields(Config)
     if f.default_factory is not dataclasses.MISSING
 }
+"""Section name -> the dataclass its TOML table maps onto."""
 _TOP_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in SECTIONS}
-
-
-def _fields_of(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-_HINTS: dict[type, dict[str, Any]] = {
-    cls: typing.get_type_hints(cls) for cls in (Config, *SECTIONS.values())
-}
 
 
 def field_paths() -> list[str]:
     """Every valid dotted key: ``name``, ``output_dir``, ``model.name``, ..."""
     paths = list(_TOP_FIELDS)
     for sec, cls in SECTIONS.items():
-        paths += [f"{sec}.{f}" for f in _fields_of(cls)]
+        paths += [f"{sec}.{f}" for f in schema.config_fields(cls)]
     return paths
 
 
@@ -336,13 +216,27 @@ def _lookup(path: str) -> tuple[type, dataclasses.Field, Any] | None:
     """(owning class, field, type hint) of a dotted field path, or None."""
     parts = path.split(".")
     if len(parts) == 1 and parts[0] in _TOP_FIELDS:
-        return Config, _TOP_FIELDS[parts[0]], _HINTS[Config][parts[0]]
+        return Config, _TOP_FIELDS[parts[0]], schema.hints(Config)[parts[0]]
     if len(parts) == 2 and parts[0] in SECTIONS:
         cls = SECTIONS[parts[0]]
-        fields = _fields_of(cls)
+        fields = schema.config_fields(cls)
         if parts[1] in fields:
-            return cls, fields[parts[1]], _HINTS[cls][parts[1]]
+            return cls, fields[parts[1]], schema.hints(cls)[parts[1]]
     return None
+
+
+def _table_field(path: str) -> str | None:
+    """``lora.rank_pattern`` for ``lora.rank_pattern.q_proj`` (a key inside a table field)."""
+    parts = path.split(".")
+    head = ".".join(parts[:2])
+    found = _lookup(head) if len(parts) > 2 else None
+    return head if found is not None and schema.pair_value_type(found[2]) is not None else None
+
+
+def is_key(path: str) -> bool:
+    """Whether a dotted key names a config field, or a key inside a table-valued field
+    (``lora.rank_pattern.q_proj``, ``sharding.mesh.data``)."""
+    return _lookup(path) is not None or _table_field(path) is not None
 
 
 def closest_key(path: str, candidates: Iterable[str] | None = None) -> str | None:
@@ -397,11 +291,16 @@ def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_raw(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The TOML of a config file with its ``base`` chain merged in, not yet validated.
+
+    Pass the result (after :func:`set_key`) to :func:`config_from_dict`.
+    """
+    path = Path(path)
     raw = read_toml(path)
     resolved = path.resolve()
-    if resolved in seen:
-        chain = " -> ".join(str(p) for p in (*seen, resolved))
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise ConfigError(f"{path}: base: circular inheritance {chain}")
     base = raw.pop("base", None)
     if base is None:
@@ -411,7 +310,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_path = path.parent / base
     if not base_path.is_file():
         raise ConfigError(f"{path}: base: base config file not found: {base_path}")
-    return _merge(_read_with_bases(base_path, (*seen, resolved)), raw)
+    return _merge(read_raw(base_path, (*_seen, resolved)), raw)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -428,7 +327,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
-def _normalize_overrides(overrides: Overrides | None) -> list[tuple[str, Any]]:
+def override_items(overrides: Overrides | None) -> list[tuple[str, Any]]:
+    """Overrides in any accepted form as ``[(dotted key, value), ...]``, in order."""
     if not overrides:
         return []
     if isinstance(overrides, Mapping):
@@ -438,173 +338,54 @@ def _normalize_overrides(overrides: Overrides | None) -> list[tuple[str, Any]]:
     return [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
 
 
-def _set_path(raw: dict[str, Any], path: str, value: Any, src: str) -> None:
-    """Set a dotted key in a raw config dict, checking that it names a field."""
+def set_key(raw: dict[str, Any], path: str, value: Any, src: str) -> None:
+    """Set a dotted key in a raw (TOML-shaped) config dict, in place.
+
+    ``path`` names a field (``lora.rank``) or a key inside a table-valued field
+    (``lora.rank_pattern.q_proj``). The value is checked later, by :func:`config_from_dict`.
+
+    Raises:
+      ConfigError: ``src: unknown key '...'; did you mean '...'?``.
+    """
     parts = path.split(".")
-    if _lookup(path) is not None:
-        if len(parts) == 1:
-            raw[path] = value
-        else:
-            sec = raw.get(parts[0])
-            sec = dict(sec) if isinstance(sec, dict) else {}
-            sec[parts[1]] = value
-            raw[parts[0]] = sec
+    table = _table_field(path)
+    if _lookup(path) is None and table is None:
+        raise _unknown_key(src, path)
+    if len(parts) == 1:
+        raw[path] = value
         return
-    # A key inside a table-valued field, e.g. lora.rank_pattern.q_proj=4 or sharding.mesh.data=2.
-    if len(parts) > 2:
-        head = ".".join(parts[:2])
-        found = _lookup(head)
-        if found is not None and _pair_value_type(found[2]) is not None:
-            sec = dict(raw.get(parts[0]) or {})
-            current = sec.get(parts[1], dict(getattr(getattr(Config(), parts[0]), parts[1])))
-            table = dict(current) if isinstance(current, dict) else {}
-            table[".".join(parts[2:])] = value
-            sec[parts[1]] = table
-            raw[parts[0]] = sec
-            return
-    raise _unknown_key(src, path)
+    sec = raw.get(parts[0])
+    sec = dict(sec) if isinstance(sec, dict) else {}
+    if table is None:
+        sec[parts[1]] = value
+    else:  # e.g. lora.rank_pattern.q_proj=4: start from the table set so far, or the default
+        current = sec.get(parts[1], dict(getattr(getattr(Config(), parts[0]), parts[1])))
+        current = dict(current) if isinstance(current, dict) else {}
+        current[".".join(parts[2:])] = value
+        sec[parts[1]] = current
+    raw[parts[0]] = sec
 
 
-def _check_override(path: str, value: Any, where: str) -> None:
-    """Type and range of one overridden field, so an error names the override, not the file."""
-    found = _lookup(path)
-    if found is not None:
-        _check_value(_coerce(value, found[2], where), found[1], where)
-
-
-def _pair_value_type(tp: Any) -> type | None:
-    """For ``tuple[tuple[str, X], ...]`` return X, else None."""
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple:
-            inner = typing.get_args(args[0])
-            if len(inner) == 2 and inner[0] is str:
-                return inner[1]
-    return None
-
-
-def _is_str_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, Ellipsis)
-
-
-def _is_str_or_tuple(tp: Any) -> bool:
-    """``str | tuple[str, ...]``: one string (e.g. a regex) or a list of names."""
-    args = typing.get_args(tp)
-    return len(args) == 2 and args[0] is str and _is_str_tuple(args[1])
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
-    def bad() -> ConfigError:
-        return ConfigError(f"{where}: expected {_TYPE_NAMES[tp]}, got {type(value).__name__} {value!r}")
-
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    raise TypeError(f"unsupported config field type {tp}")  # a bug in this module
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    if _is_str_or_tuple(tp):
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(
-                f"{where}: expected a string or a list of strings, got {type(value).__name__} {value!r}"
-            )
-        return tuple(_coerce_scalar(v, str, f"{where}[{i}]") for i, v in enumerate(value))
-    if _is_str_tuple(tp):
-        if isinstance(value, str):
-            return (value,)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(
-                f"{where}: expected a list of strings, got {type(value).__name__} {value!r}"
-            )
-        return tuple(_coerce_scalar(v, str, f"{where}[{i}]") for i, v in enumerate(value))
-    vt = _pair_value_type(tp)
-    if vt is not None:
-        if isinstance(value, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 for p in value
-        ):
-            value = dict(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        return tuple((str(k), _coerce_scalar(v, vt, f"{where}.{k}")) for k, v in value.items())
-    return _coerce_scalar(value, tp, where)
-
-
-def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
-    md = f.metadata
-    if md.get("choices") is not None and value not in md["choices"]:
-        options = ", ".join(repr(c) for c in md["choices"])
-        hint = difflib.get_close_matches(str(value), [str(c) for c in md["choices"]], n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{where}: {value!r} is not one of {options}{extra}")
-    for op, ok, word in (
-        ("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"),
-    ):
-        if op in md and not (isinstance(value, (int, float)) and ok(value, md[op])):
-            raise ConfigError(f"{where}: must be {word} {md[op]}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: must be finite, got {value!r}")
-    if md.get("regex"):
-        if isinstance(value, str):  # one regex ("all-linear" is a keyword, and a valid regex)
-            patterns = [value]
-        elif value and isinstance(value[0], tuple):  # regex -> value table
-            patterns = [k for k, _ in value]
-        else:  # a list of strings: module names for lora targets, regexes elsewhere
-            patterns = list(value)
-        for pat in patterns:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise ConfigError(f"{where}: invalid regex {pat!r}: {e}") from None
-    if md.get("check") is not None:
-        err = md["check"](value)
-        if err:
-            raise ConfigError(f"{where}: {err}")
-
-
-def _build_section(cls: type, raw: Any, path: str, src: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {path}: expected a table [{path}], got {type(raw).__name__}")
-    fields = _fields_of(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        where = f"{path}.{key}"
-        if key not in fields:
-            raise _unknown_key(src, where)
-        value = _coerce(value, _HINTS[cls][key], f"{src}: {where}")
-        _check_value(value, fields[key], f"{src}: {where}")
-        kwargs[key] = value
-    return cls(**kwargs)
+def _apply(raw: dict[str, Any], overrides: Overrides | None, src: str) -> None:
+    """Set each override, checking its type and range so an error names the override."""
+    for key, value in override_items(overrides):
+        set_key(raw, key, value, f"{src} (override {key})")
+        found = _lookup(key)
+        if found is not None:
+            where = f"{src}: override {key}"
+            schema.check_value(schema.coerce(value, found[2], where), found[1], where)
 
 
 def config_from_dict(raw: Mapping[str, Any], src: str = "<config>") -> Config:
     """Validate a raw (TOML-shaped) dict into a Config. ``src`` names it in error messages."""
     kwargs: dict[str, Any] = {}
+    unknown = lambda where: _unknown_key(src, where)
     for key, value in raw.items():
         if key in SECTIONS:
-            kwargs[key] = _build_section(SECTIONS[key], value, key, src)
+            kwargs[key] = schema.build(SECTIONS[key], value, key, src, unknown)
         elif key in _TOP_FIELDS:
-            value = _coerce(value, _HINTS[Config][key], f"{src}: {key}")
-            _check_value(value, _TOP_FIELDS[key], f"{src}: {key}")
+            value = schema.coerce(value, schema.hints(Config)[key], f"{src}: {key}")
+            schema.check_value(value, _TOP_FIELDS[key], f"{src}: {key}")
             kwargs[key] = value
         else:
             raise _unknown_key(src, key, [*field_paths(), *SECTIONS])
@@ -637,20 +418,16 @@ def load_config(path: str | os.PathLike, overrides: Overrides | None = ()) -> Co
       ConfigError: one line with the file and the full key path of the first problem.
     """
     p = Path(path)
-    raw = _read_with_bases(p)
+    raw = read_raw(p)
     raw.setdefault("name", p.stem)
-    for key, value in _normalize_overrides(overrides):
-        _set_path(raw, key, value, f"{p} (override {key})")
-        _check_override(key, value, f"{p}: override {key}")
+    _apply(raw, overrides, str(p))
     return config_from_dict(raw, str(p))
 
 
 def apply_overrides(cfg: Config, overrides: Overrides, src: str = "<overrides>") -> Config:
     """A new, validated Config with dotted-key overrides applied to ``cfg``."""
     raw = to_dict(cfg)
-    for key, value in _normalize_overrides(overrides):
-        _set_path(raw, key, value, f"{src} ({key})")
-        _check_override(key, value, f"{src}: override {key}")
+    _apply(raw, overrides, src)
     return config_from_dict(raw, src)
 
 
@@ -658,60 +435,20 @@ def apply_overrides(cfg: Config, overrides: Overrides, src: str = "<overrides>")
 # Writing: Config -> dict / TOML / hash / reference table.
 
 
+def _section_dict(spec: Any) -> dict[str, Any]:
+    tps = schema.hints(type(spec))
+    return {
+        k: schema.plain(getattr(spec, k), f, tps[k])
+        for k, f in schema.config_fields(type(spec)).items()
+    }
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain TOML-shaped dict: sections are dicts, tuples lists, pair tuples tables."""
-
-    def plain(obj: Any, tp: Any) -> Any:
-        if _pair_value_type(tp) is not None:
-            return {k: v for k, v in obj}
-        if _is_str_tuple(tp) or (_is_str_or_tuple(tp) and isinstance(obj, tuple)):
-            return list(obj)
-        return obj
-
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        if f.name in SECTIONS:
-            hints = _HINTS[SECTIONS[f.name]]
-            out[f.name] = {
-                sf.name: plain(getattr(value, sf.name), hints[sf.name])
-                for sf in dataclasses.fields(value)
-            }
-        else:
-            out[f.name] = plain(value, _HINTS[Config][f.name])
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in _TOP_FIELDS}  # strings
+    for sec in SECTIONS:
+        out[sec] = _section_dict(getattr(cfg, sec))
     return out
-
-
-def _toml_str(s: str) -> str:
-    # JSON string escapes (\" \\ \n \t \uXXXX) are valid TOML basic-string escapes;
-    # TOML also forbids a raw DEL.
-    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007F")
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        if not v:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
 def dump_config(cfg: Config, *, comments: bool = True) -> str:
@@ -720,7 +457,7 @@ def dump_config(cfg: Config, *, comments: bool = True) -> str:
     lines = ["# Resolved jaxlora config: every field, after base configs and overrides."]
 
     def emit(key: str, value: Any, f: dataclasses.Field) -> None:
-        line = f"{_toml_key(key)} = {_toml_value(value)}"
+        line = f"{schema.toml_key(key)} = {schema.toml_value(value)}"
         if comments:
             line += f"  # {f.metadata['doc']}"
         lines.append(line)
@@ -729,7 +466,7 @@ def dump_config(cfg: Config, *, comments: bool = True) -> str:
         emit(key, data[key], f)
     for sec, cls in SECTIONS.items():
         lines += ["", f"[{sec}]"]
-        for key, f in _fields_of(cls).items():
+        for key, f in schema.config_fields(cls).items():
             emit(key, data[sec][key], f)
     return "\n".join(lines) + "\n"
 
@@ -743,40 +480,26 @@ def config_hash(cfg: Config, *, ignore: Sequence[str] = ("name", "output_dir"), 
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def _type_name(tp: Any) -> str:
-    if _is_str_tuple(tp):
-        return "list of str"
-    if _is_str_or_tuple(tp):
-        return "str or list of str"
-    vt = _pair_value_type(tp)
-    if vt is not None:
-        return f"table str → {vt.__name__}"
-    return tp.__name__
-
-
 def describe() -> str:
     """The config reference as Markdown: one table per section (key, type, default, doc)."""
 
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
-    def row(key: str, f: dataclasses.Field, tp: Any) -> str:
-        kind = _type_name(tp)
-        if f.metadata.get("choices"):
-            kind = " | ".join(f'"{c}"' for c in f.metadata["choices"])
-        value = f.default if f.default is not dataclasses.MISSING else None
-        if _pair_value_type(tp) is not None:
-            value = dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        return f"| `{key}` | {cell(kind)} | `{cell(_toml_value(value))}` | {cell(f.metadata['doc'])} |"
+    def rows(cls: type, fields: Mapping[str, dataclasses.Field]) -> list[str]:
+        out = []
+        for key, f in fields.items():
+            tp = schema.hints(cls)[key]
+            value = schema.toml_value(schema.plain(f.default, f, tp))
+            kind = schema.type_name(f, tp)
+            out.append(f"| `{key}` | {cell(kind)} | `{cell(value)}` | {cell(f.metadata['doc'])} |")
+        return out
 
     header = ["| key | type | default | description |", "|---|---|---|---|"]
-    out = ["## Top level", "", *header]
-    out += [row(k, f, _HINTS[Config][k]) for k, f in _TOP_FIELDS.items()]
+    out = ["## Top level", "", *header, *rows(Config, _TOP_FIELDS)]
     out += ["", "A config may also set `base = \"other.toml\"` (relative to the file) to start "
             "from another config; its keys override the base's."]
     for sec, cls in SECTIONS.items():
-        out += ["", f"## [{sec}]", "", cls.__doc__.strip(), "", *header]
-        out += [row(k, f, _HINTS[cls][k]) for k, f in _fields_of(cls).items()]
+        summary = cls.__doc__.strip().split("\n\n")[0].replace("\n", " ")
+        out += ["", f"## [{sec}]", "", summary, "", *header, *rows(cls, schema.config_fields(cls))]
     return "\n".join(out) + "\n"

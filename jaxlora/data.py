@@ -70,6 +70,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from jaxlora import schema
 from jaxlora.errors import DataError
 
 __all__ = [
@@ -109,17 +110,34 @@ class TokenizerLike(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from and how it is cut into batches."""
+    """Training and validation corpora, packed into fixed-length batches.
 
-    sources: tuple[str, ...]  # files, folders, globs, or "stdlib:<glob>"
-    validation_sources: tuple[str, ...] = ()  # explicit held-out set; its files leave `sources`
-    validation_fraction: float = 0.0  # else: fraction of documents held out (seeded, by document)
-    seq_len: int = 512  # tokens per row (inputs and targets are [batch_size, seq_len])
-    batch_size: int = 8  # rows per batch
-    seed: int = 0  # shuffling and the validation split
-    shuffle: bool = True  # reshuffle documents every epoch
-    max_documents: int | None = None  # first N documents (sorted order) per source set; 0/None: all
-    pack: bool = True  # concatenate documents into rows (False: one document per row)
+    The ``[data]`` table of a config file. Inputs and targets are ``[batch_size, seq_len]``.
+    """
+
+    sources: tuple[str, ...] = schema.field(
+        (), "Training data: files, folders, globs or 'stdlib:<glob>'; .jsonl holds text, "
+        "prompt/completion or chat records."
+    )
+    validation_sources: tuple[str, ...] = schema.field(
+        (), "Held-out data (its files leave `sources`); when empty, `validation_fraction` of the "
+        "documents is held out."
+    )
+    validation_fraction: float = schema.field(
+        0.05, "Fraction of documents held out for validation when no validation_sources "
+        "(seeded, by document).", ge=0, lt=1
+    )
+    seq_len: int = schema.field(256, "Tokens per packed training sequence.", ge=2)
+    batch_size: int = schema.field(8, "Sequences per micro-batch (one jitted step).", ge=1)
+    seed: int = schema.field(0, "Seed of the document shuffle and the train/validation split.", ge=0)
+    shuffle: bool = schema.field(True, "Shuffle documents each epoch (deterministic in `seed`).")
+    max_documents: int | None = schema.field(
+        None, "Use only the first N documents in sorted file order, per source set (0 = all).",
+        ge=0, none=0,
+    )
+    pack: bool = schema.field(
+        True, "Concatenate documents into full rows (false: one document per row)."
+    )
 
     def __post_init__(self):
         for name in ("sources", "validation_sources"):
@@ -127,8 +145,6 @@ class DataConfig:
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
-        if not self.sources:
-            raise DataError("data.sources: no sources given")
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
             raise DataError(f"data.seq_len must be a positive integer, got {self.seq_len!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -637,6 +653,8 @@ def load_datasets(
     training files; otherwise `validation_fraction` of the documents (at least one) is held out
     by a seeded draw. `max_positions` (the model's context) is checked against `seq_len`.
     """
+    if not config.sources:
+        raise DataError("data.sources: no sources given")
     if max_positions is not None:
         check_seq_len(config.seq_len, max_positions)
     train_files = resolve_sources(config.sources)

@@ -10,6 +10,7 @@ carry no optimizer state, and gradient clipping / weight decay see the adapters 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
@@ -18,13 +19,16 @@ from typing import Any
 import jax
 import optax
 
+from jaxlora import schema
 from jaxlora.lora import LoraPair, LoraWeight
 
 __all__ = [
     "TRAINABLE",
     "FROZEN",
+    "OptimSpec",
     "make_schedule",
     "make_optimizer",
+    "optax_optimizer",
     "adapter_labels",
     "adapters_only",
 ]
@@ -32,6 +36,7 @@ __all__ = [
 TRAINABLE = "adapters"
 FROZEN = "frozen"
 _SCHEDULES = ("constant", "linear", "cosine")
+_OPTIMIZERS = ("adamw", "adam", "sgd")  # the ones whose hyperparameters OptimSpec names
 
 
 def make_schedule(
@@ -68,26 +73,52 @@ def make_schedule(
     return optax.join_schedules([warm, decay], [warmup_steps])
 
 
-def make_optimizer(
-    name: str = "adamw",
-    lr: float = 2e-4,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    total_steps: int | None = None,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    min_lr_ratio: float = 0.0,
-    **kwargs: Any,
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """The optimizer of the adapters (the base never gets optimizer state).
+
+    The ``[optim]`` table of a config file; `make_optimizer` turns it into an optax
+    transformation. For an optax optimizer not named here, see `optax_optimizer`.
+    """
+
+    name: str = schema.field(
+        "adamw", "Optimizer: adamw, adam, or sgd (with momentum b1).", choices=_OPTIMIZERS
+    )
+    lr: float = schema.field(2e-4, "Peak learning rate.", gt=0)
+    schedule: str = schema.field(
+        "cosine", "Learning-rate decay after warmup: constant, linear, or cosine.",
+        choices=_SCHEDULES,
+    )
+    warmup_steps: int = schema.field(
+        0, "Linear warmup steps from 0 to `lr` (<= train.steps).", ge=0
+    )
+    min_lr_ratio: float = schema.field(
+        0.0, "Final learning rate as a fraction of `lr` for linear/cosine decay.", ge=0, le=1
+    )
+    weight_decay: float = schema.field(
+        0.0, "Decoupled weight decay on the adapters (adamw).", ge=0
+    )
+    max_grad_norm: float = schema.field(
+        1.0, "Clip the global gradient norm to this (0 = no clipping).", ge=0
+    )
+    b1: float = schema.field(0.9, "Adam beta1 / SGD momentum.", ge=0, lt=1)
+    b2: float = schema.field(0.999, "Adam beta2.", ge=0, lt=1)
+    eps: float = schema.field(1e-8, "Adam epsilon.", gt=0)
+
+    def __post_init__(self):
+        schema.check_fields(self)
+
+
+def optax_optimizer(
+    name: str, learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0, **kwargs: Any
 ) -> optax.GradientTransformation:
-    """An optax optimizer for the adapter tree: ``clip_by_global_norm -> optax.<name>``.
+    """``optax.<name>(learning_rate, ...)`` for any optax optimizer alias, checked.
 
     Args:
-      name: any optax optimizer alias taking ``learning_rate`` ("adamw", "adam", "sgd",
-        "lion", "adafactor", ...).
-      lr, schedule, warmup_steps, total_steps: see `make_schedule`.
+      name: an optax alias taking ``learning_rate`` ("adamw", "lion", "adafactor", ...).
+      learning_rate: a float or a schedule (e.g. from `make_schedule`).
       weight_decay: passed to optimizers that take ``weight_decay`` (decoupled, e.g. adamw);
         a ValueError for optimizers that do not.
-      max_grad_norm: global-norm clipping threshold, or None for no clipping.
       **kwargs: extra keyword arguments of the optax optimizer (``b1``, ``eps``, ...).
     """
     fn = getattr(optax, name, None)
@@ -96,17 +127,30 @@ def make_optimizer(
         names = [n for n in dir(optax) if not n.startswith("_")]
         near = difflib.get_close_matches(name, names, n=3)
         raise ValueError(f"unknown optax optimizer {name!r}; closest: {near}")
-    opt_kwargs = dict(kwargs)
     if weight_decay:
         if "weight_decay" not in params:
             raise ValueError(f"optax.{name} takes no weight_decay; use e.g. 'adamw'")
-        opt_kwargs["weight_decay"] = weight_decay
-    opt = fn(learning_rate=make_schedule(lr, schedule, warmup_steps, total_steps, min_lr_ratio), **opt_kwargs)
-    if max_grad_norm is None:
+        kwargs["weight_decay"] = weight_decay
+    return fn(learning_rate=learning_rate, **kwargs)
+
+
+def make_optimizer(
+    spec: OptimSpec, total_steps: int | None = None
+) -> optax.GradientTransformation:
+    """The adapter optimizer of ``spec``: ``clip_by_global_norm -> optax.<name>``.
+
+    Args:
+      spec: the optimizer, its schedule and hyperparameters.
+      total_steps: the step at which a linear/cosine schedule reaches ``min_lr_ratio * lr``
+        (needed unless ``spec.schedule == "constant"``).
+    """
+    s = spec
+    lr = make_schedule(s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr_ratio)
+    hyper = {"momentum": s.b1} if s.name == "sgd" else {"b1": s.b1, "b2": s.b2, "eps": s.eps}
+    opt = optax_optimizer(s.name, lr, weight_decay=s.weight_decay, **hyper)
+    if not s.max_grad_norm:
         return opt
-    if max_grad_norm <= 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
+    return optax.chain(optax.clip_by_global_norm(s.max_grad_norm), opt)
 
 
 def adapter_labels(tree: Any) -> Any:

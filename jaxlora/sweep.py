@@ -22,14 +22,13 @@ kind contributes one empty point). Each run gets a readable, deterministic name 
 its swept values (``rank-16_scaling-rslora``) and its own directory under the sweep's output
 folder. :func:`run_sweep` skips runs that finished before, calls ``run_fn`` again on
 unfinished or failed ones (the trainer resumes from its checkpoints), records failures and
-goes on, and writes ``results.csv``, ``results.md`` and PNG plots.
+goes on, and writes ``results.csv``, ``results.md`` and PNG plots (`jaxlora.sweep_results`).
 
 Big_vision declares sweeps next to configs in the same spirit; the file format here is ours.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import difflib
 import hashlib
@@ -49,18 +48,18 @@ from jaxlora.config import (
     SECTIONS,
     Config,
     Overrides,
-    _lookup,
-    _normalize_overrides,
-    _pair_value_type,
-    _read_with_bases,
-    _set_path,
     closest_key,
     config_from_dict,
     config_hash,
     dump_config,
+    is_key,
+    override_items,
+    read_raw,
     read_toml,
+    set_key,
 )
 from jaxlora.errors import ConfigError
+from jaxlora.sweep_results import RunResult, format_value, plot_results, write_results
 
 __all__ = [
     "Sweep",
@@ -80,7 +79,6 @@ __all__ = [
 
 RunFn = Callable[[Config, Path], Mapping[str, Any] | None]
 STATUS_FILE = "sweep_status.json"  # written by the runner into each run directory
-_METRIC_ORDER = ("train_loss", "val_loss", "tokens_per_s", "peak_rss_mb", "adapter_bytes", "wall_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,17 +112,6 @@ class RunSpec:
 
 
 @dataclasses.dataclass
-class RunResult:
-    name: str
-    run_dir: Path
-    overrides: dict[str, Any]
-    status: str  # "done" | "failed"
-    metrics: dict[str, Any]
-    error: str | None = None
-    skipped: bool = False  # finished in an earlier invocation
-
-
-@dataclasses.dataclass
 class SweepResult:
     out_dir: Path
     runs: list[RunResult]
@@ -145,7 +132,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]
     out = []
     for key, value in table.items():
         path = f"{prefix}{key}"
-        if _lookup(path) is None and path in SECTIONS and isinstance(value, dict):
+        if path in SECTIONS and isinstance(value, dict):
             out += _flatten(value, f"{path}.")
         else:
             out.append((path, value))
@@ -154,11 +141,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]
 
 def _check_key(src: str, where: str, key: str) -> None:
     """A swept or set key must name a config field (or a key inside a table-valued field)."""
-    if _lookup(key) is not None:
-        return
-    parts = key.split(".")
-    found = _lookup(".".join(parts[:2])) if len(parts) > 2 else None
-    if found is not None and _pair_value_type(found[2]) is not None:
+    if is_key(key):
         return
     hint = closest_key(key)
     suggestion = f"; did you mean '{hint}'?" if hint else ""
@@ -284,18 +267,6 @@ def _points(sweep: Sweep) -> list[list[tuple[str, Any]]]:
     return [g + z + r for g in grid_pts for z in zip_pts for r in rnd_pts]
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "+".join(_fmt(v) for v in value)
-    if isinstance(value, dict):
-        return "+".join(f"{k}:{_fmt(v)}" for k, v in value.items())
-    return str(value)
-
-
 def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
@@ -313,7 +284,7 @@ def run_name(overrides: Sequence[tuple[str, Any]], *, max_len: int = 80) -> str:
     parts = []
     for (key, value), leaf in zip(overrides, leaves, strict=True):
         label = leaf if leaves.count(leaf) == 1 else key
-        parts.append(re.sub(r"[^A-Za-z0-9.-]+", "-", f"{label}-{_fmt(value)}"))
+        parts.append(re.sub(r"[^A-Za-z0-9.-]+", "-", f"{label}-{format_value(value)}"))
     name = "_".join(parts).strip("-.") or "run"
     if len(name) > max_len:
         name = f"{name[: max_len - 7]}-{_short_hash(list(overrides))}"
@@ -338,14 +309,14 @@ def expand(
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     folder = str(sweep_dir(sweep, out_dir))
-    base_raw = _read_with_bases(sweep.base)
+    base_raw = read_raw(sweep.base)
     base_raw.setdefault("name", sweep.base.stem)
     for key, value in sweep.set:
-        _set_path(base_raw, key, value, f"{sweep.path} (set.{key})")
-    for key, value in _normalize_overrides(overrides):
+        set_key(base_raw, key, value, f"{sweep.path} (set.{key})")
+    for key, value in override_items(overrides):
         if key in sweep.axes:
             raise ConfigError(f"{sweep.path}: override {key}: the sweep varies this key")
-        _set_path(base_raw, key, value, f"{sweep.path} (override {key})")
+        set_key(base_raw, key, value, f"{sweep.path} (override {key})")
 
     specs: list[RunSpec] = []
     names: dict[str, int] = {}
@@ -356,7 +327,7 @@ def expand(
         names[name] = 1
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base_raw.items()}
         for key, value in point:
-            _set_path(raw, key, value, f"{sweep.path} ({key}={_fmt(value)})")
+            set_key(raw, key, value, f"{sweep.path} ({key}={format_value(value)})")
         raw["name"], raw["output_dir"] = name, folder
         cfg = config_from_dict(raw, f"{sweep.path} (run {name})")
         specs.append(RunSpec(name=name, overrides=tuple(point), config=cfg))
@@ -369,7 +340,7 @@ def sweep_dir(sweep: Sweep, out_dir: str | os.PathLike | None = None) -> Path:
         return Path(out_dir)
     if sweep.output_dir is not None:
         return Path(sweep.output_dir)
-    base_out = _read_with_bases(sweep.base).get("output_dir", "runs")
+    base_out = read_raw(sweep.base).get("output_dir", "runs")
     for key, value in sweep.set:
         if key == "output_dir":
             base_out = value
@@ -441,51 +412,52 @@ def run_sweep(
     results: list[RunResult] = []
     try:
         for i, spec in enumerate(specs):
-            run_dir = folder / spec.name
-            text = dump_config(spec.config)
-            status_path = run_dir / STATUS_FILE
-            prior = _read_status(status_path)
             tag = f"[{i + 1}/{len(specs)}] {spec.name}"
-            if prior.get("status") == "done" and prior.get("config_hash") == config_hash(spec.config):
-                results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "done",
-                                         prior.get("metrics", {}), skipped=True))
-                say(f"{tag}: done before, skipped")
-                continue
-            if prior.get("config_hash") not in (None, config_hash(spec.config)):
-                msg = (f"{run_dir} holds a run of a different config; remove it or rename "
-                       "the sweep")
-                results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "failed", {}, msg))
-                say(f"{tag}: FAILED: {msg}")
-                continue
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(text)
-            _write_json(status_path, {"status": "running", "config_hash": config_hash(spec.config)})
-            say(f"{tag}: running")
-            t0 = time.perf_counter()
-            try:
-                returned = run_fn(spec.config, run_dir)
-                if returned is None:  # fall back to the trainer's summary.json
-                    returned = _read_status(run_dir / "summary.json")
-                metrics = _scalar_metrics(returned)
-            except Exception as e:  # a failed run is recorded; the sweep goes on
-                err = f"{type(e).__name__}: {e}".splitlines()[0]
-                _write_json(status_path, {
-                    "status": "failed", "config_hash": config_hash(spec.config), "error": err,
-                    "traceback": traceback.format_exc(),
-                })
-                results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "failed", {}, err))
-                say(f"{tag}: FAILED: {err}")
-                continue
-            metrics.setdefault("wall_s", round(time.perf_counter() - t0, 3))
-            _write_json(status_path, {
-                "status": "done", "config_hash": config_hash(spec.config), "metrics": metrics,
-            })
-            results.append(RunResult(spec.name, run_dir, dict(spec.overrides), "done", metrics))
-            say(f"{tag}: done " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            results.append(_run_one(spec, folder / spec.name, run_fn, tag, say))
     finally:
         csv_path, md_path = write_results(folder, results, sweep.axes)
         plots = plot_results(folder, results, sweep.axes)
     return SweepResult(folder, results, csv_path, md_path, plots)
+
+
+def _run_one(
+    spec: RunSpec, run_dir: Path, run_fn: RunFn, tag: str, say: Callable[[str], None]
+) -> RunResult:
+    """Run (or skip, when finished before) one run; its status file records the outcome."""
+    status_path = run_dir / STATUS_FILE
+    prior = _read_status(status_path)
+    digest = config_hash(spec.config)
+    overrides = dict(spec.overrides)
+    if prior.get("status") == "done" and prior.get("config_hash") == digest:
+        say(f"{tag}: done before, skipped")
+        return RunResult(spec.name, run_dir, overrides, "done", prior.get("metrics", {}),
+                         skipped=True)
+    if prior.get("config_hash") not in (None, digest):
+        msg = f"{run_dir} holds a run of a different config; remove it or rename the sweep"
+        say(f"{tag}: FAILED: {msg}")
+        return RunResult(spec.name, run_dir, overrides, "failed", {}, msg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_config(spec.config))
+    _write_json(status_path, {"status": "running", "config_hash": digest})
+    say(f"{tag}: running")
+    t0 = time.perf_counter()
+    try:
+        returned = run_fn(spec.config, run_dir)
+        if returned is None:  # fall back to the trainer's summary.json
+            returned = _read_status(run_dir / "summary.json")
+        metrics = _scalar_metrics(returned)
+    except Exception as e:  # a failed run is recorded; the sweep goes on
+        err = f"{type(e).__name__}: {e}".splitlines()[0]
+        _write_json(status_path, {
+            "status": "failed", "config_hash": digest, "error": err,
+            "traceback": traceback.format_exc(),
+        })
+        say(f"{tag}: FAILED: {err}")
+        return RunResult(spec.name, run_dir, overrides, "failed", {}, err)
+    metrics.setdefault("wall_s", round(time.perf_counter() - t0, 3))
+    _write_json(status_path, {"status": "done", "config_hash": digest, "metrics": metrics})
+    say(f"{tag}: done " + ", ".join(f"{k}={format_value(v)}" for k, v in metrics.items()))
+    return RunResult(spec.name, run_dir, overrides, "done", metrics)
 
 
 def _read_status(path: Path) -> dict[str, Any]:
@@ -493,120 +465,3 @@ def _read_status(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-# ----------------------------------------------------------------------------------------
-# Results.
-
-
-def _metric_keys(runs: Sequence[RunResult]) -> list[str]:
-    keys: list[str] = [k for k in _METRIC_ORDER if any(k in r.metrics for r in runs)]
-    for r in runs:
-        keys += [k for k in r.metrics if k not in keys]
-    return keys
-
-
-def write_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> tuple[Path, Path]:
-    """``results.csv`` and ``results.md``: one row per run, swept values then metrics."""
-    metrics = _metric_keys(runs)
-    header = ["run", "status", *axes, *metrics, "error"]
-    rows = []
-    for r in runs:
-        rows.append([r.name, r.status, *(r.overrides.get(a, "") for a in axes),
-                     *(r.metrics.get(m, "") for m in metrics), r.error or ""])
-    csv_path, md_path = folder / "results.csv", folder / "results.md"
-    with csv_path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows([[_fmt(v) if isinstance(v, (bool, list, dict)) else v for v in row] for row in rows])
-
-    def cell(v: Any) -> str:
-        s = f"{v:.4g}" if isinstance(v, float) else _fmt(v) if v != "" else ""
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def plot_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> list[Path]:
-    """PNG plots of a sweep; returns the paths written (possibly none).
-
-    * ``<metric>_vs_<axis>.png``: val_loss (else train_loss) against the first numeric axis
-      with more than one value, one line per combination of the other axes' values.
-    * ``loss_curves.png``: each run's training loss from its ``metrics.jsonl`` lines that
-      hold ``step`` and ``loss``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    written: list[Path] = []
-    done = [r for r in runs if r.status == "done"]
-    metric = next((m for m in ("val_loss", "train_loss") if any(_is_num(r.metrics.get(m)) for r in done)), None)
-    x_axis = next(
-        (a for a in axes
-         if len({_fmt(r.overrides.get(a)) for r in done}) > 1
-         and all(_is_num(r.overrides.get(a)) for r in done)),
-        None,
-    )
-    if metric and x_axis:
-        others = [a for a in axes if a != x_axis]
-        lines: dict[str, list[tuple[float, float]]] = {}
-        for r in done:
-            if _is_num(r.metrics.get(metric)):
-                label = ", ".join(f"{a.rsplit('.', 1)[-1]}={_fmt(r.overrides.get(a))}" for a in others)
-                lines.setdefault(label or metric, []).append((r.overrides[x_axis], r.metrics[metric]))
-        fig = Figure(figsize=(6, 4), dpi=100)
-        ax = fig.add_subplot()
-        for label, pts in lines.items():
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        xs = [r.overrides[x_axis] for r in done]
-        if min(xs) > 0 and max(xs) / min(xs) >= 16:
-            ax.set_xscale("log", base=2)
-        ax.set_xlabel(x_axis)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs {x_axis}")
-        ax.grid(True, alpha=0.3)
-        if len(lines) > 1 or others:
-            ax.legend(fontsize=8)
-        path = folder / f"{metric}_vs_{x_axis.replace('.', '_')}.png"
-        FigureCanvasAgg(fig).print_png(str(path))
-        written.append(path)
-
-    curves = {r.name: c for r in runs if (c := _read_curve(r.run_dir / "metrics.jsonl"))}
-    if curves:
-        fig = Figure(figsize=(7, 4), dpi=100)
-        ax = fig.add_subplot()
-        for name, pts in curves.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title("loss curves")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
-        path = folder / "loss_curves.png"
-        FigureCanvasAgg(fig).print_png(str(path))
-        written.append(path)
-    return written
-
-
-def _read_curve(path: Path) -> list[tuple[float, float]]:
-    pts = []
-    try:
-        with path.open() as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by an interrupt
-                if isinstance(rec, dict) and _is_num(rec.get("step")) and _is_num(rec.get("loss")):
-                    pts.append((rec["step"], rec["loss"]))
-    except OSError:
-        return []
-    return sorted(pts)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 L, D, F, V = 2, 64, 128, 50
+QV = ("q_proj", "v_proj")  # LoraSpec's targets default before it became "all-linear"
 
 
 def rnd(seed, shape):

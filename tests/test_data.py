@@ -153,6 +153,7 @@ def test_stdlib_corpus_end_to_end(tok):
         validation_sources=("stdlib:json/tool.py",),
         seq_len=64,
         batch_size=4,
+        validation_fraction=0.0,
     )
     ds = load_datasets(cfg, tok)
     n_files = len(resolve_sources(["stdlib:json/*.py"]))
@@ -170,7 +171,9 @@ def test_stdlib_corpus_end_to_end(tok):
 def test_hand_computed_layout(tmp_path):
     write(tmp_path / "a.txt", "abc")
     write(tmp_path / "b.txt", "defgh")
-    cfg = DataConfig(sources=(str(tmp_path),), seq_len=4, batch_size=2, shuffle=False)
+    cfg = DataConfig(
+        sources=(str(tmp_path),), seq_len=4, batch_size=2, shuffle=False, validation_fraction=0.0
+    )
     train = load_datasets(cfg, CharTok()).train
     (b0, b1) = list(train.eval_batches())
     c = [ord(x) for x in "abcdefgh"]
@@ -201,7 +204,9 @@ def test_hand_computed_layout(tmp_path):
 def test_segments_within_a_row(tmp_path):
     for name, text in [("a", "ab"), ("b", "cde"), ("c", "f")]:
         write(tmp_path / f"{name}.txt", text)
-    cfg = DataConfig(sources=(str(tmp_path),), seq_len=12, batch_size=1, shuffle=False)
+    cfg = DataConfig(
+        sources=(str(tmp_path),), seq_len=12, batch_size=1, shuffle=False, validation_fraction=0.0
+    )
     (b,) = load_datasets(cfg, CharTok()).train.eval_batches()
     # stream: a b E c d e E f E (9 tokens -> 8 input positions)
     np.testing.assert_array_equal(b.segment_ids[0], [1, 1, 1, 2, 2, 2, 2, 3, 0, 0, 0, 0])
@@ -214,7 +219,8 @@ def test_segments_within_a_row(tmp_path):
 def test_packing_round_trip(tmp_path, tok, shuffle, seq_len):
     docs = text_corpus(tmp_path)
     cfg = DataConfig(
-        sources=(str(tmp_path / "corpus"),), seq_len=seq_len, batch_size=3, shuffle=shuffle, seed=3
+        sources=(str(tmp_path / "corpus"),), seq_len=seq_len, batch_size=3, shuffle=shuffle, seed=3,
+        validation_fraction=0.0,
     )
     train = load_datasets(cfg, tok).train
     it = train.iterator()
@@ -239,7 +245,8 @@ def test_packing_round_trip(tmp_path, tok, shuffle, seq_len):
 def test_unpacked_mode_one_document_per_row(tmp_path, tok):
     docs = text_corpus(tmp_path, n=4)
     cfg = DataConfig(
-        sources=(str(tmp_path / "corpus"),), seq_len=8, batch_size=2, shuffle=False, pack=False
+        sources=(str(tmp_path / "corpus"),), seq_len=8, batch_size=2, shuffle=False, pack=False,
+        validation_fraction=0.0,
     )
     rows = rows_of(load_datasets(cfg, tok).train.eval_batches())
     got, cur = [], []
@@ -262,7 +269,9 @@ def test_packing_is_what_a_segment_masked_model_sees(tmp_path):
     docs = ["abcdefghij", "klm", "nopqrstuvwxyz", "AB", "CDEFGHIJKLMNOPQRSTUVWXYZ"]
     for i, d in enumerate(docs):
         write(tmp_path / f"{i}.txt", d)
-    cfg = DataConfig(sources=(str(tmp_path),), seq_len=7, batch_size=2, seed=1)
+    cfg = DataConfig(
+        sources=(str(tmp_path),), seq_len=7, batch_size=2, seed=1, validation_fraction=0.0
+    )
     train = load_datasets(cfg, CharTok()).train
     it = train.iterator()
     rows = rows_of(next(it) for _ in range(2 * train.batches_per_epoch))
@@ -295,7 +304,10 @@ def test_prompt_completion_mask_token_by_token(tmp_path, tok):
         {"prompt": "", "completion": "x"},
     ]
     write_jsonl(tmp_path / "pc.jsonl", recs)
-    cfg = DataConfig(sources=(str(tmp_path / "pc.jsonl"),), seq_len=6, batch_size=2, shuffle=False)
+    cfg = DataConfig(
+        sources=(str(tmp_path / "pc.jsonl"),), seq_len=6, batch_size=2, shuffle=False,
+        validation_fraction=0.0,
+    )
     stream, mask = unpack(rows_of(load_datasets(cfg, tok).train.eval_batches()))
     exp_stream, exp_mask = [], []
     for r in recs:
@@ -318,7 +330,9 @@ def test_chat_mask_only_assistant_content_and_end_token(tmp_path, tok):
         {"role": "assistant", "content": "return x + 1"},
     ]
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
-    cfg = DataConfig(sources=(str(tmp_path),), seq_len=16, batch_size=2, shuffle=False)
+    cfg = DataConfig(
+        sources=(str(tmp_path),), seq_len=16, batch_size=2, shuffle=False, validation_fraction=0.0
+    )
     stream, mask = unpack(rows_of(load_datasets(cfg, tok).train.eval_batches()))
     rendered = tok.apply_chat_template(msgs, add_generation_prompt=False)
     assert tok.decode(stream) == rendered + "<|endoftext|>"
@@ -337,7 +351,7 @@ def test_chat_mask_only_assistant_content_and_end_token(tmp_path, tok):
 
 def test_text_jsonl_and_padding_masks(tmp_path, tok):
     write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}, {"text": ""}, {"text": "fox"}])
-    cfg = DataConfig(sources=(str(tmp_path),), seq_len=32, batch_size=2)
+    cfg = DataConfig(sources=(str(tmp_path),), seq_len=32, batch_size=2, validation_fraction=0.0)
     train = load_datasets(cfg, tok).train
     assert train.stats.documents == 2 and train.stats.empty_documents == 1
     (b,) = train.eval_batches()
@@ -363,7 +377,10 @@ def same(xs, ys):
 
 def test_determinism_and_seeds(tmp_path, tok):
     text_corpus(tmp_path, n=12)
-    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=8, batch_size=2, seed=7)
+    cfg = DataConfig(
+        sources=(str(tmp_path / "corpus"),), seq_len=8, batch_size=2, seed=7,
+        validation_fraction=0.0,
+    )
     n = load_datasets(cfg, tok).train.batches_per_epoch
     run1 = first_batches(load_datasets(cfg, tok).train, 2 * n)
     run2 = first_batches(load_datasets(cfg, tok).train, 2 * n)
@@ -378,7 +395,10 @@ def test_determinism_and_seeds(tmp_path, tok):
 
 def test_resume_from_saved_state(tmp_path, tok):
     text_corpus(tmp_path, n=9)
-    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=6, batch_size=2, seed=1)
+    cfg = DataConfig(
+        sources=(str(tmp_path / "corpus"),), seq_len=6, batch_size=2, seed=1,
+        validation_fraction=0.0,
+    )
     train = load_datasets(cfg, tok).train
     n = train.batches_per_epoch
     it = train.iterator()
@@ -396,7 +416,10 @@ def test_resume_from_saved_state(tmp_path, tok):
 
 def test_eval_batches_finite_and_deterministic(tmp_path, tok):
     docs = text_corpus(tmp_path, n=7)
-    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=10, batch_size=4, seed=5)
+    cfg = DataConfig(
+        sources=(str(tmp_path / "corpus"),), seq_len=10, batch_size=4, seed=5,
+        validation_fraction=0.0,
+    )
     train = load_datasets(cfg, tok).train
     a, b = list(train.eval_batches()), list(train.eval_batches())
     assert len(a) == train.stats.batches and same(a, b)
@@ -433,12 +456,14 @@ def test_validation_fraction_split_is_disjoint_by_document(tmp_path, tok):
 
 def test_max_documents(tmp_path, tok):
     docs = text_corpus(tmp_path, n=6)
-    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=8, max_documents=4)
+    cfg = DataConfig(
+        sources=(str(tmp_path / "corpus"),), seq_len=8, max_documents=4, validation_fraction=0.0
+    )
     assert docs_of(load_datasets(cfg, tok).train, tok) == docs[:4]
     all_docs = DataConfig(**{**cfg.__dict__, "max_documents": 0})  # TOML's "all"
     assert load_datasets(all_docs, tok).train.stats.documents == 6
     with pytest.raises(DataError, match="max_documents"):
-        DataConfig(sources=("x",), max_documents=-1)
+        DataConfig(sources=("x",), max_documents=-1, validation_fraction=0.0, seq_len=512)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -447,14 +472,14 @@ def test_max_documents(tmp_path, tok):
 def test_bad_batch_size_and_seq_len():
     for bad in (0, -2):
         with pytest.raises(DataError, match="batch_size"):
-            DataConfig(sources=("x",), batch_size=bad)
+            DataConfig(sources=("x",), batch_size=bad, validation_fraction=0.0, seq_len=512)
         with pytest.raises(DataError, match="seq_len"):
-            DataConfig(sources=("x",), seq_len=bad)
+            DataConfig(sources=("x",), seq_len=bad, validation_fraction=0.0)
 
 
 def test_seq_len_above_model_context(tmp_path, tok):
     text_corpus(tmp_path, n=2)
-    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=64)
+    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=64, validation_fraction=0.0)
     with pytest.raises(DataError, match="exceeds the model's context of 32"):
         load_datasets(cfg, tok, max_positions=32)
     train = load_datasets(cfg, tok, max_positions=64).train
@@ -477,7 +502,8 @@ def test_missing_sources(tmp_path, tok, source, match):
     with pytest.raises(DataError, match=match):
         load_datasets(
             DataConfig(
-                sources=(str(tmp_path / source) if not source.startswith("stdlib:") else source,)
+                sources=(str(tmp_path / source) if not source.startswith("stdlib:") else source,),
+                validation_fraction=0.0, seq_len=512,
             ),
             tok,
         )
@@ -487,7 +513,9 @@ def test_empty_dataset(tmp_path, tok):
     write(tmp_path / "a.txt", "")
     write_jsonl(tmp_path / "b.jsonl", [{"text": ""}])
     with pytest.raises(DataError, match="empty"):
-        load_datasets(DataConfig(sources=(str(tmp_path),)), tok)
+        load_datasets(DataConfig(
+            sources=(str(tmp_path),), validation_fraction=0.0, seq_len=512
+        ), tok)
 
 
 @pytest.mark.parametrize(
@@ -503,19 +531,25 @@ def test_empty_dataset(tmp_path, tok):
 def test_bad_jsonl(tmp_path, tok, lines, match):
     write(tmp_path / "bad.jsonl", "\n".join(lines) + "\n")
     with pytest.raises(DataError, match=match):
-        load_datasets(DataConfig(sources=(str(tmp_path),)), tok)
+        load_datasets(DataConfig(
+            sources=(str(tmp_path),), validation_fraction=0.0, seq_len=512
+        ), tok)
 
 
 def test_invalid_utf8_is_skipped_and_counted(tmp_path, tok):
     write(tmp_path / "good.txt", "hello world")
     write(tmp_path / "bad.txt", b"hello \xff\xfe world")
     write(tmp_path / "bad.jsonl", b'{"text": "fine"}\n{"text": "\xc3("}\n')
-    train = load_datasets(DataConfig(sources=(str(tmp_path),)), tok).train
+    train = load_datasets(DataConfig(
+        sources=(str(tmp_path),), validation_fraction=0.0, seq_len=512
+    ), tok).train
     assert train.stats.skipped_files == 2 and train.stats.documents == 1
     assert train.files == (str(tmp_path / "good.txt"),)
     os.remove(tmp_path / "good.txt")
     with pytest.raises(DataError, match=r"empty.*\(2 files skipped for invalid UTF-8\)"):
-        load_datasets(DataConfig(sources=(str(tmp_path),)), tok)
+        load_datasets(DataConfig(
+            sources=(str(tmp_path),), validation_fraction=0.0, seq_len=512
+        ), tok)
 
 
 def test_unreadable_file(tmp_path, tok, monkeypatch):
@@ -529,11 +563,13 @@ def test_unreadable_file(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(data, "open", fake_open, raising=False)
     with pytest.raises(DataError, match=r"locked\.txt: cannot read: Permission denied"):
-        load_datasets(DataConfig(sources=(path,)), tok)
+        load_datasets(DataConfig(sources=(path,), validation_fraction=0.0, seq_len=512), tok)
 
 
 def test_iterator_state_out_of_range(tmp_path, tok):
     text_corpus(tmp_path, n=2)
-    train = load_datasets(DataConfig(sources=(str(tmp_path / "corpus"),)), tok).train
+    train = load_datasets(DataConfig(
+        sources=(str(tmp_path / "corpus"),), validation_fraction=0.0, seq_len=512
+    ), tok).train
     with pytest.raises(DataError, match="does not fit"):
         train.iterator({"epoch": 0, "index": train.batches_per_epoch})

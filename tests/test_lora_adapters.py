@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lora_helpers import D, F, L, V, f64, randomize, relerr, rnd, tiny_base
+from lora_helpers import QV, D, F, L, V, f64, randomize, relerr, rnd, tiny_base
 
 from jaxlora import lora, quant
 from jaxlora.lora import LoraSpec
@@ -24,7 +24,7 @@ def test_init_distributions_and_embedding_roles():
     emb = ad["embed"]["embedding"]
     assert emb.a.shape == (V, 8) and emb.b.shape == (8, D)
     assert not jnp.any(emb.a) and 0.8 < float(jnp.std(emb.b)) < 1.2
-    g = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, init="gaussian"))
+    g = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, init="gaussian", targets=QV))
     a = g["layers"]["attn"]["q_proj"]["kernel"].a
     assert abs(float(jnp.std(a)) - 1 / 8) < 0.01
     assert not jnp.array_equal(a[0], g["layers"]["attn"]["v_proj"]["kernel"].a[0])

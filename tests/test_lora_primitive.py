@@ -7,7 +7,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lora_helpers import D, F, L, V, f64, randomize, relerr, rnd, tiny_base
+from lora_helpers import QV, D, F, L, V, f64, randomize, relerr, rnd, tiny_base
 
 from jaxlora import lora, quant
 from jaxlora.lora import LoraSpec, LoraWeight, primitive
@@ -139,7 +139,7 @@ def test_stacked_leaves_under_scan(quantized):
 
 def test_dropout_only_with_a_key_and_per_layer():
     base = tiny_base()
-    ad = randomize(lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, dropout=0.5)))
+    ad = randomize(lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, dropout=0.5, targets=QV)))
     ad = jax.tree.map(lambda x: x, ad)
     x = jnp.ones((8, D))
     no_key = lora.attach(base, ad)
@@ -163,7 +163,7 @@ def test_dropout_only_with_a_key_and_per_layer():
     assert set(np.unique(np.asarray(xd))) <= {0.0, 2.0}
     assert 0.35 < float(jnp.mean(xd == 0)) < 0.65
     # rate 0: no key is attached even in training
-    ad0 = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4))
+    ad0 = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, targets=QV))
     assert (
         lora.attach(base, ad0, jax.random.PRNGKey(7))["layers"]["attn"]["q_proj"]["kernel"].key
         is None

@@ -4,7 +4,7 @@ import math
 
 import jax
 import pytest
-from lora_helpers import tiny_base
+from lora_helpers import QV, tiny_base
 
 from jaxlora import lora
 from jaxlora.lora import LoraPair, LoraSpec
@@ -24,7 +24,7 @@ def test_scale_standard_vs_rslora_and_patterns():
     up = ad["layers"]["mlp"]["up_proj"]["kernel"]
     assert (q.rank, v.rank, up.rank) == (2, 4, 2)
     assert (q.scale, v.scale, up.scale) == (8.0, 4.0, 0.5)
-    rs = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, alpha=16.0, scaling="rslora"))
+    rs = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=8, alpha=16.0, scaling="rslora", targets=QV))
     assert rs["layers"]["attn"]["q_proj"]["kernel"].scale == 16.0 / math.sqrt(8)
     assert lora.lora_scale(16.0, 8) == 2.0
     assert hash(spec) == hash(LoraSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__}))
@@ -57,7 +57,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="match no adaptable"):
         lora.init(jax.random.PRNGKey(0), base, LoraSpec(targets=r"^nothing/"))
     with pytest.raises(ValueError, match="exceeds min"):
-        lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=65))
+        lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=65, targets=QV))
     with pytest.raises(ValueError, match="rank"):
         LoraSpec(rank=0)
     with pytest.raises(ValueError, match="rank_pattern"):
@@ -68,7 +68,7 @@ def test_bad_inputs():
         LoraSpec(scaling="fancy")
     with pytest.raises(ValueError, match="exclude"):
         lora.resolve_targets(base, LoraSpec(targets=("q_proj",), exclude=("attn",)))
-    ad = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4))
+    ad = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, targets=QV))
     bad = jax.tree.map(lambda x: x, ad)
     pair = bad["layers"]["attn"]["q_proj"]["kernel"]
     bad["layers"]["attn"]["q_proj"]["kernel"] = LoraPair(pair.a, pair.b[:, :, :-1], scale=1.0)

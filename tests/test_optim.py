@@ -11,6 +11,7 @@ import pytest
 
 from jaxlora import lora, optim, quant
 from jaxlora.lora import LoraSpec
+from jaxlora.optim import OptimSpec
 
 L, D, F = 2, 32, 64
 
@@ -58,7 +59,8 @@ def test_base_bit_identical_only_adapters_change_and_state_size(quantized):
     if quantized:
         base, _ = quant.quantize_tree(base)
     params = {"base": base, "adapters": ad}
-    tx = optim.adapters_only(optim.make_optimizer("adamw", lr=1e-2, weight_decay=0.1), params)
+    spec = OptimSpec(lr=1e-2, weight_decay=0.1, schedule="constant")
+    tx = optim.adapters_only(optim.make_optimizer(spec), params)
     state = tx.init(params)
     # Adam keeps mu and nu for the adapters only: exactly 2 x the adapter bytes.
     assert nbytes(state) == 2 * nbytes(ad)
@@ -124,13 +126,17 @@ def test_clipping_and_weight_decay_see_adapters_only():
     }
     gnorm = float(optax.tree.norm(g["adapters"]))
     assert gnorm < 1.0
-    tx = optim.adapters_only(optim.make_optimizer("sgd", lr=1.0, max_grad_norm=1.0), params)
+    tx = optim.adapters_only(optim.make_optimizer(
+        OptimSpec(name="sgd", lr=1.0, max_grad_norm=1.0, b1=0.0, schedule="constant")), params)
     u, _ = tx.update(g, tx.init(params), params)
     for ua, ga in zip(jax.tree.leaves(u["adapters"]), jax.tree.leaves(g["adapters"]), strict=True):
         np.testing.assert_allclose(ua, -ga, rtol=1e-6)
     # decoupled weight decay, zero gradients: adapters shrink by lr * wd * p, base untouched
     tx = optim.adapters_only(
-        optim.make_optimizer("adamw", lr=0.1, weight_decay=0.5, max_grad_norm=None), params
+        optim.make_optimizer(
+            OptimSpec(lr=0.1, weight_decay=0.5, max_grad_norm=0.0, schedule="constant")
+        ),
+        params,
     )
     zeros = jax.tree.map(jnp.zeros_like, params)
     u, _ = tx.update(zeros, tx.init(params), params)
@@ -164,20 +170,51 @@ def test_schedules():
 
 def test_optimizer_by_name_and_errors():
     p = {"w": jnp.ones(3)}
-    for name in ("adamw", "adam", "sgd", "lion", "adafactor"):
-        tx = optim.make_optimizer(name, lr=1e-3)
+    txs = [optim.optax_optimizer(n, 1e-3) for n in ("adamw", "adam", "sgd", "lion", "adafactor")]
+    txs += [
+        optim.make_optimizer(OptimSpec(name=n, lr=1e-3, schedule="constant"))
+        for n in ("adamw", "adam", "sgd")
+    ]
+    for tx in txs:
         u, _ = tx.update({"w": jnp.ones(3)}, tx.init(p), p)
         assert jnp.all(u["w"] < 0)
     with pytest.raises(ValueError, match="adamw"):
-        optim.make_optimizer("adamww")
+        optim.optax_optimizer("adamww", 1e-3)
+    with pytest.raises(ValueError, match="adamw"):
+        OptimSpec(name="adamww")
     with pytest.raises(ValueError, match="weight_decay"):
-        optim.make_optimizer("sgd", weight_decay=0.1)
+        optim.make_optimizer(OptimSpec(name="sgd", weight_decay=0.1, schedule="constant"))
     with pytest.raises(ValueError, match="total_steps"):
-        optim.make_optimizer(schedule="cosine")
+        optim.make_optimizer(OptimSpec(schedule="cosine"))
     with pytest.raises(ValueError, match="schedule"):
-        optim.make_optimizer(schedule="step")
+        OptimSpec(schedule="step")
     with pytest.raises(ValueError, match="max_grad_norm"):
-        optim.make_optimizer(max_grad_norm=0.0)
+        OptimSpec(max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="OptimSpec.lr"):
+        OptimSpec(lr=0.0)
+
+
+def test_spec_hyperparameters_reach_optax():
+    """make_optimizer(spec) == clip -> optax.<name>(schedule, b1, b2, eps / momentum)."""
+    p = {"w": jnp.asarray([1.0, -2.0, 3.0])}
+    g = {"w": jnp.asarray([30.0, 0.5, -4.0])}  # global norm > 1: clipping matters
+
+    def first_update(tx):
+        return np.asarray(tx.update(g, tx.init(p), p)[0]["w"])
+
+    spec = OptimSpec(lr=0.1, schedule="linear", b1=0.5, b2=0.9, eps=1e-1,
+                     weight_decay=0.01, max_grad_norm=1.0)
+    sched = optim.make_schedule(0.1, "linear", total_steps=10)
+    ref = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(sched, b1=0.5, b2=0.9, eps=1e-1, weight_decay=0.01))
+    ours = first_update(optim.make_optimizer(spec, 10))
+    np.testing.assert_allclose(ours, first_update(ref), rtol=1e-6)
+    unclipped = optax.adamw(sched, b1=0.5, b2=0.9, eps=1e-1, weight_decay=0.01)
+    assert np.abs(ours - first_update(unclipped)).max() > 1e-3  # control: clipping shows
+    sgd = OptimSpec(name="sgd", lr=0.1, schedule="constant", b1=0.5, max_grad_norm=0.0)
+    np.testing.assert_allclose(  # max_grad_norm = 0: no clipping (the TOML spelling of "off")
+        first_update(optim.make_optimizer(sgd)), first_update(optax.sgd(0.1, momentum=0.5))
+    )
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -31,6 +31,7 @@ import pytest
 
 from jaxlora import checkpoint as ckpt_lib
 from jaxlora import cli, train
+from jaxlora import config as C
 from jaxlora.config import config_from_dict, dump_config
 from jaxlora.errors import CheckpointError, ConfigError
 
@@ -412,7 +413,7 @@ def test_checkpoint_on_a_different_base_is_refused(root, interrupted, tmp_path):
     cfg = _cfg(root)
     run_dir = _copy(interrupted, tmp_path / "E")
     before = _snapshot(run_dir)
-    quant = dataclasses.asdict(cfg.quant)
+    quant = C.to_dict(cfg)["quant"]  # base.json records the [quant] table
 
     # same architecture and quantization, other weights (another init seed)
     other = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1)))

@@ -18,7 +18,7 @@ import pytest
 from conftest import write_tiny_config
 
 from jaxlora import data as data_lib
-from jaxlora import lora, models, quant, train
+from jaxlora import lora, models, optim, quant, train
 from jaxlora.config import load_config
 from jaxlora.errors import ConfigError, DataError
 
@@ -36,8 +36,8 @@ class Kit:
         self.cfg = cfg
         self.loaded = train.load_base(cfg)
         self.mcfg, self.base, self.tok = self.loaded.config, self.loaded.base, self.loaded.tokenizer
-        self.spec = train.make_lora_spec(cfg)
-        self.tx = train.make_optimizer(cfg)
+        self.spec = cfg.lora
+        self.tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
         self.adapters = lora.init(jax.random.key(cfg.train.seed), self.base, self.spec)
         self.step = train.make_train_step(self.mcfg, self.tx, dropout=False)
 
@@ -466,7 +466,8 @@ def test_invalid_utf8_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"fine start \xff\xfe broken")
     loaded = train.load_base(_cfg(tmp_path))
     dcfg = data_lib.DataConfig(
-        sources=(str(tmp_path / "good.txt"), str(tmp_path / "bad.txt")), seq_len=T, batch_size=B
+        sources=(str(tmp_path / "good.txt"), str(tmp_path / "bad.txt")), seq_len=T, batch_size=B,
+        validation_fraction=0.0,
     )
     ds = data_lib.load_datasets(dcfg, loaded.tokenizer, max_positions=512)
     assert ds.train.stats.skipped_files == 1

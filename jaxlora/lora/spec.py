@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import schema
 from jaxlora.lora.primitive import Params
 from jaxlora.paths import flatten_paths
 
@@ -48,52 +49,81 @@ def _as_pairs(x: Any, name: str) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def _as_targets(x: Any, name: str) -> Targets | None:
-    if x is None or isinstance(x, str):
-        if isinstance(x, str) and x != "all-linear":
+def _targets_form(value: Any) -> str | None:
+    """The error of a targets value in the wrong form, or None (also a config field check)."""
+    if isinstance(value, tuple) and "all-linear" in value:
+        return "write 'all-linear' as a string, not inside a list (a list holds module names)"
+    return None
+
+
+def _as_targets(x: Any, name: str) -> Targets:
+    if x is None and name == "exclude":  # None: exclude nothing, the same as ()
+        return ()
+    if isinstance(x, str):
+        if x != "all-linear":
             try:
                 re.compile(x)
             except re.error as e:
                 raise ValueError(f"LoraSpec.{name}: bad regex {x!r}: {e}") from None
         return x
     if isinstance(x, Sequence) and all(isinstance(t, str) for t in x):
+        err = _targets_form(tuple(x))
+        if err:
+            raise ValueError(f"LoraSpec.{name}: {err}")
         return tuple(x)
     raise ValueError(f"LoraSpec.{name}: expected a regex, a list of module names or 'all-linear'")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Which base leaves get an adapter, and how the adapters are shaped and initialized.
+    """The low-rank adapters: which base leaves get one, their shape, scale and init.
 
-    Lists and dicts given to the fields are stored as tuples so the spec stays hashable.
+    ``y = x W + scale * dropout(x) A B``; the ``[lora]`` table of a config file. Lists and
+    dicts given to the fields are stored as tuples so the spec stays hashable. Only leaves
+    named ``kernel`` or ``embedding`` are adaptable.
     """
 
-    rank: int = 8
-    """Adapter rank ``r``."""
-    alpha: float = 16.0
-    """Scale numerator: ``s = alpha / r`` ("standard") or ``alpha / sqrt(r)`` ("rslora")."""
-    scaling: str = "standard"
-    """"standard" (LoRA, 2106.09685) or "rslora" (2312.03732)."""
-    dropout: float = 0.0
-    """Dropout rate on the input of the low-rank path (training only: needs a key)."""
-    targets: Targets = ("q_proj", "v_proj")
-    """A regex (``re.search`` over leaf paths), module names (a path component, e.g.
-    ``("q_proj", "v_proj")``) or ``"all-linear"`` (every ``kernel`` leaf except ``lm_head``).
-    Only leaves named ``kernel`` or ``embedding`` are adaptable."""
-    exclude: Targets | None = None
-    """Same forms as ``targets``; matching leaves are removed from the selection."""
-    rank_pattern: tuple[tuple[str, int], ...] = ()
-    """``(regex, rank)`` pairs (or a dict), first ``re.search`` match on the path wins."""
-    alpha_pattern: tuple[tuple[str, float], ...] = ()
-    """``(regex, alpha)`` pairs (or a dict), first match wins."""
-    init: str = "kaiming"
-    """"kaiming" (A ~ U(+-1/sqrt(in)) as loralib's kaiming_uniform(a=sqrt(5)), B = 0),
-    "gaussian" (A ~ N(0, (1/r)^2), B = 0) or "pissa" (top-r SVD; use `init_pissa`).
-    Embedding tables swap the roles as in PEFT: A = 0, B ~ N(0, 1)."""
-    dtype: str = "float32"
-    """Adapter parameter dtype."""
-    stacked: tuple[tuple[str, int], ...] = ((r"^layers/", 1),)
-    """``(regex, n)`` pairs: leaves whose path matches carry ``n`` leading (stacked) axes."""
+    rank: int = schema.field(8, "Adapter rank r (default for every target).", ge=1)
+    alpha: float = schema.field(
+        16.0, "Scale numerator: scale = alpha/r (standard) or alpha/sqrt(r) (rslora).", gt=0
+    )
+    scaling: str = schema.field(
+        "standard", "standard: alpha/r (Hu et al. 2021); rslora: alpha/sqrt(r) (Kalajdzievski 2023).",
+        choices=_SCALINGS,
+    )
+    dropout: float = schema.field(
+        0.0, "Dropout on the adapter input during training, in [0, 1) (needs a key).", ge=0, lt=1
+    )
+    targets: Targets = schema.field(
+        "all-linear",
+        "'all-linear' (every kernel but the head and embeddings), a list of module names "
+        "(['q_proj', 'v_proj']: a path component) or one regex string (re.search over paths).",
+        regex=True, check=_targets_form,
+    )
+    exclude: Targets = schema.field(
+        (), "Same forms as targets; matching leaves are not adapted (empty = none).", regex=True
+    )
+    init: str = schema.field(
+        "kaiming", "Init of A (B starts at zero): kaiming (loralib's uniform), gaussian "
+        "(N(0, 1/r^2)); pissa uses the base's SVD (init_pissa). Embeddings: A = 0, B ~ N(0, 1).",
+        choices=_INITS,
+    )
+    rank_pattern: tuple[tuple[str, int], ...] = schema.field(
+        (), "Table regex -> rank overriding `rank` for matching paths (first match wins).",
+        regex=True, check=schema.positive_values,
+    )
+    alpha_pattern: tuple[tuple[str, float], ...] = schema.field(
+        (), "Table regex -> alpha overriding `alpha` for matching paths (first match wins).",
+        regex=True, check=schema.positive_values,
+    )
+    dtype: str = schema.field(
+        "float32", "Dtype of the adapter parameters A and B.", choices=schema.FLOAT_DTYPES
+    )
+    stacked: tuple[tuple[str, int], ...] = schema.field(
+        ((r"^layers/", 1),),
+        "(regex, n) pairs: leaves whose path matches carry n leading (stacked) axes.",
+        toml=False,
+    )
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -102,8 +132,6 @@ class LoraSpec:
         set_("rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern"))
         set_("alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
         set_("stacked", _as_pairs(self.stacked, "stacked"))
-        if self.targets is None:
-            raise ValueError("LoraSpec.targets must not be None")
         if self.scaling not in _SCALINGS:
             raise ValueError(f"LoraSpec.scaling must be one of {_SCALINGS}, got {self.scaling!r}")
         if self.init not in _INITS:

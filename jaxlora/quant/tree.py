@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import schema
 from jaxlora.paths import flatten_paths, iter_paths, unflatten_paths
 from jaxlora.quant.codec import QTensor, check_args, quantize
 from jaxlora.quant.codes import QTYPES
@@ -29,20 +30,36 @@ Params = dict  # nested dict[str, Array | QTensor]
 
 @dataclasses.dataclass(frozen=True)
 class QuantRules:
-    """Which leaves of a parameter tree to quantize, and how (static, resolved outside jit).
+    """How the frozen base weights are quantized on load (QLoRA): which leaves, and how.
 
-    Paths are the tree's keys joined by '/', e.g. ``layers/attn/q_proj/kernel``.
+    Static, resolved outside jit; the ``[quant]`` table of a config file. Paths are the
+    tree's keys joined by '/', e.g. ``layers/attn/q_proj/kernel``.
     """
 
-    qtype: str = "nf4"  # "nf4" | "fp4" | "int4" | "int8" | "none" (keep everything float)
-    block_size: int = 64  # power of two in 32..4096
-    double_quant: bool = True  # QLoRA double quantization of the absmax statistics
-    # leaves to quantize: kernels of linear projections
-    include: str = r"(^|/)kernel$"
-    # never quantized, even if included: embeddings, LM head, norms, biases
-    exclude: str = r"(^|/)(embed|embedding|wte|wpe|lm_head)(/|$)|norm|(^|/)ln_|(^|/)bias$|scale$"
-    # stacked leaves (leading layer axis) quantized per layer with batch_dims=1
-    stacked: str = r"^layers/"
+    qtype: str = schema.field(
+        "nf4", "Quantization of base weights: nf4, fp4, int4, int8, or none (keep float).",
+        choices=(*QTYPES, "none"),
+    )
+    block_size: int = schema.field(
+        64, "Elements per quantization block (one absmax scale each); power of two in 32..4096.",
+        check=lambda v: check_args(QTYPES[0], v, "QuantRules"),
+    )
+    double_quant: bool = schema.field(
+        True, "Quantize the per-block absmax scales to 8 bits as well (QLoRA double quantization)."
+    )
+    include: str = schema.field(
+        r"(^|/)kernel$", "Regex (re.search) over parameter paths of the leaves to quantize.",
+        regex=True,
+    )
+    exclude: str = schema.field(
+        r"(^|/)(embed|embedding|wte|wpe|lm_head)(/|$)|norm|(^|/)ln_|(^|/)bias$|scale$",
+        "Regex over parameter paths kept in float even if included (embeddings, head, norms).",
+        regex=True,
+    )
+    stacked: str = schema.field(
+        r"^layers/", "Regex of stacked leaves (leading layer axis), quantized per layer.",
+        toml=False,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import optax
 
 from jaxlora import data as data_lib
 from jaxlora import lora, memory, models, optim, quant
-from jaxlora.config import Config, ModelSection, QuantSection, dump_config, load_config
+from jaxlora.config import Config, ModelSection, dump_config, load_config, to_dict
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.train import loop
 from jaxlora.train.step import (
@@ -41,8 +41,6 @@ __all__ = [
     "OpenRun",
     "DTYPES",
     "load_base",
-    "make_lora_spec",
-    "make_optimizer",
     "make_datasets",
     "setup",
     "checkpoint_manager",
@@ -102,7 +100,7 @@ def load_base(cfg: Config) -> Loaded:
     """
     from jaxlora import io
 
-    rules = quant.QuantRules(**dataclasses.asdict(cfg.quant))
+    rules = cfg.quant
     dtype = DTYPES[cfg.model.param_dtype]
     name = cfg.model.name
     if name in _TINY:
@@ -137,24 +135,6 @@ def _tiny(arch: str):
 _TINY = {"tiny-llama": _tiny("llama"), "tiny-gpt2": _tiny("gpt2")}
 
 
-def make_lora_spec(cfg: Config) -> lora.LoraSpec:
-    """The `LoraSpec` described by the config's `[lora]` section."""
-    fields = dataclasses.asdict(cfg.lora)
-    fields["exclude"] = fields["exclude"] or None
-    return lora.LoraSpec(**fields)
-
-
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """The optax optimizer of the config's `[optim]` section (adapters only)."""
-    o = cfg.optim
-    extra = {"momentum": o.b1} if o.name == "sgd" else {"b1": o.b1, "b2": o.b2, "eps": o.eps}
-    return optim.make_optimizer(
-        name=o.name, lr=o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
-        total_steps=cfg.train.steps, weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm or None, min_lr_ratio=o.min_lr_ratio, **extra,
-    )
-
-
 def _lr(cfg: Config, step: int) -> float:
     return float(optim.make_schedule(
         lr=cfg.optim.lr, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
@@ -163,13 +143,7 @@ def _lr(cfg: Config, step: int) -> float:
 
 def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
     """The training and validation data of the config, tokenized by the run's model."""
-    d = cfg.data
-    dcfg = data_lib.DataConfig(
-        sources=d.sources, validation_sources=d.validation_sources,
-        validation_fraction=d.validation_fraction, seq_len=d.seq_len, batch_size=d.batch_size,
-        seed=d.seed, shuffle=d.shuffle, max_documents=d.max_documents or None, pack=d.pack,
-    )
-    return data_lib.load_datasets(dcfg, loaded.tokenizer,
+    return data_lib.load_datasets(cfg.data, loaded.tokenizer,
                                   max_positions=loaded.config.max_position_embeddings)
 
 
@@ -178,15 +152,16 @@ def setup(cfg: Config) -> Setup:
     from jaxlora import checkpoint as ckpt_lib
 
     loaded = load_base(cfg)
-    spec = make_lora_spec(cfg)
+    spec = cfg.lora
     base = loaded.base
     if spec.init == "pissa":
         base, adapters = lora.init_pissa(base, spec)
     else:
         adapters = lora.init(jax.random.key(cfg.train.seed), base, spec)
-    tx = make_optimizer(cfg)
+    tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
     state = init_state(adapters, tx, cfg.train.seed)
-    record = ckpt_lib.base_record(base, name=cfg.model.name, quant=dataclasses.asdict(cfg.quant))
+    # base.json records the [quant] table as the config file writes it
+    record = ckpt_lib.base_record(base, name=cfg.model.name, quant=to_dict(cfg)["quant"])
     return Setup(loaded, base, spec, tx, state, record)
 
 
@@ -237,7 +212,7 @@ def load_for_inference(model: str, adapter: str | None = None, *, qtype: str = "
     if adapter is not None and (Path(adapter) / "config.toml").is_file():
         opened = open_run(adapter)
         return opened.loaded._replace(base=opened.base), opened.adapters
-    loaded = load_base(Config(model=ModelSection(name=model), quant=QuantSection(qtype=qtype)))
+    loaded = load_base(Config(model=ModelSection(name=model), quant=quant.QuantRules(qtype=qtype)))
     if adapter is None:
         return loaded, None
     from jaxlora.io import peft
@@ -273,7 +248,7 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
             s = json.loads((path / "summary.json").read_text())
             lines += [f"{k}: {v}" for k, v in s.items() if not isinstance(v, list | dict)]
         return "\n".join(lines)
-    loaded = load_base(Config(model=ModelSection(name=target), quant=QuantSection(qtype=qtype)))
+    loaded = load_base(Config(model=ModelSection(name=target), quant=quant.QuantRules(qtype=qtype)))
     c, r = loaded.config, loaded.report
     mib = 2**20
     return "\n".join([
