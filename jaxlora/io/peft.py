@@ -34,8 +34,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import lora
+from jaxlora import lora, models
 from jaxlora.errors import CheckpointError
+from jaxlora.models import Family
 
 __all__ = ["save_peft", "load_peft", "peft_module_names", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -43,38 +44,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
-# jaxlora path (under layers/ or top level) -> (HF module template, short name for target_modules)
-_MODULES: dict[str, dict[str, tuple[str, str]]] = {
-    "llama": {
-        "layers/attn/q_proj/kernel": ("model.layers.{i}.self_attn.q_proj", "q_proj"),
-        "layers/attn/k_proj/kernel": ("model.layers.{i}.self_attn.k_proj", "k_proj"),
-        "layers/attn/v_proj/kernel": ("model.layers.{i}.self_attn.v_proj", "v_proj"),
-        "layers/attn/o_proj/kernel": ("model.layers.{i}.self_attn.o_proj", "o_proj"),
-        "layers/mlp/gate_proj/kernel": ("model.layers.{i}.mlp.gate_proj", "gate_proj"),
-        "layers/mlp/up_proj/kernel": ("model.layers.{i}.mlp.up_proj", "up_proj"),
-        "layers/mlp/down_proj/kernel": ("model.layers.{i}.mlp.down_proj", "down_proj"),
-        "lm_head/kernel": ("lm_head", "lm_head"),
-    },
-    "gpt2": {
-        "layers/attn/c_attn/kernel": ("transformer.h.{i}.attn.c_attn", "c_attn"),
-        "layers/attn/c_proj/kernel": ("transformer.h.{i}.attn.c_proj", "attn.c_proj"),
-        "layers/mlp/c_fc/kernel": ("transformer.h.{i}.mlp.c_fc", "c_fc"),
-        "layers/mlp/c_proj/kernel": ("transformer.h.{i}.mlp.c_proj", "mlp.c_proj"),
-    },
-}
-_FAN_IN_FAN_OUT = {"llama": False, "gpt2": True}  # GPT-2's Conv1D stores (in, out)
-
-
-def _arch_name(arch: Any) -> str:
-    name = getattr(arch, "arch", arch)
-    if name not in _MODULES:
-        raise CheckpointError(f"PEFT: unsupported architecture {name!r} (have {sorted(_MODULES)})")
-    return name
+def _family(arch: Any) -> Family:
+    """The family record of ``arch`` ("llama" | "gpt2" or a ModelConfig)."""
+    try:
+        return models.family(arch)
+    except ValueError:
+        name = getattr(arch, "arch", arch)
+        raise CheckpointError(
+            f"PEFT: unsupported architecture {name!r} (have {sorted(models.FAMILIES)})") from None
 
 
 def peft_module_names(arch: Any) -> dict[str, str]:
     """jaxlora leaf path -> HF module name template (``{i}`` = layer index) for ``arch``."""
-    return {p: t for p, (t, _) in _MODULES[_arch_name(arch)].items()}
+    return {p: t for p, (t, _) in _family(arch).peft_modules().items()}
 
 
 def _safetensors():
@@ -125,8 +107,8 @@ def save_peft(
     Raises:
       CheckpointError: an adapter path that has no PEFT module name.
     """
-    name = _arch_name(arch)
-    table = _MODULES[name]
+    fam = _family(arch)
+    name, table = fam.arch, fam.peft_modules()
     rslora = _rslora_of(spec_or_info)
     _, save_file = _safetensors()
 
@@ -174,7 +156,7 @@ def save_peft(
         "rank_pattern": {k: v for k, v in sorted(ranks.items()) if v != r0},
         "alpha_pattern": {k: _num(v) for k, v in sorted(alphas.items()) if round(v, 9) != a0},
         "lora_dropout": max(dropouts) if dropouts else 0.0,
-        "fan_in_fan_out": _FAN_IN_FAN_OUT[name],
+        "fan_in_fan_out": fam.hf_kernels_in_out,  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
         "use_dora": False,
         "init_lora_weights": True,
@@ -221,7 +203,8 @@ def load_peft(
         not map to this architecture, missing keys (named), or tensors whose shapes do not fit
         the base (named, expected vs got).
     """
-    name = _arch_name(arch)
+    fam = _family(arch)
+    name = fam.arch
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -246,7 +229,7 @@ def load_peft(
     if not tensors:
         raise CheckpointError(f"{w_path}: contains no tensors")
 
-    table = _MODULES[name]
+    table = fam.peft_modules()
     # HF module regex -> jaxlora path
     matchers = []
     for path, (template, _) in table.items():
