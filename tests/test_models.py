@@ -289,6 +289,28 @@ def test_init_params_keeps_the_nnx_random_stream(name, dtype, seed):
     assert h.hexdigest() == _NNX_INIT_DIGESTS[name, dtype, seed]
 
 
+def test_init_layout_stream_and_checks():
+    """Top-level leaves draw fold_in(key, index); the blocks one split key per layer."""
+    from jaxlora.models.record import INIT_STD, init_layout
+
+    key = jax.random.key(7)
+    layout = {"a": ("normal", (3,)), "layers/w": ("ones", (2,)), "layers/k": ("normal", (4,)),
+              "b": ("zeros", (1,))}
+    p = init_layout(layout, key, 2, jnp.float32)
+    normal = jax.nn.initializers.normal(INIT_STD)
+    np.testing.assert_array_equal(p["a"], normal(jax.random.fold_in(key, 0), (3,)))
+    layer_keys = jax.random.split(jax.random.fold_in(key, 1), 2)
+    for i in range(2):
+        np.testing.assert_array_equal(p["layers"]["k"][i],
+                                      normal(jax.random.fold_in(layer_keys[i], 1), (4,)))
+    assert p["layers"]["w"].shape == (2, 2) and p["b"].shape == (1,)
+    with pytest.raises(ValueError, match="not contiguous"):
+        init_layout({"layers/w": ("ones", (2,)), "b": ("ones", (1,)),
+                     "layers/v": ("ones", (2,))}, key, 2, jnp.float32)
+    with pytest.raises(ValueError, match="unknown initializer"):
+        init_layout({"a": ("uniform", (2,))}, key, 2, jnp.float32)
+
+
 def test_head_adapters_are_the_adapters_the_logits_read():
     """`head_adapters` keeps exactly the adapters of the head's paths: the tied embedding or
     lm_head, never the blocks' or (GPT-2) the position table's."""

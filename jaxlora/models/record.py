@@ -1,11 +1,12 @@
-"""The family record: everything about one architecture except its forward pass, in one place.
+"""The family record: what jaxlora needs to know about one architecture, in one place.
 
-A `Family` holds the initializer (from which the parameter shapes are derived with
-`jax.eval_shape`, so no shape table is written by hand), the names each parameter path has in
-the checkpoint formats (one `TensorNames` row per path: Hugging Face safetensors, GGUF, PEFT),
-the paths the LM head reads, and the format facts that differ between architectures. The
-loaders (`jaxlora.io.hf`, `jaxlora.io.gguf`), the PEFT and merged exports and the loss all read
-it; `jaxlora.models.family(cfg)` returns the record of a config.
+A `Family` holds the initializer (the parameter shapes are derived from it with
+`jax.eval_shape`, so no shape table is written by hand), the forward (`apply`), the names each
+parameter path has in the checkpoint formats (one `TensorNames` row per path: Hugging Face
+safetensors, GGUF, PEFT), the paths the LM head reads, and the format facts that differ
+between architectures. The loaders (`jaxlora.io.hf`, `jaxlora.io.gguf`), the PEFT and merged
+exports (`jaxlora.io.peft`, `save_hf`) and the loss read it; `jaxlora.models.family(cfg)`
+returns the record of a config.
 
 The initializer is written as a *layout*: an ordered `{path: (init, shape)}` dict that
 `init_layout` turns into random parameters. Each top-level leaf draws from
