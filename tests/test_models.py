@@ -263,22 +263,16 @@ def test_family_records_define_the_param_structure():
         models.llama.FAMILY.init(CONFIGS["gpt2"], jax.random.key(0))
 
 
-# sha256 over (path, bytes) of init_params(cfg, key(seed)) as the Flax NNX modules of earlier
-# versions made them: the layout initializer keeps their random stream, so seeds give the
-# same models (and run directories' base.json fingerprints stay valid). CPU values.
+# sha256 (first 128 bits) over (path, bytes) of init_params(cfg, key(seed)) as the Flax NNX
+# modules of earlier versions made them: the layout initializer keeps their random stream, so
+# seeds give the same models (and run directories' base.json fingerprints stay valid). CPU.
 _NNX_INIT_DIGESTS = {
-    ("llama_gqa", "float32", 0):
-        "33041a8c4e454e5c0137acc9879be3ee8788705ae16c3dd7757e45b7c97b8629",
-    ("llama_gqa", "bfloat16", 3):
-        "878313bfc8c737c15519b264353c3a9ee5684fe870e9ab02acedfbfd2b578577",
-    ("llama_mha_untied", "float32", 0):
-        "da599dea88e1d7c9ae8d0abf23d8df5798c90c1e474c37827c517a0783c27efb",
-    ("qwen2_bias", "float32", 3):
-        "b664b416d0a26954ed2e1877ca87ec941f6f3c9b809d3f668dfdc4071baa88a9",
-    ("gpt2", "float32", 0):
-        "bf2f6ad45d242831506a738283f34b91d82ccec6b50e3f6cacc8ca36e51dab0f",
-    ("gpt2", "bfloat16", 3):
-        "9de3d41859f773af2fac4305d2b51aea8161b85a1bda3e420bf8e8635adaa594",
+    ("llama_gqa", "float32", 0): "33041a8c4e454e5c0137acc9879be3ee",
+    ("llama_gqa", "bfloat16", 3): "878313bfc8c737c15519b264353c3a9e",
+    ("llama_mha_untied", "float32", 0): "da599dea88e1d7c9ae8d0abf23d8df57",
+    ("qwen2_bias", "float32", 3): "b664b416d0a26954ed2e1877ca87ec94",
+    ("gpt2", "float32", 0): "bf2f6ad45d242831506a738283f34b91",
+    ("gpt2", "bfloat16", 3): "9de3d41859f773af2fac4305d2b51aea",
 }
 
 
@@ -292,7 +286,7 @@ def test_init_params_keeps_the_nnx_random_stream(name, dtype, seed):
     for k in sorted(flat):
         h.update(k.encode())
         h.update(np.asarray(flat[k]).tobytes())
-    assert h.hexdigest() == _NNX_INIT_DIGESTS[name, dtype, seed]
+    assert h.hexdigest()[:32] == _NNX_INIT_DIGESTS[name, dtype, seed]
 
 
 def test_init_layout_stream_and_checks():
