@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import lora
+from jaxlora import lora, models
 from jaxlora.models import ModelConfig, decode_step, init_cache
 
 __all__ = ["generate", "generate_tokens", "sample_logits"]
@@ -136,9 +136,10 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
     eos_ids = _as_tuple(cfg.eos_token_id if eos_id is None else eos_id)
     longest = max(len(p) for p in prompts)
     p_len = -(-longest // bucket) * bucket
-    if cfg.arch == "gpt2" and longest + max_new_tokens > cfg.max_position_embeddings:
+    if (models.family(cfg).learned_positions
+            and longest + max_new_tokens > cfg.max_position_embeddings):
         raise ValueError(f"generate: prompt ({longest}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds GPT-2's {cfg.max_position_embeddings} positions")
+                         f"exceeds the {cfg.max_position_embeddings} positions of {cfg.arch}")
     tokens = np.full((len(prompts), p_len), pad_id, np.int32)
     valid = np.zeros((len(prompts), p_len), bool)
     for r, ids in enumerate(prompts):

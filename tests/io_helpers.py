@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.io import expected_shapes, permute_qk
+from jaxlora.io import permute_qk
+from jaxlora.models import param_shapes
 from jaxlora.models.config import ModelConfig
 
 CHAT_TEMPLATE = (
@@ -80,7 +81,7 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
     """Nested dict of float32 numpy arrays with the DESIGN.md paths and shapes of `cfg`."""
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
-    for path, shape in expected_shapes(cfg).items():
+    for path, shape in param_shapes(cfg).items():
         scale = 1.0 if path.endswith("scale") else 0.5
         value = rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
         node = out

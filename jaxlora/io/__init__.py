@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import memory
+from jaxlora import memory, models
 from jaxlora.errors import ModelLoadError
 from jaxlora.io.gguf import GGUFSource, permute_qk, unpermute_qk
 from jaxlora.io.hf import HFSource, save_hf
-from jaxlora.io.registry import KNOWN_MODELS, resolve
+from jaxlora.io.registry import KNOWN_MODELS, RANDOM_MODELS, RandomSource, resolve
 from jaxlora.io.tokenizer import Tokenizer
 from jaxlora.models.config import ModelConfig
 from jaxlora.paths import unflatten_paths
@@ -31,10 +31,10 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "open_source",
-    "expected_shapes",
     "save_hf",
     "resolve",
     "KNOWN_MODELS",
+    "RANDOM_MODELS",
     "Tokenizer",
     "GGUFSource",
     "HFSource",
@@ -56,49 +56,6 @@ class LoadedModel:
     params: Params
     tokenizer: Tokenizer
     source: str  # the resolved file or folder
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """DESIGN.md path -> full leaf shape (with the leading `L` for `layers/` leaves)."""
-    L, d, v = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-    if cfg.arch == "gpt2":
-        f = cfg.intermediate_size
-        out = {
-            "wte/embedding": (v, d),
-            "wpe/embedding": (cfg.max_position_embeddings, d),
-            "ln_f/scale": (d,),
-            "ln_f/bias": (d,),
-        }
-        for name in ("ln_1", "ln_2"):
-            out[f"layers/{name}/scale"] = (L, d)
-            out[f"layers/{name}/bias"] = (L, d)
-        for name, (i, o) in {
-            "attn/c_attn": (d, 3 * d), "attn/c_proj": (d, d), "mlp/c_fc": (d, f), "mlp/c_proj": (f, d),
-        }.items():
-            out[f"layers/{name}/kernel"] = (L, i, o)
-            out[f"layers/{name}/bias"] = (L, o)
-        return out
-    hq, hkv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    out = {
-        "embed/embedding": (v, d),
-        "layers/attn_norm/scale": (L, d),
-        "layers/attn/q_proj/kernel": (L, d, hq),
-        "layers/attn/k_proj/kernel": (L, d, hkv),
-        "layers/attn/v_proj/kernel": (L, d, hkv),
-        "layers/attn/o_proj/kernel": (L, hq, d),
-        "layers/mlp_norm/scale": (L, d),
-        "layers/mlp/gate_proj/kernel": (L, d, f),
-        "layers/mlp/up_proj/kernel": (L, d, f),
-        "layers/mlp/down_proj/kernel": (L, f, d),
-        "final_norm/scale": (d,),
-    }
-    if cfg.attention_bias:
-        out["layers/attn/q_proj/bias"] = (L, hq)
-        out["layers/attn/k_proj/bias"] = (L, hkv)
-        out["layers/attn/v_proj/bias"] = (L, hkv)
-    if not cfg.tie_embeddings:
-        out["lm_head/kernel"] = (d, v)
-    return out
 
 
 def open_source(path: str | os.PathLike[str]) -> GGUFSource | HFSource:
@@ -189,9 +146,10 @@ def assemble(
 ) -> Params:
     """Build the nested parameter dict from a stream of `(name, path, layer, array)`.
 
-    Checks every shape against `expected_shapes(cfg)` and that no tensor is missing or repeated.
+    Checks every shape against `models.param_shapes(cfg)` (derived from the family's
+    initializer) and that no tensor is missing or repeated.
     """
-    shapes = expected_shapes(cfg)
+    shapes = models.param_shapes(cfg)
     np_dtype = np.dtype(dtype)
     L = cfg.num_layers
     floats: dict[str, np.ndarray] = {}  # stacked float leaves, preallocated [L, ...]
@@ -242,34 +200,41 @@ def assemble(
         done[path] = _to_device(floats.pop(path))  # one leaf at a time: peak = final + 1 leaf
     for path in list(quantized):
         done[path] = jax.block_until_ready(_stack_leaves(quantized.pop(path)))
-    return unflatten_paths(done)
+    return unflatten_paths({path: done[path] for path in shapes})  # in the initializer's order
 
 
 def load_model(
-    name_or_path: str | os.PathLike[str], *, quant: Any = None, dtype: Any = jnp.float32
+    name_or_path: str | os.PathLike[str], *, quant: Any = None, dtype: Any = jnp.float32,
+    seed: int = 0,
 ) -> LoadedModel:
-    """Load a model by name (`smollm2-135m-instruct`), `.gguf` path or Hugging Face folder.
+    """Load a model by name (`smollm2-135m-instruct`, `tiny-llama`), `.gguf` path or HF folder.
 
     Args:
-      name_or_path: a key of `KNOWN_MODELS`, a `.gguf` file or a folder with `config.json`.
+      name_or_path: a key of `KNOWN_MODELS` or `RANDOM_MODELS`, a `.gguf` file or a folder
+        with `config.json`.
       quant: None for float weights; a `jaxlora.quant.QuantRules` (or a qtype string like
         "nf4" for the default rules); or a hook `(path, float32 array, layer or None) -> leaf
         or None`. It is applied to each tensor as it is read (per layer for `layers/` leaves),
         so the float model never exists in memory.
       dtype: the float dtype of leaves that are not quantized.
+      seed: the weights' seed of a random model (`RANDOM_MODELS`); unused otherwise.
 
     Returns:
-      `LoadedModel(config, params, tokenizer, source)`.
+      `LoadedModel(config, params, tokenizer, source)` (`source`: the resolved file or folder,
+      or the random model's name).
     Raises:
       ModelLoadError: a missing, corrupt or unsupported file, or tensors that do not fit.
     """
-    path = resolve(name_or_path)
-    src = open_source(path)
+    src: GGUFSource | HFSource | RandomSource
+    random = RANDOM_MODELS.get(os.fspath(name_or_path))
+    if random is not None:
+        src = random.open(os.fspath(name_or_path), seed=seed, dtype=dtype)
+    else:
+        src = open_source(resolve(name_or_path))
     # The tokenizer first: building it has a transient of ~100-250 MB (Rust BPE construction),
     # which would otherwise add to the peak on top of the loaded weights.
     tokenizer = src.tokenizer()
-    params = assemble(src.config, src.tensors(), source=str(path), dtype=dtype, quant=_as_hook(quant, dtype))
+    source = str(src.path)
+    params = assemble(src.config, src.tensors(), source=source, dtype=dtype, quant=_as_hook(quant, dtype))
     memory.return_freed_memory()  # the per-tensor conversion buffers
-    return LoadedModel(config=src.config, params=params, tokenizer=tokenizer, source=str(path))
-
-
+    return LoadedModel(config=src.config, params=params, tokenizer=tokenizer, source=source)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora import models
 from jaxlora.errors import ModelLoadError
 from jaxlora.models.config import ModelConfig
 
@@ -46,49 +47,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     out = w.shape[0]
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-
-# GGUF tensor name -> (DESIGN path, kind). kinds: "emb" (as stored), "kernel" (transpose),
-# "vec" (as stored), "q"/"k" (unpermute then transpose for llama), "qb"/"kb" (bias of q/k).
-_LLAMA_GLOBAL = {
-    "token_embd.weight": ("embed/embedding", "emb"),
-    "output_norm.weight": ("final_norm/scale", "vec"),
-    "output.weight": ("lm_head/kernel", "kernel"),
-}
-_LLAMA_BLOCK = {
-    "attn_norm.weight": ("layers/attn_norm/scale", "vec"),
-    "attn_q.weight": ("layers/attn/q_proj/kernel", "q"),
-    "attn_k.weight": ("layers/attn/k_proj/kernel", "k"),
-    "attn_v.weight": ("layers/attn/v_proj/kernel", "kernel"),
-    "attn_output.weight": ("layers/attn/o_proj/kernel", "kernel"),
-    "attn_q.bias": ("layers/attn/q_proj/bias", "qb"),
-    "attn_k.bias": ("layers/attn/k_proj/bias", "kb"),
-    "attn_v.bias": ("layers/attn/v_proj/bias", "vec"),
-    "ffn_norm.weight": ("layers/mlp_norm/scale", "vec"),
-    "ffn_gate.weight": ("layers/mlp/gate_proj/kernel", "kernel"),
-    "ffn_up.weight": ("layers/mlp/up_proj/kernel", "kernel"),
-    "ffn_down.weight": ("layers/mlp/down_proj/kernel", "kernel"),
-}
-_GPT2_GLOBAL = {
-    "token_embd.weight": ("wte/embedding", "emb"),
-    "position_embd.weight": ("wpe/embedding", "emb"),
-    "output_norm.weight": ("ln_f/scale", "vec"),
-    "output_norm.bias": ("ln_f/bias", "vec"),
-    "output.weight": (None, "tied"),  # llama.cpp writes a copy of wte; the LM head is tied
-}
-_GPT2_BLOCK = {
-    "attn_norm.weight": ("layers/ln_1/scale", "vec"),
-    "attn_norm.bias": ("layers/ln_1/bias", "vec"),
-    "attn_qkv.weight": ("layers/attn/c_attn/kernel", "kernel"),
-    "attn_qkv.bias": ("layers/attn/c_attn/bias", "vec"),
-    "attn_output.weight": ("layers/attn/c_proj/kernel", "kernel"),
-    "attn_output.bias": ("layers/attn/c_proj/bias", "vec"),
-    "ffn_norm.weight": ("layers/ln_2/scale", "vec"),
-    "ffn_norm.bias": ("layers/ln_2/bias", "vec"),
-    "ffn_up.weight": ("layers/mlp/c_fc/kernel", "kernel"),
-    "ffn_up.bias": ("layers/mlp/c_fc/bias", "vec"),
-    "ffn_down.weight": ("layers/mlp/c_proj/kernel", "kernel"),
-    "ffn_down.bias": ("layers/mlp/c_proj/bias", "vec"),
-}
 
 # --- a small, fast GGUF reader ---------------------------------------------------------------
 # gguf.GGUFReader builds a numpy memmap view for every metadata string, which takes ~10 s for
@@ -320,26 +278,26 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         cfg = self.config
-        gpt2 = self.arch == "gpt2"
-        glob, block = (_GPT2_GLOBAL, _GPT2_BLOCK) if gpt2 else (_LLAMA_GLOBAL, _LLAMA_BLOCK)
+        fam = models.family(cfg)
+        names = {t.gguf: t for t in fam.tensors}
+        tied_copy = fam.head_copy[1] if cfg.tie_embeddings else None
         permuted = self.arch in ("llama", "mistral")
         for t in self.reader.tensors:
             m = _BLOCK_RE.match(t.name)
             layer: int | None = None
             if m:
-                layer, key = int(m.group(1)), m.group(2)
-                entry = block.get(key)
+                layer = int(m.group(1))
+                entry = names.get(f"blk.{{i}}.{m.group(2)}")
                 if layer >= cfg.num_layers:
                     raise ModelLoadError(
                         f"{self.path}: tensor {t.name!r} has layer {layer} but block_count = {cfg.num_layers}"
                     )
+            elif t.name == tied_copy:
+                continue  # llama.cpp writes a copy of the tied embedding (GPT-2)
             else:
-                entry = glob.get(t.name)
+                entry = names.get(t.name)
             if entry is None:
                 raise ModelLoadError(f"{self.path}: unexpected tensor {t.name!r} for architecture {self.arch!r}")
-            path, kind = entry
-            if kind == "tied":
-                continue
             qtype = GGMLQuantizationType(t.tensor_type)
             if qtype.name not in SUPPORTED_TENSOR_TYPES:
                 raise ModelLoadError(f"{self.path}: tensor {t.name!r} has unsupported type {qtype.name}")
@@ -351,15 +309,15 @@ class GGUFSource:
                 raise ModelLoadError(
                     f"{self.path}: cannot read tensor {t.name!r} ({qtype.name}, shape {list(t.shape)}): {e}"
                 ) from None
-            if permuted and kind in ("q", "qb", "k", "kb"):
-                n = cfg.num_heads if kind in ("q", "qb") else cfg.num_kv_heads
+            if permuted and entry.rope is not None:
+                n = cfg.num_heads if entry.rope == "q" else cfg.num_kv_heads
                 if w.shape[0] % (2 * n):
                     raise ModelLoadError(
                         f"{self.path}: tensor {t.name!r} has {w.shape[0]} rows, not a multiple of 2 * {n} heads"
                     )
                 w = unpermute_qk(w, n)
-            if kind in ("q", "k", "kernel"):
+            if entry.path.endswith("/kernel"):  # GGUF keeps torch's [out, in]
                 if w.ndim != 2:
                     raise ModelLoadError(f"{self.path}: tensor {t.name!r} should be 2-D, has shape {list(w.shape)}")
                 w = w.T
-            yield t.name, path, layer, w
+            yield t.name, entry.path, layer, w

@@ -14,12 +14,14 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxlora import models
 from jaxlora.errors import ModelLoadError
-from jaxlora.models.config import ModelConfig
+from jaxlora.models import Family, ModelConfig
+from jaxlora.paths import flatten_paths
 
 __all__ = ["HFSource", "save_hf", "config_from_hf", "config_to_hf", "read_safetensors", "write_safetensors"]
 
@@ -219,37 +221,22 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 
 
 # --- tensor names ---------------------------------------------------------------------------
-# (HF name pattern with {i} for the layer, DESIGN path, transpose?)
-_LLAMA_MAP = [
-    ("model.embed_tokens.weight", "embed/embedding", False),
-    ("model.norm.weight", "final_norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-    ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
-    *[(f"model.layers.{{i}}.self_attn.{p}.weight", f"layers/attn/{p}/kernel", True) for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
-    *[(f"model.layers.{{i}}.self_attn.{p}.bias", f"layers/attn/{p}/bias", False) for p in ("q_proj", "k_proj", "v_proj")],
-    *[(f"model.layers.{{i}}.mlp.{p}.weight", f"layers/mlp/{p}/kernel", True) for p in ("gate_proj", "up_proj", "down_proj")],
-]
-_GPT2_MAP = [
-    ("wte.weight", "wte/embedding", False),
-    ("wpe.weight", "wpe/embedding", False),
-    ("ln_f.weight", "ln_f/scale", False),
-    ("ln_f.bias", "ln_f/bias", False),
-    *[(f"h.{{i}}.{n}.weight", f"layers/{n}/scale", False) for n in ("ln_1", "ln_2")],
-    *[(f"h.{{i}}.{n}.bias", f"layers/{n}/bias", False) for n in ("ln_1", "ln_2")],
-    *[(f"h.{{i}}.{n}.{w}", f"layers/{n}/{'kernel' if w == 'weight' else 'bias'}", False)
-      for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for w in ("weight", "bias")],
-]
-_GPT2_MAP = [(h, p.replace("layers/attn.", "layers/attn/").replace("layers/mlp.", "layers/mlp/"), t) for h, p, t in _GPT2_MAP]
-# Buffers some checkpoints carry that are not weights.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+# Each family's `TensorNames` table (jaxlora.models.llama / gpt2) names every path; here it is
+# compiled into readers' patterns. Kernels are transposed unless the family stores [in, out].
+class _Row(NamedTuple):
+    pattern: re.Pattern[str]  # the HF name (without the family prefix), `{i}` -> (\d+)
+    path: str
+    transpose: bool
 
 
-def _compile(table: list[tuple[str, str, bool]]) -> list[tuple[re.Pattern[str], str, bool]]:
-    return [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), p, t) for h, p, t in table]
+def _rows(fam: Family) -> list[_Row]:
+    return [_Row(re.compile("^" + re.escape(t.hf).replace(r"\{i\}", r"(\d+)") + "$"), t.path,
+                 _transposed(fam, t.path)) for t in fam.tensors]
 
 
-_LLAMA_RE, _GPT2_RE = _compile(_LLAMA_MAP), _compile(_GPT2_MAP)
+def _transposed(fam: Family, path: str) -> bool:
+    """Torch `Linear` weights are `[out, in]`; GPT-2's `Conv1D` weights already `[in, out]`."""
+    return path.endswith("/kernel") and not fam.hf_kernels_in_out
 
 
 class HFSource:
@@ -294,14 +281,16 @@ class HFSource:
 
     def tensors(self) -> Iterator[tuple[str, str, int | None, np.ndarray]]:
         """Yield `(hf_name, design_path, layer_or_None, float32 array in JAX layout)`."""
-        table = _GPT2_RE if self.config.arch == "gpt2" else _LLAMA_RE
-        tied = self.config.tie_embeddings
+        fam = models.family(self.config)
+        table, ignored, prefix = _rows(fam), re.compile(fam.hf_ignored), fam.hf_prefix
+        tied_copy = fam.head_copy[0] if self.config.tie_embeddings else None
         for file in self.files:
             for name, arr in read_safetensors(file).items():
-                key = name[len("transformer."):] if self.config.arch == "gpt2" and name.startswith("transformer.") else name
-                if _IGNORED.search(key) or (key == "lm_head.weight" and tied):
+                key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+                if ignored.search(key) or key == tied_copy:
                     continue  # a buffer, or a stored copy of the tied embedding
-                hit = next(((pat.match(key), p, t) for pat, p, t in table if pat.match(key)), None)
+                hit = next(((row.pattern.match(key), row.path, row.transpose) for row in table
+                            if row.pattern.match(key)), None)
                 if hit is None:
                     raise ModelLoadError(f"{file}: unexpected tensor {name!r} for {self.model_type}")
                 m, path, transpose = hit
@@ -353,18 +342,10 @@ def save_hf(
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}/")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(params, "")
-    table = _GPT2_MAP if config.arch == "gpt2" else _LLAMA_MAP
-    prefix = "transformer." if config.arch == "gpt2" else ""
+    flat = flatten_paths(params)
+    fam = models.family(config)
+    table = [(t.hf, t.path, _transposed(fam, t.path)) for t in fam.tensors]
+    prefix = fam.hf_prefix
     extra = sorted(set(flat) - {path for _, path, _ in table})
     if extra:
         raise ValueError(f"save_hf: parameters with no Hugging Face name: {extra}")

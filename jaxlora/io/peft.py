@@ -34,8 +34,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import lora
+from jaxlora import lora, models
 from jaxlora.errors import CheckpointError
+from jaxlora.models import Family
 
 __all__ = ["save_peft", "load_peft", "peft_module_names", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -43,38 +44,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
-# jaxlora path (under layers/ or top level) -> (HF module template, short name for target_modules)
-_MODULES: dict[str, dict[str, tuple[str, str]]] = {
-    "llama": {
-        "layers/attn/q_proj/kernel": ("model.layers.{i}.self_attn.q_proj", "q_proj"),
-        "layers/attn/k_proj/kernel": ("model.layers.{i}.self_attn.k_proj", "k_proj"),
-        "layers/attn/v_proj/kernel": ("model.layers.{i}.self_attn.v_proj", "v_proj"),
-        "layers/attn/o_proj/kernel": ("model.layers.{i}.self_attn.o_proj", "o_proj"),
-        "layers/mlp/gate_proj/kernel": ("model.layers.{i}.mlp.gate_proj", "gate_proj"),
-        "layers/mlp/up_proj/kernel": ("model.layers.{i}.mlp.up_proj", "up_proj"),
-        "layers/mlp/down_proj/kernel": ("model.layers.{i}.mlp.down_proj", "down_proj"),
-        "lm_head/kernel": ("lm_head", "lm_head"),
-    },
-    "gpt2": {
-        "layers/attn/c_attn/kernel": ("transformer.h.{i}.attn.c_attn", "c_attn"),
-        "layers/attn/c_proj/kernel": ("transformer.h.{i}.attn.c_proj", "attn.c_proj"),
-        "layers/mlp/c_fc/kernel": ("transformer.h.{i}.mlp.c_fc", "c_fc"),
-        "layers/mlp/c_proj/kernel": ("transformer.h.{i}.mlp.c_proj", "mlp.c_proj"),
-    },
-}
-_FAN_IN_FAN_OUT = {"llama": False, "gpt2": True}  # GPT-2's Conv1D stores (in, out)
-
-
-def _arch_name(arch: Any) -> str:
-    name = getattr(arch, "arch", arch)
-    if name not in _MODULES:
-        raise CheckpointError(f"PEFT: unsupported architecture {name!r} (have {sorted(_MODULES)})")
-    return name
+def _family(arch: Any) -> Family:
+    """The family record of ``arch`` ("llama" | "gpt2" or a ModelConfig)."""
+    try:
+        return models.family(arch)
+    except ValueError:
+        name = getattr(arch, "arch", arch)
+        raise CheckpointError(
+            f"PEFT: unsupported architecture {name!r} (have {sorted(models.FAMILIES)})") from None
 
 
 def peft_module_names(arch: Any) -> dict[str, str]:
     """jaxlora leaf path -> HF module name template (``{i}`` = layer index) for ``arch``."""
-    return {p: t for p, (t, _) in _MODULES[_arch_name(arch)].items()}
+    return {p: t for p, (t, _) in _family(arch).peft_modules().items()}
 
 
 def _safetensors():
@@ -125,8 +107,8 @@ def save_peft(
     Raises:
       CheckpointError: an adapter path that has no PEFT module name.
     """
-    name = _arch_name(arch)
-    table = _MODULES[name]
+    fam = _family(arch)
+    name, table = fam.arch, fam.peft_modules()
     rslora = _rslora_of(spec_or_info)
     _, save_file = _safetensors()
 
@@ -161,9 +143,20 @@ def save_peft(
     if not tensors:
         raise CheckpointError("save_peft: the adapter tree is empty")
 
+    config = _peft_config(ranks, alphas, dropouts, rslora, fam.hf_kernels_in_out, base_model_name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def _peft_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: set[float],
+                 rslora: bool, fan_in_fan_out: bool, base_model_name: str | None) -> dict[str, Any]:
+    """``adapter_config.json``: the most common rank / alpha, the others as patterns."""
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(round(v, 9) for v in alphas.values()).most_common(1)[0][0]
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name,
@@ -174,7 +167,7 @@ def save_peft(
         "rank_pattern": {k: v for k, v in sorted(ranks.items()) if v != r0},
         "alpha_pattern": {k: _num(v) for k, v in sorted(alphas.items()) if round(v, 9) != a0},
         "lora_dropout": max(dropouts) if dropouts else 0.0,
-        "fan_in_fan_out": _FAN_IN_FAN_OUT[name],
+        "fan_in_fan_out": fan_in_fan_out,  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
         "use_dora": False,
         "init_lora_weights": True,
@@ -183,11 +176,6 @@ def save_peft(
         "inference_mode": True,
         "revision": None,
     }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return folder
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -196,6 +184,122 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:
+    """(adapter config, tensors, weights path) of a PEFT folder, its options checked."""
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: not found (a PEFT adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", False), ("bias", "none")):
+        if cfg.get(key, ok) not in (ok, None):
+            raise CheckpointError(f"{cfg_path}: {key}={cfg.get(key)!r} is not supported")
+    if cfg.get("modules_to_save"):
+        raise CheckpointError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r} is not supported")
+    load_file, _ = _safetensors()
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise CheckpointError(f"{w_path}: unreadable ({type(e).__name__}: {e})") from e
+    if not tensors:
+        raise CheckpointError(f"{w_path}: contains no tensors")
+    return cfg, tensors, w_path
+
+
+_Found = dict[str, dict[int | None, dict[str, np.ndarray]]]  # path -> layer -> "A"/"B" -> tensor
+
+
+def _group_by_module(tensors: dict[str, np.ndarray], table: dict[str, tuple[str, str]],
+                     w_path: Path, arch: str) -> _Found:
+    """Sort PEFT keys into jaxlora paths and layers; a key of no module is an error."""
+    matchers = []  # HF module regex -> jaxlora path
+    for path, (template, _) in table.items():
+        rx = re.escape(template).replace(re.escape("{i}"), r"(\d+)")
+        matchers.append((re.compile(rf"^{rx}\.lora_(A|B)\.weight$"), path))
+    found: _Found = {}
+    unmapped = []
+    for key, value in tensors.items():
+        module_key = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        module_key = module_key.replace(".default.weight", ".weight")  # keys saved with adapter name
+        for rx, path in matchers:
+            m = rx.match(module_key)
+            if m:
+                layer = int(m.group(1)) if m.lastindex == 2 else None
+                found.setdefault(path, {}).setdefault(layer, {})[m.group(m.lastindex)] = value
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise CheckpointError(
+            f"{w_path}: {len(unmapped)} keys do not map to a {arch} model (another architecture?), "
+            f"e.g. {', '.join(sorted(unmapped)[:3])}"
+        )
+    return found
+
+
+def _check_layers(per_layer: dict[int | None, dict[str, np.ndarray]], template: str,
+                  n_layers: int | None, w_path: Path) -> list[int | None]:
+    """The layer ids the base has; every one must have both lora_A and lora_B, no others."""
+    layer_ids = list(range(n_layers)) if n_layers is not None else [None]
+    missing = []
+    for i in layer_ids:
+        for ab in ("A", "B"):
+            if ab not in per_layer.get(i, {}):
+                missing.append(f"{_PREFIX}{template.format(i=i)}.lora_{ab}.weight")
+    extra = [i for i in per_layer if i not in layer_ids]
+    if extra:
+        raise CheckpointError(
+            f"{w_path}: {template.format(i=extra[0])} is beyond the base's {n_layers} layers"
+        )
+    if missing:
+        raise CheckpointError(f"{w_path}: missing keys: {', '.join(missing[:4])}"
+                              + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
+    return layer_ids
+
+
+def _module_pair(path: str, per_layer: dict[int | None, dict[str, np.ndarray]], template: str,
+                 wshape: tuple[int, ...], cfg: dict[str, Any], w_path: Path,
+                 dtype: Any) -> lora.LoraPair:
+    """One module's stacked `LoraPair` from its per-layer PEFT tensors (shapes checked)."""
+    stacked = path.startswith("layers/")
+    layer_ids = _check_layers(per_layer, template, wshape[0] if stacked else None, w_path)
+    rank_pat = dict(cfg.get("rank_pattern") or {})
+    r_default = int(cfg.get("r", 8))
+    d_in = wshape[1] if stacked else wshape[0]
+    out_axes = wshape[2:] if stacked else wshape[1:]
+    d_out = int(np.prod(out_axes))
+    a_list, b_list = [], []
+    r = None
+    for i in layer_ids:
+        ta, tb = per_layer[i]["A"], per_layer[i]["B"]
+        module = template.format(i=i)
+        r_i = int(ta.shape[0]) if ta.ndim == 2 else -1
+        if r is None:
+            r = r_i
+        exp_rank = int(_pattern_value(rank_pat, module, r_default))
+        for key_ab, t, expect in (("lora_A", ta, (exp_rank, d_in)), ("lora_B", tb, (d_out, exp_rank))):
+            if tuple(t.shape) != expect:
+                raise CheckpointError(
+                    f"{w_path}: {_PREFIX}{module}.{key_ab}.weight has shape {tuple(t.shape)}, "
+                    f"expected {expect} for base {path} {list(wshape)} with r={exp_rank}"
+                )
+        a_list.append(np.asarray(ta, np.float32).T)  # [in, r]
+        b_list.append(np.asarray(tb, np.float32).T.reshape(r_i, *out_axes))  # [r, *out]
+    alpha_pat = dict(cfg.get("alpha_pattern") or {})
+    alpha = float(_pattern_value(alpha_pat, template.format(i=0), float(cfg.get("lora_alpha", 8))))
+    rslora = bool(cfg.get("use_rslora", False))
+    scale = lora.lora_scale(alpha, r, "rslora" if rslora else "standard")
+    a = np.stack(a_list) if stacked else a_list[0]
+    b = np.stack(b_list) if stacked else b_list[0]
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    return lora.LoraPair(jnp.asarray(a, dtype), jnp.asarray(b, dtype), scale=scale, dropout=dropout)
 
 
 def load_peft(
@@ -221,63 +325,11 @@ def load_peft(
         not map to this architecture, missing keys (named), or tensors whose shapes do not fit
         the base (named, expected vs got).
     """
-    name = _arch_name(arch)
-    folder = Path(folder)
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: not found (a PEFT adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", False), ("bias", "none")):
-        if cfg.get(key, ok) not in (ok, None):
-            raise CheckpointError(f"{cfg_path}: {key}={cfg.get(key)!r} is not supported")
-    if cfg.get("modules_to_save"):
-        raise CheckpointError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r} is not supported")
-    load_file, _ = _safetensors()
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types
-        raise CheckpointError(f"{w_path}: unreadable ({type(e).__name__}: {e})") from e
-    if not tensors:
-        raise CheckpointError(f"{w_path}: contains no tensors")
-
-    table = _MODULES[name]
-    # HF module regex -> jaxlora path
-    matchers = []
-    for path, (template, _) in table.items():
-        rx = re.escape(template).replace(re.escape("{i}"), r"(\d+)")
-        matchers.append((re.compile(rf"^{rx}\.lora_(A|B)\.weight$"), path))
-    found: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}
-    unmapped = []
-    for key, value in tensors.items():
-        module_key = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        module_key = module_key.replace(".default.weight", ".weight")  # keys saved with adapter name
-        for rx, path in matchers:
-            m = rx.match(module_key)
-            if m:
-                layer = int(m.group(1)) if m.lastindex == 2 else None
-                found.setdefault(path, {}).setdefault(layer, {})[m.group(m.lastindex)] = value
-                break
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise CheckpointError(
-            f"{w_path}: {len(unmapped)} keys do not map to a {name} model (another architecture?), "
-            f"e.g. {', '.join(sorted(unmapped)[:3])}"
-        )
-
+    fam = _family(arch)
+    cfg, tensors, w_path = _read_folder(Path(folder))
+    table = fam.peft_modules()
+    found = _group_by_module(tensors, table, w_path, fam.arch)
     flat_base = lora.flatten_paths(base_params)
-    rslora = bool(cfg.get("use_rslora", False))
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", 8))
-    rank_pat = dict(cfg.get("rank_pattern") or {})
-    alpha_pat = dict(cfg.get("alpha_pattern") or {})
-    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
 
     # Modules named in target_modules (a list) must be present.
     targets = cfg.get("target_modules")
@@ -295,49 +347,8 @@ def load_peft(
         template, _ = table[path]
         if path not in flat_base:
             raise CheckpointError(f"{w_path}: adapter for {template} but the base has no {path}")
-        wshape = tuple(flat_base[path].shape)
-        stacked = path.startswith("layers/")
-        n_layers = wshape[0] if stacked else None
-        layer_ids = list(range(n_layers)) if stacked else [None]
-        missing = []
-        for i in layer_ids:
-            for ab in ("A", "B"):
-                if ab not in per_layer.get(i, {}):
-                    missing.append(f"{_PREFIX}{template.format(i=i)}.lora_{ab}.weight")
-        extra = [i for i in per_layer if i not in layer_ids]
-        if extra:
-            raise CheckpointError(
-                f"{w_path}: {template.format(i=extra[0])} is beyond the base's {n_layers} layers"
-            )
-        if missing:
-            raise CheckpointError(f"{w_path}: missing keys: {', '.join(missing[:4])}"
-                                  + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
-        d_in = wshape[1] if stacked else wshape[0]
-        out_axes = wshape[2:] if stacked else wshape[1:]
-        d_out = int(np.prod(out_axes))
-        a_list, b_list = [], []
-        r = None
-        for i in layer_ids:
-            ta, tb = per_layer[i]["A"], per_layer[i]["B"]
-            module = template.format(i=i)
-            r_i = int(ta.shape[0]) if ta.ndim == 2 else -1
-            if r is None:
-                r = r_i
-            exp_rank = int(_pattern_value(rank_pat, module, r_default))
-            for key_ab, t, expect in (("lora_A", ta, (exp_rank, d_in)), ("lora_B", tb, (d_out, exp_rank))):
-                if tuple(t.shape) != expect:
-                    raise CheckpointError(
-                        f"{w_path}: {_PREFIX}{module}.{key_ab}.weight has shape {tuple(t.shape)}, "
-                        f"expected {expect} for base {path} {list(wshape)} with r={exp_rank}"
-                    )
-            a_list.append(np.asarray(ta, np.float32).T)  # [in, r]
-            b_list.append(np.asarray(tb, np.float32).T.reshape(r_i, *out_axes))  # [r, *out]
-        module0 = template.format(i=0)
-        alpha = float(_pattern_value(alpha_pat, module0, alpha_default))
-        scale = lora.lora_scale(alpha, r, "rslora" if rslora else "standard")
-        a = np.stack(a_list) if stacked else a_list[0]
-        b = np.stack(b_list) if stacked else b_list[0]
-        out[path] = lora.LoraPair(jnp.asarray(a, dtype), jnp.asarray(b, dtype), scale=scale, dropout=dropout)
+        out[path] = _module_pair(path, per_layer, template, tuple(flat_base[path].shape), cfg,
+                                 w_path, dtype)
     adapters = lora.unflatten_paths(out)
     try:
         lora.check_fit(base_params, adapters)

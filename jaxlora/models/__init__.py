@@ -1,13 +1,13 @@
 """Decoder-only language models (Llama family, GPT-2) and their functional entry points.
 
-How NNX is used: the NNX modules `Llama` and `GPT2` define the parameter *structure* and the
-*initialization* (blocks created with `nnx.vmap`, so every leaf under `layers/` is stacked on
-a leading layer axis). `init_params` builds a module and returns
-`nnx.state(model, nnx.Param).to_pure_dict()`: a plain nested dict with exactly the paths of
-docs/DESIGN.md. Everything after that is pure functions over that dict (`forward`, `logits`,
-`decode_step`), so parameter leaves may be float arrays, `quant.QTensor`s or the
-`lora.LoraWeight` views that `lora.attach` puts in place -- no NNX graph has to carry them
-through `jit` / `lax.scan`. Every projection and embedding goes through `jaxlora.lora`.
+Each architecture is declared once, as a `Family` record (`record.py`; `llama.FAMILY`,
+`gpt2.FAMILY`): its initializer, the parameter shapes derived from it, the checkpoint names of
+every parameter path, the paths the LM head reads. `family(cfg)` returns it; the loaders, the
+exports and the loss read it. `init_params` returns a plain nested dict with exactly the paths
+of docs/DESIGN.md (every leaf under `layers/` stacked on a leading layer axis). Everything after
+that is pure functions over that dict (`forward`, `logits`, `decode_step`), so parameter leaves
+may be float arrays, `quant.QTensor`s or the `lora.LoraWeight` views that `lora.attach` puts
+in place. Every projection and embedding goes through `jaxlora.lora`.
 
 Example:
   >>> cfg = ModelConfig.tiny_llama()
@@ -18,23 +18,27 @@ Example:
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxlora import lora
-from jaxlora.models import common, gpt2, llama
+from jaxlora.models import common, gpt2, llama, record
 from jaxlora.models.common import KVCache
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.gpt2 import GPT2
-from jaxlora.models.llama import Llama
+from jaxlora.models.record import Family, TensorNames
+from jaxlora.paths import flatten_paths, unflatten_paths
 
 __all__ = [
     "ModelConfig",
-    "Llama",
-    "GPT2",
+    "Family",
+    "TensorNames",
+    "FAMILIES",
+    "family",
+    "param_shapes",
+    "head_adapters",
     "Params",
     "KVCache",
     "init_params",
@@ -47,16 +51,34 @@ __all__ = [
 Array = jax.Array
 Params = lora.Params
 
-_ARCH = {"llama": llama, "gpt2": gpt2}
-_MODULES = {"llama": Llama, "gpt2": GPT2}
+FAMILIES: dict[str, Family] = {f.arch: f for f in (llama.FAMILY, gpt2.FAMILY)}
 
 
-def _arch(cfg: ModelConfig):
-    try:
-        return _ARCH[cfg.arch]
-    except KeyError:
-        raise ValueError(f"ModelConfig.arch: unknown architecture {cfg.arch!r} "
-                         f"(expected one of {sorted(_ARCH)})") from None
+def family(cfg: ModelConfig | str) -> Family:
+    """The record of `cfg`'s architecture (or of an arch name: "llama" | "gpt2")."""
+    arch = getattr(cfg, "arch", cfg)
+    fam = FAMILIES.get(arch) if isinstance(arch, str) else None
+    if fam is None:
+        raise ValueError(f"ModelConfig.arch: unknown architecture {arch!r} "
+                         f"(expected one of {sorted(FAMILIES)})")
+    return fam
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """DESIGN.md path -> full leaf shape of `cfg`'s parameters (leading `L` under `layers/`)."""
+    return family(cfg).shapes(cfg)
+
+
+def head_adapters(cfg: ModelConfig, adapters: Any) -> Any:
+    """The sub-tree of `adapters` that reaches the logits through the LM head (None if None).
+
+    The loss pulls the logits' gradient back through the head itself; these are the adapters
+    whose gradient that pullback gives.
+    """
+    if adapters is None:
+        return None
+    heads = family(cfg).head_paths(cfg)
+    return unflatten_paths({p: a for p, a in flatten_paths(adapters).items() if p in heads})
 
 
 def init_params(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Params:
@@ -64,15 +86,23 @@ def init_params(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Param
 
     Returns a nested dict with the docs/DESIGN.md paths; leaves under `layers/` are `[L, ...]`.
     """
-    _arch(cfg)
+    family(cfg)
     return _init_params_jit(cfg, key, jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _init_params_jit(cfg: ModelConfig, key: Array, dtype: Any) -> Params:
-    # Jitted: one compiled program instead of hundreds of eagerly dispatched NNX init ops.
-    model = _MODULES[cfg.arch](cfg, dtype=dtype, rngs=nnx.Rngs(params=key))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # Jitted: one compiled program instead of hundreds of eagerly dispatched init ops.
+    return family(cfg).init(cfg, key, dtype)
+
+
+def _head(cfg: ModelConfig, params: Params, hidden: Array) -> Array:
+    """LM head on final hidden states `[..., d]` -> float32 logits `[..., V]`."""
+    (path,) = family(cfg).head_paths(cfg)
+    table = functools.reduce(operator.getitem, path.split("/"), params)
+    if path == record.LM_HEAD:
+        return lora.linear(hidden, table).astype(jnp.float32)
+    return lora.attend(hidden, table).astype(jnp.float32)
 
 
 def _positions(tokens: Array, segment_ids: Array | None, positions: Array | None) -> Array:
@@ -109,29 +139,29 @@ def forward(cfg: ModelConfig, params: Params, tokens: Array, *, adapters: Any = 
     Returns:
       logits [B, T, V] float32, or hidden [B, T, d] with `return_hidden=True`.
     """
-    arch = _arch(cfg)
+    fam = family(cfg)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"forward: tokens must be [batch, seq], got shape {tokens.shape}")
-    if cfg.arch == "gpt2" and tokens.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"forward: sequence length {tokens.shape[1]} exceeds GPT-2's "
-                         f"{cfg.max_position_embeddings} learned positions")
+    if fam.learned_positions and tokens.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"forward: sequence length {tokens.shape[1]} exceeds the "
+                         f"{cfg.max_position_embeddings} learned positions of {cfg.arch}")
     if adapters is not None:
         params = lora.attach(params, adapters, dropout_key)
     pos = _positions(tokens, segment_ids, positions)
     mask = common.new_token_mask(tokens.shape[0], tokens.shape[1], segment_ids)
-    hidden, _ = arch.apply(cfg, params, tokens, pos, mask, None, compute_dtype=compute_dtype,
+    hidden, _ = fam.apply(cfg, params, tokens, pos, mask, None, compute_dtype=compute_dtype,
                            remat=remat, scan=scan_layers)
     if return_hidden:
         return hidden
-    return arch.head(cfg, params, hidden)
+    return _head(cfg, params, hidden)
 
 
 def logits(cfg: ModelConfig, params: Params, hidden: Array, adapters: Any = None) -> Array:
     """The LM head on final hidden states `[..., d]` -> float32 logits `[..., V]`."""
     if adapters is not None:
         params = lora.attach(params, adapters)
-    return _arch(cfg).head(cfg, params, hidden)
+    return _head(cfg, params, hidden)
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: Any = jnp.float32) -> KVCache:
@@ -156,14 +186,14 @@ def decode_step(cfg: ModelConfig, params: Params, tokens: Array, positions: Arra
     Returns:
       (logits of the last new token [B, V] float32, updated cache).
     """
-    arch = _arch(cfg)
+    fam = family(cfg)
     if adapters is not None:
         params = lora.attach(params, adapters)
     b, t = tokens.shape
     if token_valid is None:
         token_valid = jnp.ones((b, t), bool)
     mask = common.new_token_mask(b, t, None, token_valid)
-    hidden, (k, v) = arch.apply(cfg, params, tokens, positions, mask, cache,
+    hidden, (k, v) = fam.apply(cfg, params, tokens, positions, mask, cache,
                                 compute_dtype=compute_dtype)
     cache = common.write_cache(cache, k, v, token_valid)
-    return arch.head(cfg, params, hidden[:, -1]), cache
+    return _head(cfg, params, hidden[:, -1]), cache

@@ -1,9 +1,9 @@
 """GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm, fused qkv, GELU (tanh) MLP.
 
-Same two views as `llama.py`: the NNX module `GPT2` defines the parameter structure of
-docs/DESIGN.md (blocks stacked by `nnx.vmap`), `apply` is the pure forward over the nested
-dict, calling only `jaxlora.lora.linear` / `embed` / `attend` on parameter leaves. The LM head
-is always tied to `wte`.
+Same shape as `llama.py`: `FAMILY` is the record (`layout` / `init` give the parameter
+structure of docs/DESIGN.md, blocks stacked on L; `TENSORS` the checkpoint names), `apply` the
+pure forward over the nested dict, calling only `jaxlora.lora.linear` / `embed` / `attend` on
+parameter leaves. The LM head is always tied to `wte`.
 """
 
 from __future__ import annotations
@@ -12,84 +12,55 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora import lora
 from jaxlora.models import common
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.record import Family, Layout, TensorNames, init_layout
 
-__all__ = ["GPT2", "apply", "head"]
+__all__ = ["FAMILY", "TENSORS", "layout", "init", "apply"]
 
 Array = jax.Array
 Params = dict[str, Any]
 
-_INIT_STD = 0.02
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.arch != "gpt2":
+        raise ValueError(f"GPT2: config arch is {cfg.arch!r}, expected 'gpt2'")
+    if cfg.num_heads * cfg.head_dim != cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads:
+        raise ValueError("GPT2: needs num_heads * head_dim == hidden_size and "
+                         "num_kv_heads == num_heads")
 
 
-def _dense(n_in: int, n_out: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=True, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+def _dense(path: str, n_in: int, n_out: int) -> Layout:
+    return {f"{path}/kernel": ("normal", (n_in, n_out)), f"{path}/bias": ("zeros", (n_out,))}
 
 
-def _ln(d: int, eps: float, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(d, epsilon=eps, param_dtype=dtype, rngs=rngs)
+def _ln(path: str, d: int) -> Layout:
+    return {f"{path}/scale": ("ones", (d,)), f"{path}/bias": ("zeros", (d,))}
 
 
-class _Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.c_attn = _dense(d, 3 * d, dtype, rngs)
-        self.c_proj = _dense(d, d, dtype, rngs)
+def layout(cfg: ModelConfig) -> Layout:
+    """Every parameter of `cfg`, in the order that fixes the random stream (`record.py`)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "wte/embedding": ("normal", (cfg.vocab_size, d)),
+        "wpe/embedding": ("normal", (cfg.max_position_embeddings, d)),
+        **_ln("layers/ln_1", d),
+        **_dense("layers/attn/c_attn", d, 3 * d),
+        **_dense("layers/attn/c_proj", d, d),
+        **_ln("layers/ln_2", d),
+        **_dense("layers/mlp/c_fc", d, f),
+        **_dense("layers/mlp/c_proj", f, d),
+        **_ln("ln_f", d),
+    }
 
 
-class _MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.c_fc = _dense(d, f, dtype, rngs)
-        self.c_proj = _dense(f, d, dtype, rngs)
-
-
-class _Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.ln_1 = _ln(d, cfg.norm_eps, dtype, rngs)
-        self.attn = _Attention(cfg, dtype, rngs)
-        self.ln_2 = _ln(d, cfg.norm_eps, dtype, rngs)
-        self.mlp = _MLP(cfg, dtype, rngs)
-
-
-class GPT2(nnx.Module):
-    """GPT-2 decoder as an NNX module (structure + initialization); see `Llama`."""
-
-    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if cfg.arch != "gpt2":
-            raise ValueError(f"GPT2: config arch is {cfg.arch!r}, expected 'gpt2'")
-        if cfg.num_heads * cfg.head_dim != cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads:
-            raise ValueError("GPT2: needs num_heads * head_dim == hidden_size and "
-                             "num_kv_heads == num_heads")
-        self.config = cfg
-        d = cfg.hidden_size
-        init = nnx.initializers.normal(_INIT_STD)
-        self.wte = nnx.Embed(cfg.vocab_size, d, param_dtype=dtype, embedding_init=init, rngs=rngs)
-        self.wpe = nnx.Embed(cfg.max_position_embeddings, d, param_dtype=dtype,
-                             embedding_init=init, rngs=rngs)
-
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def make_layers(rngs: nnx.Rngs) -> _Block:
-            return _Block(cfg, dtype, rngs)
-
-        self.layers = make_layers(rngs)
-        self.ln_f = _ln(d, cfg.norm_eps, dtype, rngs)
-
-    def params(self) -> Params:
-        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
-
-    def __call__(self, tokens: Array, **kwargs: Any) -> Array:
-        from jaxlora.models import forward
-
-        return forward(self.config, self.params(), tokens, **kwargs)
+def init(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters: normal(0.02) kernels and embeddings, zero biases, unit LN scales."""
+    _check(cfg)
+    return init_layout(layout(cfg), key, cfg.num_layers, dtype)
 
 
 def _block(cfg: ModelConfig, x: Array, p: Params, mask: Array,
@@ -126,6 +97,33 @@ def apply(cfg: ModelConfig, params: Params, tokens: Array, positions: Array, mas
     return x, kv
 
 
-def head(cfg: ModelConfig, params: Params, hidden: Array) -> Array:
-    """Tied LM head: float32 logits `[..., V]`."""
-    return lora.attend(hidden, params["wte"]["embedding"]).astype(jnp.float32)
+def _layer(path: str, hf: str, gguf: str, peft: str | None = None) -> TensorNames:
+    return TensorNames(f"layers/{path}", f"h.{{i}}.{hf}", f"blk.{{i}}.{gguf}", peft=peft)
+
+
+def _layer_pair(path: str, hf: str, gguf: str, peft: str | None = None) -> tuple[TensorNames, ...]:
+    """A Conv1D / LayerNorm: kernel or scale (`.weight`) and bias."""
+    first = "scale" if path.startswith("ln_") else "kernel"
+    return (_layer(f"{path}/{first}", f"{hf}.weight", f"{gguf}.weight", peft),
+            _layer(f"{path}/bias", f"{hf}.bias", f"{gguf}.bias"))
+
+
+# In the order a Hugging Face folder is written.
+TENSORS: tuple[TensorNames, ...] = (
+    TensorNames("wte/embedding", "wte.weight", "token_embd.weight"),
+    TensorNames("wpe/embedding", "wpe.weight", "position_embd.weight"),
+    TensorNames("ln_f/scale", "ln_f.weight", "output_norm.weight"),
+    TensorNames("ln_f/bias", "ln_f.bias", "output_norm.bias"),
+    *_layer_pair("ln_1", "ln_1", "attn_norm"),
+    *_layer_pair("ln_2", "ln_2", "ffn_norm"),
+    *_layer_pair("attn/c_attn", "attn.c_attn", "attn_qkv", peft="c_attn"),
+    *_layer_pair("attn/c_proj", "attn.c_proj", "attn_output", peft="attn.c_proj"),
+    *_layer_pair("mlp/c_fc", "mlp.c_fc", "ffn_up", peft="c_fc"),
+    *_layer_pair("mlp/c_proj", "mlp.c_proj", "ffn_down", peft="mlp.c_proj"),
+)
+
+FAMILY = Family(
+    arch="gpt2", init=init, apply=apply, tensors=TENSORS, embedding="wte/embedding",
+    can_untie=False, learned_positions=True, hf_prefix="transformer.", hf_kernels_in_out=True,
+    hf_ignored=r"\.attn\.(bias|masked_bias)$",
+)

@@ -4,13 +4,12 @@ Pre-norm decoder: RMSNorm, rotary position embeddings (optionally Llama 3 scaled
 grouped-query attention (optional q/k/v bias for Qwen2), SwiGLU MLP (Shazeer 2020), tied or
 untied LM head.
 
-Two views of one model:
-- `Llama` (Flax NNX) owns the *structure and initialization*: its `nnx.Param` tree, read with
-  `nnx.state(model, nnx.Param).to_pure_dict()`, has exactly the paths of docs/DESIGN.md, the
-  blocks created by `nnx.vmap` so every leaf under `layers/` is stacked on a leading axis L.
-- `apply` is the pure forward over such a nested dict. It never touches NNX, so the same code
-  runs on float arrays, `QTensor` leaves and `LoraWeight` views inside one `lax.scan`: every
-  projection and embedding goes through `jaxlora.lora.linear` / `embed` / `attend`.
+`FAMILY` is the architecture's record (`record.py`): `layout` / `init` define the parameter
+structure of docs/DESIGN.md (every leaf under `layers/` stacked on a leading axis L), `TENSORS`
+names each path in the checkpoint formats. `apply` is the pure forward over the nested dict, so
+the same code runs on float arrays, `QTensor` leaves and `LoraWeight` views inside one
+`lax.scan`: every projection and embedding goes through `jaxlora.lora.linear` / `embed` /
+`attend`.
 """
 
 from __future__ import annotations
@@ -19,87 +18,60 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora import lora
 from jaxlora.models import common
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.record import LM_HEAD, Family, Layout, TensorNames, init_layout
 
-__all__ = ["Llama", "apply", "head"]
+__all__ = ["FAMILY", "TENSORS", "layout", "init", "apply"]
 
 Array = jax.Array
 Params = dict[str, Any]
 
-_INIT_STD = 0.02
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.arch != "llama":
+        raise ValueError(f"Llama: config arch is {cfg.arch!r}, expected 'llama'")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"Llama: num_heads {cfg.num_heads} is not a multiple of "
+                         f"num_kv_heads {cfg.num_kv_heads}")
 
 
-def _dense(n_in: int, n_out: int, bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=bias, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+def _dense(path: str, n_in: int, n_out: int, bias: bool) -> Layout:
+    out: Layout = {f"{path}/kernel": ("normal", (n_in, n_out))}
+    if bias:
+        out[f"{path}/bias"] = ("zeros", (n_out,))
+    return out
 
 
-class _Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
-        d, hd, b = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = _dense(d, cfg.num_heads * hd, b, dtype, rngs)
-        self.k_proj = _dense(d, cfg.num_kv_heads * hd, b, dtype, rngs)
-        self.v_proj = _dense(d, cfg.num_kv_heads * hd, b, dtype, rngs)
-        self.o_proj = _dense(cfg.num_heads * hd, d, False, dtype, rngs)
+def layout(cfg: ModelConfig) -> Layout:
+    """Every parameter of `cfg`, in the order that fixes the random stream (`record.py`)."""
+    d, v, f, b = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.attention_bias
+    hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out: Layout = {
+        "embed/embedding": ("normal", (v, d)),
+        "layers/attn_norm/scale": ("ones", (d,)),
+        **_dense("layers/attn/q_proj", d, hq, b),
+        **_dense("layers/attn/k_proj", d, hkv, b),
+        **_dense("layers/attn/v_proj", d, hkv, b),
+        **_dense("layers/attn/o_proj", hq, d, False),
+        "layers/mlp_norm/scale": ("ones", (d,)),
+        **_dense("layers/mlp/gate_proj", d, f, False),
+        **_dense("layers/mlp/up_proj", d, f, False),
+        **_dense("layers/mlp/down_proj", f, d, False),
+        "final_norm/scale": ("ones", (d,)),
+    }
+    if not cfg.tie_embeddings:
+        out[LM_HEAD] = ("normal", (d, v))
+    return out
 
 
-class _MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _dense(d, f, False, dtype, rngs)
-        self.up_proj = _dense(d, f, False, dtype, rngs)
-        self.down_proj = _dense(f, d, False, dtype, rngs)
-
-
-class _Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.attn_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, param_dtype=dtype, rngs=rngs)
-        self.attn = _Attention(cfg, dtype, rngs)
-        self.mlp_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, param_dtype=dtype, rngs=rngs)
-        self.mlp = _MLP(cfg, dtype, rngs)
-
-
-class Llama(nnx.Module):
-    """Llama-family decoder as an NNX module (structure + initialization).
-
-    `model.params()` returns the pure parameter dict; `model(tokens, **kw)` runs the
-    functional `jaxlora.models.forward` on it (same keyword arguments).
-    """
-
-    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if cfg.arch != "llama":
-            raise ValueError(f"Llama: config arch is {cfg.arch!r}, expected 'llama'")
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise ValueError(f"Llama: num_heads {cfg.num_heads} is not a multiple of "
-                             f"num_kv_heads {cfg.num_kv_heads}")
-        self.config = cfg
-        d = cfg.hidden_size
-        self.embed = nnx.Embed(cfg.vocab_size, d, param_dtype=dtype,
-                               embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
-
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def make_layers(rngs: nnx.Rngs) -> _Block:
-            return _Block(cfg, dtype, rngs)
-
-        self.layers = make_layers(rngs)
-        self.final_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, param_dtype=dtype, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.lm_head = _dense(d, cfg.vocab_size, False, dtype, rngs)
-
-    def params(self) -> Params:
-        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
-
-    def __call__(self, tokens: Array, **kwargs: Any) -> Array:
-        from jaxlora.models import forward
-
-        return forward(self.config, self.params(), tokens, **kwargs)
+def init(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters: normal(0.02) kernels and embedding, zero biases, unit norm scales."""
+    _check(cfg)
+    return init_layout(layout(cfg), key, cfg.num_layers, dtype)
 
 
 def _block(cfg: ModelConfig, x: Array, p: Params, cos: Array, sin: Array, mask: Array,
@@ -147,10 +119,32 @@ def apply(cfg: ModelConfig, params: Params, tokens: Array, positions: Array, mas
     return x, kv
 
 
-def head(cfg: ModelConfig, params: Params, hidden: Array) -> Array:
-    """LM head on final hidden states `[..., d]` -> float32 logits `[..., V]`."""
-    if cfg.tie_embeddings:
-        out = lora.attend(hidden, params["embed"]["embedding"])
-    else:
-        out = lora.linear(hidden, params["lm_head"]["kernel"])
-    return out.astype(jnp.float32)
+def _layer(path: str, hf: str, gguf: str, **kw: Any) -> TensorNames:
+    return TensorNames(f"layers/{path}", f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", **kw)
+
+
+# In the order a Hugging Face folder is written.
+TENSORS: tuple[TensorNames, ...] = (
+    TensorNames("embed/embedding", "model.embed_tokens.weight", "token_embd.weight"),
+    TensorNames("final_norm/scale", "model.norm.weight", "output_norm.weight"),
+    TensorNames(LM_HEAD, "lm_head.weight", "output.weight", peft="lm_head"),
+    _layer("attn_norm/scale", "input_layernorm.weight", "attn_norm.weight"),
+    _layer("mlp_norm/scale", "post_attention_layernorm.weight", "ffn_norm.weight"),
+    _layer("attn/q_proj/kernel", "self_attn.q_proj.weight", "attn_q.weight", peft="q_proj",
+           rope="q"),
+    _layer("attn/k_proj/kernel", "self_attn.k_proj.weight", "attn_k.weight", peft="k_proj",
+           rope="k"),
+    _layer("attn/v_proj/kernel", "self_attn.v_proj.weight", "attn_v.weight", peft="v_proj"),
+    _layer("attn/o_proj/kernel", "self_attn.o_proj.weight", "attn_output.weight", peft="o_proj"),
+    _layer("attn/q_proj/bias", "self_attn.q_proj.bias", "attn_q.bias", rope="q"),
+    _layer("attn/k_proj/bias", "self_attn.k_proj.bias", "attn_k.bias", rope="k"),
+    _layer("attn/v_proj/bias", "self_attn.v_proj.bias", "attn_v.bias"),
+    _layer("mlp/gate_proj/kernel", "mlp.gate_proj.weight", "ffn_gate.weight", peft="gate_proj"),
+    _layer("mlp/up_proj/kernel", "mlp.up_proj.weight", "ffn_up.weight", peft="up_proj"),
+    _layer("mlp/down_proj/kernel", "mlp.down_proj.weight", "ffn_down.weight", peft="down_proj"),
+)
+
+FAMILY = Family(
+    arch="llama", init=init, apply=apply, tensors=TENSORS, embedding="embed/embedding",
+    can_untie=True, learned_positions=False, hf_ignored=r"rotary_emb\.inv_freq$",
+)
