@@ -93,46 +93,18 @@ class OpenRun(NamedTuple):
 # From the config to the pieces of a run
 # --------------------------------------------------------------------------------------------
 def load_base(cfg: Config) -> Loaded:
-    """Load (or, for `tiny-*` names, randomly initialize) the base and quantize it.
+    """Load the base and quantize it (`tiny-*` names: random weights from the train seed).
 
-    Real checkpoints are quantized tensor by tensor while they are read, so the float model
-    never exists whole in host memory.
+    Checkpoints are quantized tensor by tensor while they are read, so the float model never
+    exists whole in host memory.
     """
     from jaxlora import io
 
     rules = cfg.quant
-    dtype = DTYPES[cfg.model.param_dtype]
-    name = cfg.model.name
-    if name in _TINY:
-        mcfg, tokenizer = _TINY[name]()
-        params = models.init_params(mcfg, jax.random.key(cfg.train.seed), dtype=dtype)
-        base, report = quant.quantize_tree(params, rules)
-        return Loaded(mcfg, base, tokenizer, name, report)
-    loaded = io.load_model(name, quant=None if rules.qtype == "none" else rules, dtype=dtype)
-    report = quant.report(loaded.params)
-    return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source, report)
-
-
-_TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
-
-
-def _tiny(arch: str):
-    def build():
-        from jaxlora.io import Tokenizer
-
-        tokenizer = Tokenizer.byte_level(_TINY_CHAT_TEMPLATE)
-        vocab = tokenizer.vocab_size
-        make = models.ModelConfig.tiny_llama if arch == "llama" else models.ModelConfig.tiny_gpt2
-        mcfg = make(vocab_size=vocab, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
-        return mcfg, tokenizer
-
-    return build
-
-
-_TINY = {"tiny-llama": _tiny("llama"), "tiny-gpt2": _tiny("gpt2")}
+    loaded = io.load_model(cfg.model.name, quant=None if rules.qtype == "none" else rules,
+                           dtype=DTYPES[cfg.model.param_dtype], seed=cfg.train.seed)
+    return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source,
+                  quant.report(loaded.params))
 
 
 def _lr(cfg: Config, step: int) -> float:

@@ -111,8 +111,7 @@ def chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: Ar
     """
     h, t, m = _chunks(hidden, targets, mask, chunk)
     chunk = h.shape[1]
-    # Only the head's adapters (the tied embedding or lm_head) reach the logits.
-    head_ad = None if adapters is None else {k: v for k, v in adapters.items() if k != "layers"}
+    head_ad = models.head_adapters(mcfg, adapters)  # only these reach the logits
     h_sg, ad_sg = jax.lax.stop_gradient((h, head_ad))
 
     if not differentiable:
