@@ -56,16 +56,9 @@ Determinism and resumption
 Errors are `jaxlora.errors.DataError` with one line naming the file (and line).
 """
 
-from jaxlora.data.dataset import DataIterator, Dataset, Datasets, load_datasets
+from jaxlora.data.dataset import DataIterator, Dataset, Datasets, DataStats, load_datasets
 from jaxlora.data.sources import resolve_sources
-from jaxlora.data.spec import (
-    Batch,
-    DataConfig,
-    DataStats,
-    IteratorState,
-    TokenizerLike,
-    check_seq_len,
-)
+from jaxlora.data.spec import Batch, DataConfig, IteratorState, TokenizerLike, check_seq_len
 
 __all__ = [
     "Batch",

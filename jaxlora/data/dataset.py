@@ -1,8 +1,9 @@
 """Documents -> batches: the row layout of an epoch, `Dataset`, its iterator, and the split.
 
 `load_datasets` indexes the corpus and splits it by document into `Datasets`; a `Dataset`
-lays out each epoch from token lengths alone and builds any batch ``(epoch, index)`` directly
-(packing, masks and resumption as the `jaxlora.data` docstring describes).
+(counted by its `DataStats`) lays out each epoch from token lengths alone and builds any
+batch ``(epoch, index)`` directly (packing, masks and resumption as the `jaxlora.data`
+docstring describes).
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ import numpy as np
 
 from jaxlora.data.documents import DocIndex, index_documents, read_document, tokenize_document
 from jaxlora.data.sources import resolve_sources
-from jaxlora.data.spec import (
-    Batch,
-    DataConfig,
-    DataStats,
-    IteratorState,
-    TokenizerLike,
-    check_seq_len,
-)
+from jaxlora.data.spec import Batch, DataConfig, IteratorState, TokenizerLike, check_seq_len
 from jaxlora.errors import DataError
 
-__all__ = ["DataIterator", "Dataset", "Datasets", "load_datasets"]
+__all__ = ["DataIterator", "DataStats", "Dataset", "Datasets", "load_datasets"]
 
 _CACHE_DOCS = 64  # tokenized documents kept in the LRU cache
+
+
+class DataStats(NamedTuple):
+    """What one split holds, counted when it is loaded (`Dataset.stats`)."""
+
+    files: int  # files that contributed documents
+    skipped_files: int  # files skipped for invalid UTF-8 (while scanning this split's sources)
+    documents: int
+    empty_documents: int  # documents that tokenized to nothing (dropped)
+    tokens: int  # including one EOS per document
+    target_tokens: int  # labelled tokens (those that may carry loss)
+    sequences: int  # rows per epoch
+    batches: int  # batches per epoch
 
 
 class _Layout(NamedTuple):

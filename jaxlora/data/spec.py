@@ -1,8 +1,8 @@
 """What the data pipeline takes and gives: its config, the tokenizer it needs, batches, state.
 
 `DataConfig` is the ``[data]`` table; `Batch` is one packed batch; `IteratorState` is where a
-training iterator stands (saved in checkpoints); `DataStats` counts a split. The layout these
-describe is in the `jaxlora.data` docstring.
+training iterator stands (saved in checkpoints). The layout these describe is in the
+`jaxlora.data` docstring.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from jaxlora.errors import DataError
 __all__ = [
     "Batch",
     "DataConfig",
-    "DataStats",
     "IteratorState",
     "TokenizerLike",
     "check_seq_len",
@@ -116,17 +115,6 @@ class IteratorState(NamedTuple):
     @classmethod
     def from_dict(cls, d: Mapping[str, int]) -> IteratorState:
         return cls(int(d["epoch"]), int(d["index"]))
-
-
-class DataStats(NamedTuple):
-    files: int  # files that contributed documents
-    skipped_files: int  # files skipped for invalid UTF-8 (while scanning this split's sources)
-    documents: int
-    empty_documents: int  # documents that tokenized to nothing (dropped)
-    tokens: int  # including one EOS per document
-    target_tokens: int  # labelled tokens (those that may carry loss)
-    sequences: int  # rows per epoch
-    batches: int  # batches per epoch
 
 
 def check_seq_len(seq_len: int, max_positions: int) -> None:
