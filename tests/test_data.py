@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxlora import data
-from jaxlora.data import Batch, DataConfig, IteratorState, load_datasets, resolve_sources
+from jaxlora.data import Batch, DataConfig, IteratorState, documents, load_datasets, resolve_sources
 from jaxlora.errors import DataError
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -561,7 +561,7 @@ def test_unreadable_file(tmp_path, tok, monkeypatch):
             raise PermissionError(13, "Permission denied", p)
         return real_open(p, *args, **kwargs)
 
-    monkeypatch.setattr(data, "open", fake_open, raising=False)
+    monkeypatch.setattr(documents, "open", fake_open, raising=False)
     with pytest.raises(DataError, match=r"locked\.txt: cannot read: Permission denied"):
         load_datasets(DataConfig(sources=(path,), validation_fraction=0.0, seq_len=512), tok)
 
