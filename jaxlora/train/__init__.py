@@ -38,34 +38,13 @@ from jaxlora.train.step import (
 )
 
 __all__ = [
-    "step",
-    "loop",
-    "runs",
+    "step", "loop", "runs",
     # the step
-    "TrainState",
-    "StepMetrics",
-    "NonFiniteError",
-    "init_state",
-    "chunked_xent",
-    "loss_and_count",
-    "make_train_step",
-    "compile_step",
-    "make_eval_step",
-    "evaluate",
+    "TrainState", "StepMetrics", "NonFiniteError", "init_state", "chunked_xent",
+    "loss_and_count", "make_train_step", "compile_step", "make_eval_step", "evaluate",
     # the loop
-    "StepInfo",
-    "Hook",
-    "train_loop",
+    "StepInfo", "Hook", "train_loop",
     # run directories
-    "Loaded",
-    "Setup",
-    "OpenRun",
-    "load_base",
-    "make_datasets",
-    "setup",
-    "run",
-    "open_run",
-    "evaluate_run",
-    "load_for_inference",
-    "describe",
+    "Loaded", "Setup", "OpenRun", "load_base", "make_datasets", "setup", "run", "open_run",
+    "evaluate_run", "load_for_inference", "describe",
 ]
