@@ -13,6 +13,7 @@ The map of the library, one module per concept:
     io          GGUF / safetensors loading (streaming, quantized on load), tokenizer, PEFT
     data        corpora -> packed, loss-masked, resumable batches
     train       the pure steps, the loop with hooks, run directories
+    sharding    device meshes (data, fsdp, tensor), partition rules, multi-host
     generate    KV-cache decoding, with or without adapters
     multi       several adapters over one base, one per batch row
     checkpoint  Orbax checkpoints of adapters and train state; the base by fingerprint
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 _MODULES = (
     "checkpoint", "config", "data", "errors", "export", "generate", "io", "lora", "memory",
-    "models", "multi", "optim", "paths", "quant", "sweep", "train",
+    "models", "multi", "optim", "paths", "quant", "sharding", "sweep", "train",
 )
 # The few names a notebook reaches for, and the module that defines each.
 _NAMES = {

@@ -6,9 +6,10 @@ so there is nothing to copy field by field::
 
     [lora]   -> jaxlora.lora.LoraSpec        [quant] -> jaxlora.quant.QuantRules
     [data]   -> jaxlora.data.DataConfig      [optim] -> jaxlora.optim.OptimSpec
+    [sharding] -> jaxlora.sharding.ShardingSpec
 
-and the run-only sections (``[model]``, ``[train]``, ``[eval]``, ``[checkpoint]``,
-``[sharding]``) are declared here. Every field's default, one-line doc and checks are its
+and the run-only sections (``[model]``, ``[train]``, ``[eval]``, ``[checkpoint]``) are
+declared here. Every field's default, one-line doc and checks are its
 dataclass field metadata (`jaxlora.schema.field`); :func:`describe` renders them all.
 
     cfg = load_config("experiments/qlora_smollm2.toml", overrides=["lora.rank=32"])
@@ -32,7 +33,6 @@ import difflib
 import hashlib
 import json
 import os
-import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +46,7 @@ from jaxlora.models.common import REMAT_POLICIES
 from jaxlora.optim import OptimSpec
 from jaxlora.quant import QuantRules
 from jaxlora.schema import FLOAT_DTYPES, field
+from jaxlora.sharding.spec import ShardingSpec
 
 __all__ = [
     "Config",
@@ -53,7 +54,6 @@ __all__ = [
     "TrainSection",
     "EvalSection",
     "CheckpointSection",
-    "ShardingSection",
     "SECTIONS",
     "Overrides",
     "load_config",
@@ -76,29 +76,6 @@ __all__ = [
 Overrides = Sequence[str] | Mapping[str, Any]
 """``["lora.rank=32", ...]`` (values parsed as TOML literals) or ``{"lora.rank": 32}``."""
 
-_DEFAULT_MESH = (("data", -1),)
-_NO_SHARDING = "sharding is not implemented yet (only mesh = {data = -1}, strategy = 'data' run)"
-
-
-def _mesh_check(mesh: tuple[tuple[str, int], ...]) -> str | None:
-    if not mesh:
-        return "needs at least one axis, e.g. {data = -1}"
-    for axis, size in mesh:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", axis):
-            return f"axis name {axis!r} is not an identifier"
-        if size != -1 and size < 1:
-            return f"axis {axis!r} has size {size}; sizes are >= 1, or -1 for 'the rest'"
-    if sum(size == -1 for _, size in mesh) > 1:
-        return "at most one axis may have size -1"
-    if mesh != _DEFAULT_MESH:
-        return f"{schema.toml_value(dict(mesh))} is refused: {_NO_SHARDING}"
-    return None
-
-
-def _strategy_check(strategy: str) -> str | None:
-    return None if strategy == "data" else f"{strategy!r} is refused: {_NO_SHARDING}"
-
-
 # ----------------------------------------------------------------------------------------
 # The run-only sections (the library's specs are imported above).
 
@@ -116,7 +93,9 @@ class ModelSection:
         choices=FLOAT_DTYPES,
     )
     compute_dtype: str = field(
-        "float32", "Dtype of activations and matmuls in the forward pass.", choices=FLOAT_DTYPES
+        "auto", "Dtype of activations and matmuls in the forward pass; auto: bfloat16 on GPU "
+        "and TPU, float32 on CPU (the loss and the optimizer are float32 always).",
+        choices=("auto", *FLOAT_DTYPES),
     )
     remat: str = field(
         "none", "Rematerialization of each scanned block: none (keep all activations), full "
@@ -160,20 +139,6 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardingSection:
-    """Device mesh and layout. Not implemented yet: any value but the defaults is refused."""
-
-    mesh: tuple[tuple[str, int], ...] = field(
-        _DEFAULT_MESH, "Table axis name -> size; -1 takes the remaining devices (only {data = -1} for now).",
-        check=_mesh_check,
-    )
-    strategy: str = field(
-        "data", "data: replicate params, split the batch (fsdp and tensor: not implemented yet).",
-        choices=("data", "fsdp", "tensor"), check=_strategy_check,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     """A complete run description; `jaxlora train` needs nothing else."""
 
@@ -187,7 +152,7 @@ class Config:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    sharding: ShardingSection = dataclasses.field(default_factory=ShardingSection)
+    sharding: ShardingSpec = dataclasses.field(default_factory=ShardingSpec)
 
     @property
     def run_dir(self) -> Path:

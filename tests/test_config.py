@@ -11,6 +11,7 @@ import pytest
 from jaxlora import config as C
 from jaxlora.config import Config, ConfigError, dump_config, load_config
 from jaxlora.errors import JaxloraError
+from jaxlora.sharding import ShardingSpec, mesh_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_CONFIGS = [
@@ -205,12 +206,10 @@ BAD_CASES = [
     ("", ["lora.rank=-2"], ["override lora.rank", ">= 1"]),
     ("", ["lora.rank=abc"], ["override lora.rank", "expected an integer"]),
     ("", ["quant.qtype=nf5"], ["override quant.qtype", "'nf4'"]),
-    # [sharding] is parsed but not implemented yet: anything but the defaults is refused
-    ("[sharding]\nmesh = { data = 2 }\n", (), ["sharding.mesh", "not implemented yet"]),
-    ("[sharding]\nmesh = { data = -1, model = 2 }\n", (), ["sharding.mesh", "not implemented"]),
-    ('[sharding]\nstrategy = "fsdp"\n', (), ["sharding.strategy", "not implemented yet"]),
-    ("", ["sharding.mesh.data=4"], ["sharding.mesh", "not implemented yet"]),
-    ("", ["sharding.strategy=tensor"], ["override sharding.strategy", "not implemented yet"]),
+    ("[sharding]\nmesh = { data = -1, model = 2 }\n", (), ["sharding.mesh", "unknown axis 'model'"]),
+    ('[sharding]\nstrategy = "fsdp"\n', (), ["sharding.strategy"]),
+    ("", ["sharding.mesh.fsdp=0"], ["sharding.mesh", "size 0"]),
+    ('[sharding]\ncoordinator_address = "host"\n', (), ["sharding.coordinator_address", "host:port"]),
 ]
 
 
@@ -283,10 +282,18 @@ def test_toml_spellings_of_python_values(tmp_path):
     assert load_config(write(tmp_path, "[data]\nmax_documents = 3\n")).data.max_documents == 3
 
 
-def test_sharding_defaults_written_out_are_accepted(tmp_path):
-    """[sharding] is not implemented yet: only its defaults load (the rest is in BAD_CASES)."""
-    p = write(tmp_path, '[sharding]\nmesh = { data = -1 }\nstrategy = "data"\n')
-    assert load_config(p).sharding == C.ShardingSection()
+def test_sharding_mesh_table_is_the_sharding_spec(tmp_path):
+    """[sharding] maps onto sharding.ShardingSpec: axes in any order, sizes kept as written."""
+    p = write(tmp_path, '[sharding]\nmesh = { fsdp = 4, data = 2 }\n')
+    spec = load_config(p).sharding
+    assert spec == ShardingSpec(mesh=(("fsdp", 4), ("data", 2)))
+    assert mesh_sizes(spec, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert mesh_sizes(ShardingSpec(), 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh_sizes(ShardingSpec(mesh=(("fsdp", -1), ("tensor", 2))), 8)["fsdp"] == 4
+    with pytest.raises(ConfigError, match=r"sharding.mesh: \{fsdp=4, data=2\} needs 8 devices, but there are 4"):
+        mesh_sizes(spec, 4)
+    with pytest.raises(ConfigError, match=r"does not divide the 6 devices"):
+        mesh_sizes(ShardingSpec(mesh=(("data", -1), ("fsdp", 4))), 6)
 
 
 def test_one_check_answers_from_toml_and_from_python(tmp_path):

@@ -19,11 +19,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import data as data_lib
-from jaxlora.train.step import StepMetrics, TrainState, compile_step, stack_batches
+from jaxlora.train.step import StepMetrics, TrainState, compile_step, device_batch, stack_batches
 
 __all__ = [
     "StepInfo",
@@ -88,24 +87,28 @@ class StopSignals:
 
 def train_loop(step_fn, state: TrainState, base: Any, batches: Iterator[data_lib.Batch], *,
                steps: int, grad_accum: int = 1, hooks: Sequence[Hook] = (),
-               stop: StopSignals | None = None) -> StepInfo | None:
+               stop: StopSignals | None = None,
+               place: Callable[[data_lib.Batch], data_lib.Batch] = device_batch
+               ) -> StepInfo | None:
     """Train from `state.step` to `steps`, calling each hook after every step.
 
     `step_fn` is a jitted step (`make_train_step`), compiled ahead of time on the first
-    batch. Returns the last step's `StepInfo` (its `stop` set when a signal ended the run
+    batch; `place` puts each stacked host batch on the devices (`jaxlora.sharding.put_batch`
+    on a mesh). Returns the last step's `StepInfo` (its `stop` set when a signal ended the run
     early), or None when there was nothing left to do.
     """
     step, compiled, info = int(state.step), None, None
     while step < steps:
-        batch = stack_batches([next(batches) for _ in range(grad_accum)])
+        host = stack_batches([next(batches) for _ in range(grad_accum)])
+        tokens = float(np.sum(host.segment_ids > 0))
+        batch = place(host)
         if compiled is None:
             compiled = compile_step(step_fn, state, base, batch)
         new_state, m = compiled(state, base, batch)
         if not bool(m.finite):
             raise NonFiniteStep(step, new_state, m)  # new_state: unchanged copy of the last good
         state, step = new_state, step + 1
-        info = StepInfo(step, state, m, float(jnp.sum(batch.segment_ids > 0)), step == steps,
-                        None if stop is None else stop.name)
+        info = StepInfo(step, state, m, tokens, step == steps, None if stop is None else stop.name)
         for hook in hooks:
             hook(info)
         if info.stop is not None:

@@ -10,6 +10,7 @@ same config, refusing another); `open_run`, `evaluate_run`, `load_for_inference`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora import data as data_lib
-from jaxlora import lora, memory, models, optim, quant
+from jaxlora import lora, memory, models, optim, quant, sharding
 from jaxlora.config import Config, ModelSection, dump_config, load_config, to_dict
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.train import loop
@@ -40,6 +41,7 @@ __all__ = [
     "Setup",
     "OpenRun",
     "DTYPES",
+    "compute_dtype",
     "load_base",
     "make_datasets",
     "setup",
@@ -55,6 +57,14 @@ Params = lora.Params
 Adapters = lora.Adapters
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str) -> Any:
+    """The activation dtype of `model.compute_dtype`: "auto" is bfloat16 on GPU and TPU (the
+    matrix units' native type) and float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return DTYPES[name]
 
 
 class Loaded(NamedTuple):
@@ -76,6 +86,7 @@ class Setup(NamedTuple):
     tx: optax.GradientTransformation
     state: TrainState  # freshly initialized (also the template a checkpoint restores into)
     base_record: dict[str, Any]
+    shardings: Any = None  # `sharding.StepShardings` when placed on a mesh, else None
 
 
 class OpenRun(NamedTuple):
@@ -119,8 +130,12 @@ def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
                                   max_positions=loaded.config.max_position_embeddings)
 
 
-def setup(cfg: Config) -> Setup:
-    """Base, adapters, optimizer and initial state of a config (deterministic in the seeds)."""
+def setup(cfg: Config, mesh: Any = None) -> Setup:
+    """Base, adapters, optimizer and initial state of a config (deterministic in the seeds).
+
+    With a `mesh` (`jaxlora.sharding.make_mesh`), the base and the state are placed on it by
+    the partition rules of `jaxlora.sharding`; without one they stay on the default device.
+    """
     from jaxlora import checkpoint as ckpt_lib
 
     loaded = load_base(cfg)
@@ -134,7 +149,15 @@ def setup(cfg: Config) -> Setup:
     state = init_state(adapters, tx, cfg.train.seed)
     # base.json records the [quant] table as the config file writes it
     record = ckpt_lib.base_record(base, name=cfg.model.name, quant=to_dict(cfg)["quant"])
-    return Setup(loaded, base, spec, tx, state, record)
+    shardings = None
+    if mesh is not None:
+        shardings = sharding.step_shardings(mesh, state, base, cfg.quant.stacked)
+        placed = jax.device_put(base, shardings.base)
+        state = jax.device_put(state, shardings.state)
+        if base is loaded.base:  # keep one copy of the base, the placed one
+            loaded = loaded._replace(base=placed)
+        base = placed
+    return Setup(loaded, base, spec, tx, state, record, shardings)
 
 
 def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup):
@@ -200,7 +223,7 @@ def evaluate_run(run_dir: str | os.PathLike, max_batches: int | None = None) -> 
     if val is None:
         raise ConfigError(f"{run_dir}: the run's config has no validation data")
     n = max_batches or cfg.eval.batches
-    ev = make_eval_step(opened.loaded.config, compute_dtype=DTYPES[cfg.model.compute_dtype])
+    ev = make_eval_step(opened.loaded.config, compute_dtype=compute_dtype(cfg.model.compute_dtype))
     return {
         "step": opened.step,
         "base": evaluate(ev, None, opened.base, val.eval_batches(), n),
@@ -246,9 +269,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _same_run(a: Config, b: Config) -> bool:
-    """Equal up to settings that do not change what a run computes (the progress bar)."""
+    """Equal up to settings that do not change what a run computes: the progress bar, and the
+    device mesh (a run may resume on another machine; its checkpoints restore onto any mesh)."""
     def norm(c: Config) -> Config:
-        return dataclasses.replace(c, train=dataclasses.replace(c.train, progress=True))
+        return dataclasses.replace(c, train=dataclasses.replace(c.train, progress=True),
+                                   sharding=sharding.ShardingSpec())
 
     return norm(a) == norm(b)
 
@@ -289,6 +314,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
         _write_atomic(path, "".join(x + "\n" for x in keep))
 
 
+def _describe_mesh(s: Setup) -> str:
+    """The mesh, and the bytes of base, adapters and optimizer state that one device holds."""
+    sh = s.shardings
+    mesh = sh.batch.mesh
+    mib = lambda tree, shardings: sharding.device_bytes(tree, shardings) / 2**20
+    axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    return (f"mesh {axes} ({mesh.size} {mesh.devices.flat[0].platform} device(s), "
+            f"{jax.process_count()} process(es)); per device: base "
+            f"{mib(s.base, sh.base):.1f} MiB, adapters "
+            f"{mib(s.state.adapters, sh.state.adapters):.2f} MiB, optimizer state "
+            f"{mib(s.state.opt_state, sh.state.opt_state):.2f} MiB")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -306,7 +344,9 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         _log(f"jaxlora: {run_dir} is already finished; summary.json left as it is")
         return json.loads((run_dir / "summary.json").read_text())
     t_start = time.perf_counter()
-    s = setup(cfg)
+    mesh = sharding.make_mesh(cfg.sharding)  # bad sizes fail here, before anything loads
+    sharding.check_batch(mesh, cfg.data.batch_size)
+    s = setup(cfg, mesh)
     datasets = make_datasets(cfg, s.loaded)
     if not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -314,11 +354,13 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     summ = lora.summary(s.base, s.state.adapters)
     _log(f"jaxlora: model {s.loaded.source} ({s.loaded.config.name}), base "
          f"{s.loaded.report.total_bytes / 2**20:.1f} MiB ({cfg.quant.qtype}); {summ}")
+    _log(f"jaxlora: {_describe_mesh(s)}")
     manager = checkpoint_manager(cfg, run_dir, s)
     state, position, resumed = s.state, None, {}
     if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
         restored = manager.restore(s.state)
-        state, position, resumed = restored.state, restored.data_position, restored.metrics
+        state = jax.device_put(restored.state, s.shardings.state)  # onto this run's mesh
+        position, resumed = restored.data_position, restored.metrics
         # records written after the restored step (a fallback past a damaged checkpoint, or
         # a crash between a log line and the next save) are replayed: drop them
         _truncate_metrics(run_dir / "metrics.jsonl", restored.step)
@@ -335,14 +377,16 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
     """The loop of `run` with its hooks: logs, evaluations, checkpoints, stop signals."""
     from tqdm.auto import tqdm
 
-    compute_dtype = DTYPES[cfg.model.compute_dtype]
-    eval_fn = make_eval_step(s.loaded.config, compute_dtype=compute_dtype)
+    dtype = compute_dtype(cfg.model.compute_dtype)
+    eval_fn = make_eval_step(s.loaded.config, compute_dtype=dtype)
+    mesh = s.shardings.batch.mesh
+    eval_place = functools.partial(sharding.put_batch, sharding.batch_sharding(mesh, accum=False))
 
     def val_metrics(adapters_or_none) -> dict[str, float]:
         if datasets.validation is None:
             return {}
         out = evaluate(eval_fn, adapters_or_none, s.base, datasets.validation.eval_batches(),
-                       cfg.eval.batches)
+                       cfg.eval.batches, place=eval_place)
         memory.return_freed_memory()  # the eval buffers, before the train step's land beside them
         return out
 
@@ -360,13 +404,14 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
              f"(ppl {before['val_ppl']:.2f})")
     log.last_val = resumed.get("val_loss", before.get("val_loss"))
     position_now = lambda: train_iter.state().as_dict()
-    step_fn = make_train_step(s.loaded.config, s.tx, compute_dtype=compute_dtype,
-                              remat=cfg.model.remat, dropout=s.spec.dropout > 0)
+    step_fn = make_train_step(s.loaded.config, s.tx, compute_dtype=dtype, remat=cfg.model.remat,
+                              dropout=s.spec.dropout > 0, shardings=s.shardings)
     hooks = [log, loop.eval_hook(log, val_metrics, cfg.eval.every),
              loop.checkpoint_hook(manager, log, position_now)]
     try:
         info = loop.train_loop(step_fn, state, s.base, train_iter, steps=cfg.train.steps,
-                               grad_accum=cfg.train.grad_accum, hooks=hooks, stop=stop)
+                               grad_accum=cfg.train.grad_accum, hooks=hooks, stop=stop,
+                               place=functools.partial(sharding.put_batch, s.shardings.batch))
     except loop.NonFiniteStep as e:
         manager.save(e.step, e.state, data_position=position_now(), metrics={}, force=True)
         raise NonFiniteError(
