@@ -235,6 +235,11 @@ def test_info_of_run_and_model(trained, capsys):
     assert rc == 0
     assert out.startswith(f"run {run_dir} (step 4)") and "model: tiny-llama" in out
     assert "val_loss:" in out
+    # the run's mesh on this machine, and what one device holds there (all of it, on one)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "mesh data=1 x fsdp=1 x tensor=1 (1 cpu device(s), 1 process(es))" in out
+    assert f"adapters {summary['adapter_bytes'] / 2**20:.2f} MiB" in out
+    assert f"base {summary['base_bytes'] / 2**20:.1f} MiB" in out
     rc, out, _ = run_cli(capsys, "info", "tiny-llama")
     assert rc == 0 and "architecture: llama (tiny-llama), 2 layers" in out
 

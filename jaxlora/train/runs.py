@@ -237,8 +237,16 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
     if (path / "config.toml").is_file():
         opened = open_run(path)
         summ = lora.summary(opened.base, opened.adapters)
+        cfg = opened.config
+        opt_state = jax.eval_shape(optim.make_optimizer(cfg.optim, cfg.train.steps).init,
+                                   opened.adapters)
+        try:
+            mesh = _describe_mesh(sharding.make_mesh(cfg.sharding), opened.base, opened.adapters,
+                                  opt_state, cfg.quant.stacked)
+        except ConfigError as e:  # the run's mesh does not fit this machine
+            mesh = str(e)
         lines = [f"run {path} (step {opened.step})", f"model: {opened.loaded.source}",
-                 f"adapters: {summ}"]
+                 f"adapters: {summ}", mesh]
         if (path / "summary.json").is_file():
             s = json.loads((path / "summary.json").read_text())
             lines += [f"{k}: {v}" for k, v in s.items() if not isinstance(v, list | dict)]
@@ -314,17 +322,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
         _write_atomic(path, "".join(x + "\n" for x in keep))
 
 
-def _describe_mesh(s: Setup) -> str:
-    """The mesh, and the bytes of base, adapters and optimizer state that one device holds."""
-    sh = s.shardings
-    mesh = sh.batch.mesh
+def _describe_mesh(mesh: Any, base: Params, adapters: Adapters, opt_state: Any,
+                   stacked: str) -> str:
+    """The mesh, and the bytes of base, adapters and optimizer state that one device holds
+    there (from shapes and the partition rules: nothing needs to be placed)."""
+    sh = sharding.step_shardings(mesh, (adapters, opt_state), base, stacked)
     mib = lambda tree, shardings: sharding.device_bytes(tree, shardings) / 2**20
     axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
     return (f"mesh {axes} ({mesh.size} {mesh.devices.flat[0].platform} device(s), "
             f"{jax.process_count()} process(es)); per device: base "
-            f"{mib(s.base, sh.base):.1f} MiB, adapters "
-            f"{mib(s.state.adapters, sh.state.adapters):.2f} MiB, optimizer state "
-            f"{mib(s.state.opt_state, sh.state.opt_state):.2f} MiB")
+            f"{mib(base, sh.base):.1f} MiB, adapters {mib(adapters, sh.state[0]):.2f} MiB, "
+            f"optimizer state {mib(opt_state, sh.state[1]):.2f} MiB")
 
 
 def _log(msg: str) -> None:
@@ -354,7 +362,9 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     summ = lora.summary(s.base, s.state.adapters)
     _log(f"jaxlora: model {s.loaded.source} ({s.loaded.config.name}), base "
          f"{s.loaded.report.total_bytes / 2**20:.1f} MiB ({cfg.quant.qtype}); {summ}")
-    _log(f"jaxlora: {_describe_mesh(s)}")
+    state = s.state
+    _log(f"jaxlora: "
+         f"{_describe_mesh(mesh, s.base, state.adapters, state.opt_state, cfg.quant.stacked)}")
     manager = checkpoint_manager(cfg, run_dir, s)
     state, position, resumed = s.state, None, {}
     if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
