@@ -54,3 +54,14 @@ def test_batch_rows_must_split_over_the_batch_axes(rows, ok):
     else:
         with pytest.raises(ConfigError, match="data.batch_size: 6 rows .* 2 x 2 = 4"):
             sharding.check_batch(mesh, rows)
+
+
+def test_compute_dtype_auto_is_bfloat16_on_accelerators_only(monkeypatch):
+    from jaxlora.train import runs
+
+    assert runs.compute_dtype("auto") == jax.numpy.float32  # this machine: CPU
+    assert runs.compute_dtype("bfloat16") == jax.numpy.bfloat16
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert runs.compute_dtype("auto") == jax.numpy.bfloat16
+        assert runs.compute_dtype("float32") == jax.numpy.float32
