@@ -51,18 +51,22 @@ class StackedLoraPair:
     Attributes:
       a: ``[*lead, N, in, r_max]``; b: ``[*lead, N, r_max, *out]``.
       scales: static, one per adapter (0.0 where an adapter does not target this leaf).
+      dropouts: static, each adapter's dropout rate (used only when a key is attached).
     """
 
     a: Array
     b: Array
     scales: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
+    dropouts: tuple[float, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def num_adapters(self) -> int:
         return len(self.scales)
 
 
-jax.tree_util.register_dataclass(StackedLoraPair, data_fields=["a", "b"], meta_fields=["scales"])
+jax.tree_util.register_dataclass(
+    StackedLoraPair, data_fields=["a", "b"], meta_fields=["scales", "dropouts"]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +78,8 @@ class MultiLoraWeight:
       a: ``[*lead, N, in, r]``; b: ``[*lead, N, r, *out]``.
       ids: ``[*lead, B]`` int32: adapter of each batch row (-1 = none); repeated over the
         leading axes so that ``lax.scan`` slices it together with the weights.
-      scales: static ``(s_0, ..., s_{N-1})``.
+      key: dropout keys ``[*lead, 2]`` (training), or None (no dropout).
+      scales: static ``(s_0, ..., s_{N-1})``; dropouts: static rates, one per adapter.
     """
 
     w: Any
@@ -82,6 +87,8 @@ class MultiLoraWeight:
     b: Array
     ids: Array
     scales: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
+    key: Array | None = None
+    dropouts: tuple[float, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,7 +100,7 @@ class MultiLoraWeight:
 
 
 jax.tree_util.register_dataclass(
-    MultiLoraWeight, data_fields=["w", "a", "b", "ids"], meta_fields=["scales"]
+    MultiLoraWeight, data_fields=["w", "a", "b", "ids", "key"], meta_fields=["scales", "dropouts"]
 )
 
 
@@ -125,13 +132,14 @@ def stack_adapters(adapters: Sequence[lora.Adapters]) -> lora.Adapters:
         out_axes = ref.b.shape[n_lead + 1 :]
         r_max = max(p.rank for p in present)
         dtype = jnp.result_type(*[p.a.dtype for p in present], *[p.b.dtype for p in present])
-        a_list, b_list, scales = [], [], []
+        a_list, b_list, scales, dropouts = [], [], [], []
         for i, f in enumerate(flats):
             p = f.get(path)
             if p is None:
                 a_list.append(jnp.zeros((*lead, d_in, r_max), dtype))
                 b_list.append(jnp.zeros((*lead, r_max, *out_axes), dtype))
                 scales.append(0.0)
+                dropouts.append(0.0)
                 continue
             if p.a.shape[: n_lead + 1] != (*lead, d_in) or p.b.shape[n_lead + 1 :] != out_axes:
                 raise ValueError(
@@ -144,28 +152,36 @@ def stack_adapters(adapters: Sequence[lora.Adapters]) -> lora.Adapters:
             a_list.append(a)
             b_list.append(b)
             scales.append(float(p.scale))
+            dropouts.append(float(p.dropout))
         out[path] = StackedLoraPair(
             a=jnp.stack(a_list, axis=n_lead),  # [*lead, N, in, r]
             b=jnp.stack(b_list, axis=n_lead),  # [*lead, N, r, *out]
             scales=tuple(scales),
+            dropouts=tuple(dropouts),
         )
     return lora.unflatten_paths(out)
 
 
-def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array) -> lora.Params:
+def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array,
+                 dropout_key: Array | None = None) -> lora.Params:
     """Put a `MultiLoraWeight` at each leaf adapted by ``stacked``, choosing per row by ``ids``.
 
     Args:
       base: base Params (Array or QTensor leaves).
       stacked: from `stack_adapters`.
       ids: ``[B]`` int, the adapter of each batch row (-1: base only).
+      dropout_key: None (inference), or a key split per adapted leaf and per stacked layer,
+        so that each row's low-rank input gets its own adapter's dropout rate.
     """
     ids = jnp.asarray(ids, jnp.int32)
     if ids.ndim != 1:
         raise ValueError(f"attach_multi: ids must be [batch], got shape {ids.shape}")
     flat_base = lora.flatten_paths(base)
+    flat = lora.flatten_paths(stacked)
+    keys = None if dropout_key is None else dict(zip(flat, jax.random.split(dropout_key, len(flat)),
+                                                     strict=True))
     new = {}
-    for path, sp in lora.flatten_paths(stacked).items():
+    for path, sp in flat.items():
         if path not in flat_base:
             raise ValueError(f"attach_multi: adapter path {path!r} is not in the base params")
         w = flat_base[path]
@@ -173,8 +189,12 @@ def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array) -> lora.
         lead = tuple(sp.a.shape[:n_lead])
         if tuple(w.shape[:n_lead]) != lead or w.shape[n_lead] != sp.a.shape[-2]:
             raise ValueError(f"attach_multi: {path!r}: base {tuple(w.shape)} vs a {tuple(sp.a.shape)}")
+        key = None
+        if keys is not None and any(r > 0.0 for r in sp.dropouts):
+            key = jax.random.split(keys[path], lead) if lead else keys[path]
         new[path] = MultiLoraWeight(
-            w=w, a=sp.a, b=sp.b, ids=jnp.broadcast_to(ids, (*lead, ids.shape[0])), scales=sp.scales
+            w=w, a=sp.a, b=sp.b, ids=jnp.broadcast_to(ids, (*lead, ids.shape[0])), key=key,
+            scales=sp.scales, dropouts=sp.dropouts,
         )
     return replace_paths(base, new)
 
@@ -199,6 +219,10 @@ def multi_linear(x: Array, w: MultiLoraWeight, bias: Array | None = None) -> Arr
     r = a.shape[-1]
     b = jnp.take(w.b, safe, axis=0).astype(x.dtype).reshape(ids.shape[0], r, -1)  # [B, r, out]
     xb = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, M, in]
+    if w.key is not None:  # inverted dropout at each row's own adapter's rate
+        rate = jnp.asarray(w.dropouts, x.dtype)[safe][:, None, None]  # [B, 1, 1]
+        keep = jax.random.uniform(w.key, xb.shape) >= rate
+        xb = jnp.where(keep, xb / (1.0 - rate), jnp.zeros_like(xb))
     h = jax.lax.dot_general(xb, a, (((2,), (1,)), ((0,), (0,))))  # [B, M, r]
     d = jax.lax.dot_general(h, b, (((2,), (1,)), ((0,), (0,))))  # [B, M, out]
     d = d * scale[:, None, None]
