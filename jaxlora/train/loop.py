@@ -105,7 +105,7 @@ def train_loop(step_fn, state: TrainState, base: Any, batches: Iterator[data_lib
         if compiled is None:
             compiled = compile_step(step_fn, state, base, batch)
         new_state, m = compiled(state, base, batch)
-        if not bool(m.finite):
+        if not np.any(m.finite):  # (a population goes on while any member is finite)
             raise NonFiniteStep(step, new_state, m)  # new_state: unchanged copy of the last good
         state, step = new_state, step + 1
         info = StepInfo(step, state, m, tokens, step == steps, None if stop is None else stop.name)
