@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora import schema
-from jaxlora.data import DataConfig
+from jaxlora.data.spec import DataConfig
 from jaxlora.errors import ConfigError
-from jaxlora.lora import LoraSpec
-from jaxlora.models.common import REMAT_POLICIES
-from jaxlora.optim import OptimSpec
-from jaxlora.quant import QuantRules
+from jaxlora.lora.spec import LoraSpec
+from jaxlora.optim.spec import OptimSpec
+from jaxlora.quant.tree import QuantRules
 from jaxlora.schema import FLOAT_DTYPES, field
 
 __all__ = [
@@ -76,6 +75,9 @@ __all__ = [
 Overrides = Sequence[str] | Mapping[str, Any]
 """``["lora.rank=32", ...]`` (values parsed as TOML literals) or ``{"lora.rank": 32}``."""
 
+# The remat policies of `jaxlora.models.common.REMAT_POLICIES` (a test keeps the two equal):
+# named here because importing the models imports JAX, and a config is checked without it.
+REMAT_POLICIES = ("none", "full", "attn", "dots")
 _DEFAULT_MESH = (("data", -1),)
 _NO_SHARDING = "sharding is not implemented yet (only mesh = {data = -1}, strategy = 'data' run)"
 

@@ -44,6 +44,7 @@ __all__ = [
     "make_datasets",
     "setup",
     "checkpoint_manager",
+    "same_run",
     "run",
     "open_run",
     "evaluate_run",
@@ -137,14 +138,19 @@ def setup(cfg: Config) -> Setup:
     return Setup(loaded, base, spec, tx, state, record)
 
 
-def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup):
-    """The `CheckpointManager` of a run directory, checking the base against `setup`'s."""
+def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup, *,
+                       read_only: bool = False):
+    """The `CheckpointManager` of a run directory, checking the base against `setup`'s.
+
+    `read_only`: for commands that only read the run (eval, info, export, generate); such a
+    manager writes nothing into the directory.
+    """
     from jaxlora import checkpoint as ckpt_lib
 
     return ckpt_lib.CheckpointManager(
         Path(run_dir), save_every=cfg.checkpoint.every or cfg.train.steps,
         keep=cfg.checkpoint.keep, keep_best=1 if cfg.checkpoint.keep_best else 0,
-        async_save=cfg.checkpoint.async_save, base=setup.base_record,
+        async_save=cfg.checkpoint.async_save, base=setup.base_record, read_only=read_only,
     )
 
 
@@ -165,8 +171,10 @@ def open_run(run_dir: str | os.PathLike, step: int | str = "latest") -> OpenRun:
     """
     run_dir = Path(run_dir)
     cfg = _read_config(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir}: the run has no checkpoints yet (no checkpoints/)")
     s = setup(cfg)
-    mgr = checkpoint_manager(cfg, run_dir, s)
+    mgr = checkpoint_manager(cfg, run_dir, s, read_only=True)
     which = step
     if step == "best":
         which = mgr.best_step()
@@ -239,13 +247,22 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
 # --------------------------------------------------------------------------------------------
 # Creating, checking and training a run directory
 # --------------------------------------------------------------------------------------------
+_TMP = ".tmp"  # suffix of the temporary files `_write_atomic` renames into place
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write `path` whole or not at all. The temporary file has a fixed name, so what a kill
+    leaves of it is overwritten by the next write and is never taken for user files."""
+    tmp = path.with_name(f".{path.name}{_TMP}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _same_run(a: Config, b: Config) -> bool:
+def _is_temporary(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(_TMP)
+
+
+def same_run(a: Config, b: Config) -> bool:
     """Equal up to settings that do not change what a run computes (the progress bar)."""
     def norm(c: Config) -> Config:
         return dataclasses.replace(c, train=dataclasses.replace(c.train, progress=True))
@@ -261,19 +278,28 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
     """
     saved = run_dir / "config.toml"
     if saved.exists():
-        if not _same_run(load_config(saved), cfg):
+        if not same_run(load_config(saved), cfg):
             raise ConfigError(
                 f"{run_dir}: holds a different run (its config.toml differs); choose another "
                 f"name (--set name=...) or output_dir instead of overwriting it"
             )
         return True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_file():
+        raise ConfigError(f"{run_dir}: is a file, not a run directory")
+    if run_dir.exists() and any(not _is_temporary(p) for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not a jaxlora run directory; not touching it")
     return False
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of metrics.jsonl up to `step` (and drop a line cut short)."""
+def _truncate_metrics(path: Path, step: int, final: bool) -> None:
+    """Keep the records of metrics.jsonl that the checkpoint of `step` accounts for.
+
+    Records after `step` (a fallback past a damaged checkpoint, or a kill between a log line
+    and the next save) and a line cut short are dropped: the resumed run writes them again.
+    `final` (the step is the last one): its validation record is dropped too, since the run
+    evaluates the final adapters again (a kill after the final save, before summary.json).
+    `step` -1: no checkpoint, every record goes.
+    """
     if not path.exists():
         return
     lines = path.read_text().splitlines()
@@ -283,7 +309,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("step", 0) <= step:
+        s = rec.get("step", 0)
+        if s < step or (s == step and not (final and "val_loss" in rec)):
             keep.append(line)
     if keep != lines:
         _write_atomic(path, "".join(x + "\n" for x in keep))
@@ -315,14 +342,13 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     _log(f"jaxlora: model {s.loaded.source} ({s.loaded.config.name}), base "
          f"{s.loaded.report.total_bytes / 2**20:.1f} MiB ({cfg.quant.qtype}); {summ}")
     manager = checkpoint_manager(cfg, run_dir, s)
-    state, position, resumed = s.state, None, {}
+    state, position, resumed, start = s.state, None, {}, -1
     if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
         restored = manager.restore(s.state)
         state, position, resumed = restored.state, restored.data_position, restored.metrics
-        # records written after the restored step (a fallback past a damaged checkpoint, or
-        # a crash between a log line and the next save) are replayed: drop them
-        _truncate_metrics(run_dir / "metrics.jsonl", restored.step)
+        start = restored.step
         _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
+    _truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
     with open(run_dir / "metrics.jsonl", "a") as mf, loop.StopSignals() as stop, manager:
         out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
     if "stopped" in out:
@@ -415,9 +441,9 @@ def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_s
         "wall_s": time.perf_counter() - t_start,
         "samples": samples,
     }
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     _plot_loss(records, run_dir / "loss.png", cfg.name)
     _write_atomic(run_dir / "samples.txt", _samples_text(samples))
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))  # last: "finished"
     return summary
 
 
@@ -461,6 +487,6 @@ def _plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = path.with_name(f".{path.name}{_TMP}")
+    fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)
