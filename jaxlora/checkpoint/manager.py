@@ -90,13 +90,13 @@ def _orbax_options(
     A preservation policy rather than ``max_to_keep=`` with ``best_fn=``: with both set Orbax
     keeps the ``max_to_keep`` *best* steps, and the newest only if it is among them. A writer
     removes the temporary folders of interrupted saves when it opens and deletes old steps by
-    a rename into ``_TRASH``; a reader (``read_only``) creates, removes and renames nothing
-    (its options are the ones Orbax accepts for a reader without logging a warning).
+    a rename into ``_TRASH``; a reader (``read_only``) creates, removes and renames nothing:
+    it never saves (see `CheckpointManager.save`), so retention never runs. Not Orbax's own
+    ``read_only``, which logs a warning on every open.
     """
     if read_only:
         return ocp.CheckpointManagerOptions(
-            best_fn=metric_fn, best_mode=best_mode, read_only=True, create=False,
-            save_interval_steps=0, enable_async_checkpointing=False,
+            best_fn=metric_fn, best_mode=best_mode, create=False, enable_async_checkpointing=False
         )
     policy = ocp_policies.AnyPreservationPolicy(
         [
