@@ -217,10 +217,13 @@ def _damage(step_dir: Path) -> None:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_damaged_newest_checkpoint_one_warning_line_then_the_uninterrupted_run(
-    reference, tmp_path
+    reference, tmp_path, async_save
 ):
     config = _config(tmp_path)
+    if async_save:  # the rewritten step 4 is deleted again in the background
+        config.write_text(config.read_text().replace("async_save = false", "async_save = true"))
     run_dir = tmp_path / "runs" / "kill"
     killed = _run(config, FAULTS["save 4 renamed, 2 not deleted"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr

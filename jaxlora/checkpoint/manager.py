@@ -272,6 +272,8 @@ class CheckpointManager:
             return False
         for s in sorted(self._damaged & set(self._mgr.all_steps())):
             self._mgr.delete(s)
+        if self._damaged:  # now, or retention could not move the rewritten step there later
+            self._purge_trash()
         self._damaged.clear()
         host, manifest = flatten(state)
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
