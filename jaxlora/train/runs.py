@@ -43,6 +43,7 @@ __all__ = [
     "load_base",
     "make_datasets",
     "setup",
+    "data_notices",
     "checkpoint_manager",
     "same_run",
     "run",
@@ -115,9 +116,21 @@ def _lr(cfg: Config, step: int) -> float:
 
 
 def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
-    """The training and validation data of the config, tokenized by the run's model."""
-    return data_lib.load_datasets(cfg.data, loaded.tokenizer,
-                                  max_positions=loaded.config.max_position_embeddings)
+    """The training and validation data of the config, tokenized by the run's model.
+
+    Prints one ``jaxlora:`` line per skipped file (path, line, reason; see `data_notices`).
+    """
+    datasets = data_lib.load_datasets(cfg.data, loaded.tokenizer,
+                                      max_positions=loaded.config.max_position_embeddings)
+    for notice in data_notices(datasets):
+        _log(f"jaxlora: {notice}")
+    return datasets
+
+
+def data_notices(datasets: data_lib.Datasets) -> list[str]:
+    """The skip notices of both splits, each once (a held-out fraction shares the scan)."""
+    splits = [d for d in datasets if d is not None]
+    return list(dict.fromkeys(n for d in splits for n in d.stats.notices))
 
 
 def setup(cfg: Config) -> Setup:
@@ -353,7 +366,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
     if "stopped" in out:
         return out
-    return _finish(cfg, s, run_dir, out, summ, t_start)
+    return _finish(cfg, s, run_dir, out, summ, t_start, len(data_notices(datasets)))
 
 
 def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, mf, stop,
@@ -416,9 +429,11 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
     return {"state": state, "before": before, "after": after, "tokens_per_s": log.tokens_per_s}
 
 
-def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start
-            ) -> dict[str, Any]:
-    """Samples, summary.json, loss.png and samples.txt of a finished run."""
+def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start,
+            skipped_files: int) -> dict[str, Any]:
+    """Samples, loss.png, samples.txt and (last: it marks the run finished) summary.json.
+
+    `skipped_files`: the data files skipped with a notice (counted in summary.json)."""
     memory.return_freed_memory()  # the step's buffers, before the generation programs compile
     state = out["state"]
     samples = _samples(cfg, s.loaded, s.base, state.adapters)
@@ -439,6 +454,7 @@ def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_s
         "adapter_params": summ.trainable,
         "adapter_bytes": summ.adapter_bytes,
         "wall_s": time.perf_counter() - t_start,
+        "skipped_files": skipped_files,
         "samples": samples,
     }
     _plot_loss(records, run_dir / "loss.png", cfg.name)
