@@ -215,12 +215,12 @@ def resolve_targets(base: Params, spec: LoraSpec) -> list[str]:
         for t in targets:
             if not hits((t,)):
                 raise ValueError(
-                    f"LoRA target module {t!r} matches no adaptable parameter; closest: {near(t)}"
+                    f"lora.targets: module {t!r} matches no adaptable parameter; closest: {near(t)}"
                 )
     chosen = set(hits(targets))
     if not chosen:
         raise ValueError(
-            f"LoRA targets {targets!r} match no adaptable parameter; closest: {near(str(targets))}"
+            f"lora.targets: {targets!r} match no adaptable parameter; closest: {near(str(targets))}"
         )
     if spec.exclude is not None:
         chosen -= set(hits(spec.exclude))

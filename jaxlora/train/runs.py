@@ -10,6 +10,7 @@ same config, refusing another); `open_run`, `evaluate_run`, `load_for_inference`
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -297,8 +298,8 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
                 f"name (--set name=...) or output_dir instead of overwriting it"
             )
         return True
-    if run_dir.is_file():
-        raise ConfigError(f"{run_dir}: is a file, not a run directory")
+    if run_dir.exists() and not run_dir.is_dir():  # an OS error: the CLI exits 1
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(run_dir))
     if run_dir.exists() and any(not _is_temporary(p) for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not a jaxlora run directory; not touching it")
     return False
