@@ -516,3 +516,16 @@ def test_another_runs_directory_is_refused_without_saying_resuming(trained, tmp_
     assert rc == 2
     assert err == (f"jaxlora: error: {other}: holds a different run (its config.toml differs); "
                    "choose another name (--set name=...) or output_dir instead of overwriting it\n")
+
+
+def test_a_skipped_data_file_is_one_notice_and_counted_in_the_summary(tmp_path, capsys):
+    path = write_tiny_config(tmp_path, "skip", steps=2)
+    (tmp_path / "bad.txt").write_bytes(b"the quick \xff fox")
+    rc, _, err = run_cli(capsys, "train", path, "--set",
+                         f'data.sources=["{tmp_path / "train.txt"}", "{tmp_path / "bad.txt"}"]',
+                         "--set", "eval.samples=[]")
+    assert rc == 0, err
+    notice = f"jaxlora: {tmp_path / 'bad.txt'}: file skipped: invalid UTF-8 at byte 10 of the file"
+    assert err.splitlines().count(notice) == 1, err
+    summary = json.loads((tmp_path / "runs" / "skip" / "summary.json").read_text())
+    assert summary["skipped_files"] == 1

@@ -1,11 +1,7 @@
-"""Optax transformations for training LoRA adapters only.
+"""The optax transformations of the adapters: schedules, the optimizer of an `OptimSpec`,
+and `adapters_only` (``optax.partition`` + ``optax.set_to_zero``) for combined trees.
 
-LoRA (Hu et al. 2021, arXiv 2106.09685) trains the low-rank factors A, B and keeps the base
-frozen; rsLoRA (arXiv 2312.03732) only changes the scale. So the optimizer here acts on the
-adapter tree. When users hand a combined tree (``{"base": ..., "adapters": ...}`` or an
-`lora.attach`-ed tree of `LoraWeight` views) `adapters_only` composes ``optax.partition``
-with ``optax.set_to_zero`` (the optax freezing idiom): frozen leaves get zero updates and
-carry no optimizer state, and gradient clipping / weight decay see the adapters only.
+See the `jaxlora.optim` docstring for why the optimizer sees the adapters only.
 """
 
 from __future__ import annotations
