@@ -1,22 +1,30 @@
 """The `jaxlora` command: train, sweep, eval, generate, export, info, config.
 
 Exit status: 0 on success, 2 on a usage or config error, 1 when a run fails. User mistakes
-print one line, ``jaxlora: error: ...``, and no traceback (set JAXLORA_DEBUG=1 to see one).
+and failures of the operating system (a path that cannot be read or written, a file where a
+folder should be, a closed stdout) print one line, ``jaxlora: error: ...`` naming the path,
+and no traceback (set JAXLORA_DEBUG=1 to see one). SIGTERM stops `train` and `sweep` cleanly
+(exit 0) at any point; the same command resumes. Nothing imports JAX before the config is
+read and checked, so `--help` and config errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jaxlora.errors import ConfigError, JaxloraError
+from jaxlora.errors import ConfigError, JaxloraError, JaxloraWarning
 
-__all__ = ["main"]
+__all__ = ["main", "os_error_message"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,12 +38,25 @@ def _config(args) -> Any:
     return load_config(args.config, overrides=args.set or ())
 
 
+def _holds_unfinished_run(cfg: Any, run_dir: Path) -> bool:
+    """Whether `run_dir` holds checkpoints of this same run, not finished (it will resume)."""
+    from jaxlora.config import load_config
+    from jaxlora.train.runs import same_run
+
+    if not (run_dir / "checkpoints").is_dir() or (run_dir / "summary.json").exists():
+        return False
+    try:
+        return same_run(load_config(run_dir / "config.toml"), cfg)
+    except (ConfigError, OSError):  # train.run reports what is wrong with it
+        return False
+
+
 def cmd_train(args) -> int:
+    cfg = _config(args)  # before importing JAX: a config error answers at once
     from jaxlora import train
 
-    cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output_dir) / cfg.name
-    if not args.resume and (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists():
+    if not args.resume and _holds_unfinished_run(cfg, run_dir):
         print(f"jaxlora: {run_dir} holds checkpoints of an unfinished run; resuming it",
               file=sys.stderr)
     summary = train.run(cfg, run_dir)
@@ -63,10 +84,17 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
               f"--- after ----\n{sample['adapted']}")
 
 
-def cmd_sweep(args) -> int:
-    from jaxlora import sweep, train
+def _train_run(cfg: Any, run_dir: Any) -> dict[str, Any]:
+    """`jaxlora.train.run`, imported on the first run (a sweep checks every config first)."""
+    from jaxlora import train
 
-    result = sweep.run_sweep(args.sweep, train.run, out_dir=args.out, overrides=args.set or ())
+    return train.run(cfg, run_dir)
+
+
+def cmd_sweep(args) -> int:
+    from jaxlora import sweep
+
+    result = sweep.run_sweep(args.sweep, _train_run, out_dir=args.out, overrides=args.set or ())
     print(f"results: {result.md_path}")
     failed = [r for r in result.runs if r.status != "done"]
     return 1 if failed else 0
@@ -192,24 +220,91 @@ def _config_epilog() -> str:
     return describe()
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it itself by saving and stopping).
+
+    A BaseException, so that no ``except Exception`` on the way takes it for a failure."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming the path(s) of an OS error and the problem, e.g.
+    ``/runs/x/metrics.jsonl: permission denied``."""
+    what = (e.strerror or str(e) or type(e).__name__).lower()
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {what}" if paths else what
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While entered (main thread only), SIGTERM raises `_Terminated`."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _jaxlora_warnings() -> Iterator[None]:
+    """Show a `JaxloraWarning` as one ``jaxlora: warning:`` line (no source line)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, JaxloraWarning):
+                print(f"jaxlora: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the exit flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _fail(message: str, status: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"jaxlora: error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(os.environ.get("JAXLORA_DEBUG"))
     try:
-        return args.fn(args)
+        with _sigterm_stops(), _jaxlora_warnings():
+            status = args.fn(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return status
     except ConfigError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"jaxlora: error: {e}", file=sys.stderr)
-        return 2
-    except (JaxloraError, ValueError, FileNotFoundError) as e:
-        if debug:
-            traceback.print_exc()
-        print(f"jaxlora: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), 2, debug)
+    except BrokenPipeError:
+        _silence_stdout()
+        return _fail("stdout: the reader closed the pipe", 1, debug)
+    except OSError as e:
+        return _fail(os_error_message(e), 1, debug)
+    except (JaxloraError, ValueError) as e:
+        return _fail(str(e), 1, debug)
     except KeyboardInterrupt:
         print("jaxlora: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("jaxlora: SIGTERM received outside training; stopped (the same command picks "
+              "up from the last checkpoint)", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora import schema
-from jaxlora.data import DataConfig
+from jaxlora.data.spec import DataConfig
 from jaxlora.errors import ConfigError
-from jaxlora.lora import LoraSpec
-from jaxlora.models.common import REMAT_POLICIES
-from jaxlora.optim import OptimSpec
-from jaxlora.quant import QuantRules
+from jaxlora.lora.spec import LoraSpec
+from jaxlora.optim.spec import OptimSpec
+from jaxlora.quant.tree import QuantRules
 from jaxlora.schema import FLOAT_DTYPES, field
 from jaxlora.sharding.spec import ShardingSpec
 
@@ -75,6 +74,11 @@ __all__ = [
 
 Overrides = Sequence[str] | Mapping[str, Any]
 """``["lora.rank=32", ...]`` (values parsed as TOML literals) or ``{"lora.rank": 32}``."""
+
+# The remat policies of `jaxlora.models.common.REMAT_POLICIES` (a test keeps the two equal):
+# named here because importing the models imports JAX, and a config is checked without it.
+REMAT_POLICIES = ("none", "full", "attn", "dots")
+
 
 # ----------------------------------------------------------------------------------------
 # The run-only sections (the library's specs are imported above).
@@ -243,6 +247,8 @@ def read_toml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:

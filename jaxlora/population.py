@@ -369,13 +369,17 @@ def run(configs: Sequence[Any], run_dirs: Sequence[str | os.PathLike] | None = N
     resuming = [runs._check_run_dir(c, d) for c, d in zip(configs, dirs, strict=True)]
     done = [r and (d / "summary.json").exists() for r, d in zip(resuming, dirs, strict=True)]
     todo = [i for i, f in enumerate(done) if not f]
+    stopped = None
     if todo:
-        _run_members([configs[i] for i in todo], [dirs[i] for i in todo],
-                     [resuming[i] for i in todo])
+        stopped = _run_members([configs[i] for i in todo], [dirs[i] for i in todo],
+                               [resuming[i] for i in todo])
+    if stopped is not None:  # like `train.run`: {"stopped": signal, "step": n} of each member
+        return [stopped] * len(configs)
     return [json.loads((d / "summary.json").read_text()) for d in dirs]
 
 
-def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> None:
+def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict | None:
+    """Train the unfinished members; None when they finished, else `{"stopped", "step"}`."""
     from jaxlora import checkpoint as ckpt_lib
     from jaxlora.config import dump_config, to_dict
     from jaxlora.sharding import ShardingSpec
@@ -420,14 +424,15 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> None:
         team = [_Member(c, d, s, m, ds, lg) for c, d, s, m, ds, lg in
                 zip(configs, dirs, setups, managers, datasets, logs, strict=True)]
         out = _train_members(team, state, positions, shared, stop, loaded)
-    if out is None:
-        return
+    if isinstance(out, dict):
+        return out
     for mem, adapters, before, after in out:
         st = mem.setup._replace(state=adapters)
         runs._finish(mem.cfg, st, mem.run_dir,
                      {"state": adapters, "before": before, "after": after,
                       "tokens_per_s": mem.log.tokens_per_s},
                      lora.summary(loaded.base, adapters.adapters), t_start)
+    return None
 
 
 def _resume(state: PopulationState, managers, resuming, dirs, steps):
@@ -500,7 +505,8 @@ def _evaluator(team: list[_Member], shared: bool, loaded: Any, dtype: Any):
 def _train_members(team: list[_Member], state: PopulationState, positions: list, shared: bool,
                    stop: Any, loaded: Any):
     """The population's loop: member logs, evaluations and checkpoints as hooks. Returns
-    `[(member, final state, val before, val after)]`, or None when a signal stopped it."""
+    `[(member, final state, val before, val after)]`, or `{"stopped", "step"}` when a signal
+    stopped it."""
     from tqdm.auto import tqdm
 
     from jaxlora.train import loop, runs
@@ -558,9 +564,10 @@ def _train_members(team: list[_Member], state: PopulationState, positions: list,
     if info is not None and info.stop is not None:
         for m in team:
             m.manager.wait()
-        runs._log(f"jaxlora: {info.stop} received; population saved at step "
-                  f"{int(state.members[0].step)}; run the same command again to resume")
-        return None
+        step = int(state.members[0].step)
+        runs._log(f"jaxlora: {info.stop} received; population saved at step {step}; run the "
+                  f"same command again to resume")
+        return {"stopped": info.stop, "step": step}
     after = val(tuple(m.adapters for m in state.members))
     out = []
     for i, (mem, b, a) in enumerate(zip(team, before, after, strict=True)):

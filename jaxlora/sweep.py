@@ -198,6 +198,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for key in ("set", "grid", "zip", "random"):
         if key in raw and not isinstance(raw[key], dict):
             raise ConfigError(f"{src}: {key}: expected a table [{key}]")
+        if key in raw and key != "set" and not raw[key]:  # would run the base alone, silently
+            raise ConfigError(f"{src}: [{key}]: no keys to sweep (give key = [values, ...])")
 
     sets = []
     for key, value in _flatten(raw.get("set", {})):
@@ -284,7 +286,8 @@ def run_name(overrides: Sequence[tuple[str, Any]], *, max_len: int = 80) -> str:
     parts = []
     for (key, value), leaf in zip(overrides, leaves, strict=True):
         label = leaf if leaves.count(leaf) == 1 else key
-        parts.append(re.sub(r"[^A-Za-z0-9.-]+", "-", f"{label}-{format_value(value)}"))
+        text = format_value(value).replace("e+", "e")  # 1e+30 -> 1e30, never read as 1e-30
+        parts.append(re.sub(r"[^A-Za-z0-9.-]+", "-", f"{label}-{text}"))
     name = "_".join(parts).strip("-.") or "run"
     if len(name) > max_len:
         name = f"{name[: max_len - 7]}-{_short_hash(list(overrides))}"
@@ -441,11 +444,14 @@ def _run_one(
     _write_json(status_path, {"status": "running", "config_hash": digest})
     say(f"{tag}: running")
     t0 = time.perf_counter()
+    peak_reset = _reset_peak_rss()
     try:
         returned = run_fn(spec.config, run_dir)
         if returned is None:  # fall back to the trainer's summary.json
             returned = _read_status(run_dir / "summary.json")
         metrics = _scalar_metrics(returned)
+        if "peak_rss_mb" in metrics and peak_reset and (peak := _peak_rss_mb()) is not None:
+            metrics["peak_rss_mb"] = peak  # this run's, not the whole sweep process's
     except Exception as e:  # a failed run is recorded; the sweep goes on
         err = f"{type(e).__name__}: {e}".splitlines()[0]
         _write_json(status_path, {
@@ -458,6 +464,29 @@ def _run_one(
     _write_json(status_path, {"status": "done", "config_hash": digest, "metrics": metrics})
     say(f"{tag}: done " + ", ".join(f"{k}={format_value(v)}" for k, v in metrics.items()))
     return RunResult(spec.name, run_dir, overrides, "done", metrics)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: ``/proc/self/clear_refs``).
+
+    Runs of a sweep share the process, whose ``ru_maxrss`` only grows; after the reset,
+    ``VmHWM`` is the peak of the run alone. False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float | None:
+    """``VmHWM`` of ``/proc/self/status`` (MiB): the peak RSS since `_reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _read_status(path: Path) -> dict[str, Any]:

@@ -368,3 +368,169 @@ def test_failures_exit_1_with_one_line(tiny_config, tmp_path, capsys):
         assert last.startswith("jaxlora: error: ") and needle in last, (argv, err)
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 18: read-only commands write nothing; OS failures are one line naming the path
+# --------------------------------------------------------------------------------------------
+def _digest(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under `folder` with its mode and bytes (folders: b"")."""
+    return {str(p.relative_to(folder)): (p.stat().st_mode, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_read_only_commands_change_no_byte_of_the_run(trained, capsys):
+    folder, _, run_dir, *_ = trained
+    before = _digest(run_dir)
+    commands = [
+        ["eval", run_dir],
+        ["info", run_dir],
+        ["generate", "--model", "tiny-llama", "--adapter", run_dir, "a", "--max-new-tokens", "2"],
+        ["export", run_dir, "--format", "peft", "--out", folder / "ro_export"],
+    ]
+    for argv in commands:
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 0, (argv, err)
+        assert _digest(run_dir) == before, argv
+
+
+def test_eval_and_info_of_a_config_only_folder_create_nothing(trained, tmp_path, capsys):
+    _, _, run_dir, *_ = trained
+    shutil.copy(run_dir / "config.toml", tmp_path / "config.toml")
+    for cmd in ("eval", "info"):
+        rc, _, err = run_cli(capsys, cmd, tmp_path)
+        assert rc == 1 and err == f"jaxlora: error: {tmp_path}: the run has no checkpoints yet " \
+                                  "(no checkpoints/)\n", err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("jaxlora: error: "), err
+    assert all(line.startswith("jaxlora: ") for line in lines), err
+    assert all(n in lines[-1] for n in needles), (needles, err)
+
+
+@pytest.fixture
+def no_write(tmp_path):
+    """A folder nobody may write to (skipped when running as root, who may anyway)."""
+    if os.geteuid() == 0:
+        pytest.skip("root ignores permissions")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    yield ro
+    ro.chmod(0o755)
+
+
+def test_train_os_failures(tiny_config, tmp_path, capsys):
+    path = tiny_config()
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["--run-dir", tmp_path / "a_file"], [f"{tmp_path / 'a_file'}: not a directory"]),
+        (["--run-dir", tmp_path / "a_file" / "run"], [str(tmp_path / "a_file")]),
+        (["--set", f'output_dir="{tmp_path / "a_file"}"'], [str(tmp_path / "a_file")]),
+    ]
+    for args, needles in cases:
+        rc, out, err = run_cli(capsys, "train", path, *args)
+        assert rc == 1, (args, err)
+        _one_error_line(err, *needles)
+
+
+def test_train_in_an_unwritable_output_dir(tiny_config, no_write, capsys):
+    rc, _, err = run_cli(capsys, "train", tiny_config(), "--set", f'output_dir="{no_write}"')
+    assert rc == 1
+    _one_error_line(err, str(no_write / "tiny"), "permission denied")
+
+
+def test_export_os_failures(trained, tmp_path, capsys):
+    _, _, run_dir, *_ = trained
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file" / "below", tmp_path / "a_file"):
+        rc, _, err = run_cli(capsys, "export", run_dir, "--format", "peft", "--out", out)
+        assert rc == 1, err
+        _one_error_line(err, str(tmp_path / "a_file"))
+
+
+def test_eval_info_of_a_file_or_missing_folder(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for cmd in ("eval", "export"):
+        extra = ["--format", "peft", "--out", tmp_path / "o"] if cmd == "export" else []
+        for target in (tmp_path / "a_file", tmp_path / "missing"):
+            rc, _, err = run_cli(capsys, cmd, target, *extra)
+            assert rc == 1, err
+            _one_error_line(err, str(target), "not a run directory")
+
+
+def test_sweep_out_below_a_file(tmp_path, capsys):
+    write_tiny_config(tmp_path, "tiny", steps=2)
+    (tmp_path / "a_file").write_text("x")
+    sw = _sweep(tmp_path, '[grid]\n"train.seed" = [0, 1]\n')
+    rc, _, err = run_cli(capsys, "sweep", sw, "--out", tmp_path / "a_file" / "sw")
+    assert rc == 1
+    _one_error_line(err, str(tmp_path / "a_file"))
+
+
+def test_closed_stdout_is_one_line(tmp_path):
+    """`jaxlora config | head -1`: the reader goes away; one line, exit 1, no traceback."""
+    r, w = os.pipe()
+    os.close(r)
+    p = subprocess.run([sys.executable, "-m", "jaxlora.cli", "config"], stdout=w,
+                       stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+                       timeout=120)
+    os.close(w)
+    assert p.returncode == 1
+    assert p.stderr == "jaxlora: error: stdout: the reader closed the pipe\n"
+
+
+def test_help_and_config_errors_import_no_jax(tiny_config):
+    """`--help` and a config error answer before JAX is imported (it takes seconds)."""
+    path = tiny_config()
+    code = (
+        "import sys\nfrom jaxlora import cli\n"
+        "rc = cli.main(sys.argv[1:])\n"
+        "print('jax' in sys.modules, rc)\n"
+    )
+    for argv, rc in ((["train", str(path), "--set", "lora.rank=-1"], 2),
+                     (["sweep", str(path) + ".missing"], 2),
+                     (["config", str(path)], 0)):
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                           cwd=Path(__file__).parents[1], timeout=120)
+        assert p.stdout.splitlines()[-1] == f"False {rc}", (argv, p.stdout, p.stderr)
+    p = subprocess.run([sys.executable, "-c", "import sys\nfrom jaxlora import cli\n"
+                        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n"
+                        "    print('jax' in sys.modules)\n"],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert p.stdout.splitlines()[-1] == "False", p.stderr
+
+
+def test_lora_targets_typo_names_the_key(tiny_config, capsys):
+    rc, _, err = run_cli(capsys, "train", tiny_config(), "--set", 'lora.targets=["q_prj"]')
+    assert rc == 1
+    _one_error_line(err, "lora.targets: module 'q_prj' matches no adaptable parameter",
+                    "layers/attn/q_proj/kernel")
+
+
+def test_another_runs_directory_is_refused_without_saying_resuming(trained, tmp_path, capsys):
+    _, _, run_dir, *_ = trained
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run_dir / "config.toml", other / "config.toml")
+    (other / "checkpoints").mkdir()
+    rc, _, err = run_cli(capsys, "train", write_tiny_config(tmp_path, "x"), "--run-dir", other)
+    assert rc == 2
+    assert err == (f"jaxlora: error: {other}: holds a different run (its config.toml differs); "
+                   "choose another name (--set name=...) or output_dir instead of overwriting it\n")
+
+
+def test_a_skipped_data_file_is_one_notice_and_counted_in_the_summary(tmp_path, capsys):
+    path = write_tiny_config(tmp_path, "skip", steps=2)
+    (tmp_path / "bad.txt").write_bytes(b"the quick \xff fox")
+    rc, _, err = run_cli(capsys, "train", path, "--set",
+                         f'data.sources=["{tmp_path / "train.txt"}", "{tmp_path / "bad.txt"}"]',
+                         "--set", "eval.samples=[]")
+    assert rc == 0, err
+    notice = f"jaxlora: {tmp_path / 'bad.txt'}: file skipped: invalid UTF-8 at byte 10 of the file"
+    assert err.splitlines().count(notice) == 1, err
+    summary = json.loads((tmp_path / "runs" / "skip" / "summary.json").read_text())
+    assert summary["skipped_files"] == 1

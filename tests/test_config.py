@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -314,3 +315,32 @@ def test_schema_imports_without_jax():
 
     code = "import sys, jaxlora.schema; assert 'jax' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(p))}: not UTF-8 text \(invalid byte at offset 11\)"):
+        load_config(p)
+
+
+def test_config_and_its_specs_import_no_jax():
+    """Configs are read and checked without JAX (it costs seconds to import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxlora.config, jaxlora.sweep, jaxlora.cli\n"
+            "from jaxlora.config import load_config, Config\n"
+            "c = Config()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'optax', 'orbax')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1], timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout
+
+
+def test_remat_policies_are_the_models():
+    from jaxlora.config import REMAT_POLICIES
+    from jaxlora.models.common import REMAT_POLICIES as MODELS
+
+    assert REMAT_POLICIES == MODELS

@@ -545,6 +545,11 @@ def test_invalid_utf8_is_skipped_and_counted(tmp_path, tok):
     ), tok).train
     assert train.stats.skipped_files == 2 and train.stats.documents == 1
     assert train.files == (str(tmp_path / "good.txt"),)
+    # each skipped file has a notice that names it, the line and the byte (issue 18)
+    assert train.stats.notices == (
+        f"{tmp_path / 'bad.jsonl'}:2: file skipped: invalid UTF-8 at byte 10 of the line",
+        f"{tmp_path / 'bad.txt'}: file skipped: invalid UTF-8 at byte 6 of the file",
+    )
     os.remove(tmp_path / "good.txt")
     with pytest.raises(DataError, match=r"empty.*\(2 files skipped for invalid UTF-8\)"):
         load_datasets(DataConfig(
@@ -573,3 +578,31 @@ def test_iterator_state_out_of_range(tmp_path, tok):
     ), tok).train
     with pytest.raises(DataError, match="does not fit"):
         train.iterator({"epoch": 0, "index": train.batches_per_epoch})
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing dropped without a word (issue 18): each skip has a notice, or it is an error
+# --------------------------------------------------------------------------------------------
+def test_an_empty_dataset_names_its_files_and_why(tmp_path, tok):
+    write(tmp_path / "bad.txt", b"\xff")
+    write(tmp_path / "blank.txt", "")
+    with pytest.raises(DataError) as e:
+        load_datasets(DataConfig(sources=(str(tmp_path),), validation_fraction=0.0), tok)
+    msg = str(e.value)
+    assert f"no documents with tokens in {tmp_path / 'bad.txt'}, {tmp_path / 'blank.txt'}" in msg
+    assert f"{tmp_path / 'bad.txt'}: file skipped: invalid UTF-8 at byte 0" in msg
+
+
+def test_unknown_chat_role_is_an_error_naming_file_line_and_role(tmp_path, tok):
+    good = {"role": "user", "content": "hi"}
+    write(tmp_path / "chat.jsonl", json.dumps({"messages": [good, {"role": "assistant", "content": "yo"}]})
+          + "\n" + json.dumps({"messages": [good, {"role": "bot", "content": "yo"}]}) + "\n")
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: unknown chat role 'bot'; expected one of "
+                       r"system, user, assistant, tool"):
+        load_datasets(DataConfig(sources=(str(tmp_path),), validation_fraction=0.0), tok)
+
+
+def test_data_with_nothing_to_learn_is_refused(tmp_path, tok):
+    write(tmp_path / "p.jsonl", json.dumps({"prompt": "2+2=", "completion": ""}) + "\n")
+    with pytest.raises(DataError, match=r"training dataset has no tokens to learn from in .*p\.jsonl"):
+        load_datasets(DataConfig(sources=(str(tmp_path),), validation_fraction=0.0), tok)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 from conftest import write_tiny_config
 
 from jaxlora import optim, population, train
-from jaxlora.config import load_config
+from jaxlora.config import apply_overrides, load_config
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraSpec
 
@@ -109,3 +113,89 @@ def test_padded_rank_columns_stay_zero(kit):
     a = stacked["layers"]["attn"]["q_proj"]["kernel"].a  # [L, K, in, r_max]
     assert a.shape[-1] == 8 and not jnp.any(a[:, 0, :, 2:])
     assert jnp.any(a[:, 0, :, :2]) and jnp.any(a[:, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: a population of configs against `train.run` of each
+# --------------------------------------------------------------------------------------------
+_TIMING = ("tokens_per_s", "elapsed_s")
+RUN_MEMBERS = [  # rank, alpha, scaling, learning rate and the data seed (own streams) differ
+    ["lora.rank=2", "lora.alpha=4.0", "optim.lr=0.01"],
+    ["lora.rank=8", "lora.scaling='rslora'", "optim.lr=0.003", "data.seed=1"],
+    ["lora.rank=4", "lora.alpha=16.0", "optim.lr=0.02", "data.seed=2"],
+]
+
+
+def _records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in _TIMING} for x in lines if x]
+
+
+def _member_configs(tmp_path, tag):
+    path = write_tiny_config(tmp_path / tag, "base", steps=4)
+    return [apply_overrides(load_config(path, ov), [f"name=m{i}", "data.shuffle=true"])
+            for i, ov in enumerate(RUN_MEMBERS)]
+
+
+def test_population_run_dirs_equal_runs_alone(tmp_path):
+    pop = _member_configs(tmp_path, "pop")
+    alone = _member_configs(tmp_path, "alone")
+    summaries = population.run(pop)
+    for cfg_p, cfg_a, s in zip(pop, alone, summaries, strict=True):
+        ref = train.run(cfg_a)
+        got, want = _records(cfg_p.run_dir), _records(cfg_a.run_dir)
+        assert [sorted(r) for r in got] == [sorted(r) for r in want]  # same records, same order
+        for g, w in zip(got, want, strict=True):
+            for key in ("loss", "val_loss"):
+                if key in w:
+                    np.testing.assert_allclose(g[key], w[key], rtol=1e-5)
+        assert s["steps"] == ref["steps"] == 4 and s["adapter_params"] == ref["adapter_params"]
+        np.testing.assert_allclose(s["val_loss"], ref["val_loss"], rtol=1e-5)
+        a, b = train.open_run(cfg_p.run_dir), train.open_run(cfg_a.run_dir)  # as a run alone
+        for x, y in zip(jax.tree.leaves(a.adapters), jax.tree.leaves(b.adapters), strict=True):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
+    assert population.run(pop) == summaries  # finished: read back, nothing trained again
+
+
+def test_population_interrupted_then_resumed(tmp_path, monkeypatch):
+    cfgs = [apply_overrides(c, ["checkpoint.every=2"]) for c in _member_configs(tmp_path, "a")]
+    full = population.run([apply_overrides(c, [f"output_dir={tmp_path / 'full'}"]) for c in cfgs])
+    real = train.loop.compile_step
+
+    def compile_then_stop_after_two(*args):
+        step = real(*args)
+        calls = {"n": 0}
+
+        def wrapped(*a):
+            out = step(*a)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(train.loop, "compile_step", compile_then_stop_after_two)
+    assert population.run(cfgs) == [{"stopped": "SIGTERM", "step": 2}] * len(cfgs)
+    assert not any((c.run_dir / "summary.json").exists() for c in cfgs)
+    monkeypatch.setattr(train.loop, "compile_step", real)
+    resumed = population.run(cfgs)
+    for c, f, r in zip(cfgs, full, resumed, strict=True):
+        np.testing.assert_allclose(r["val_loss"], f["val_loss"], rtol=1e-6)
+        steps = [x["step"] for x in _records(c.run_dir) if "loss" in x]
+        assert steps == sorted(set(steps))  # every logged step once
+
+
+def test_members_that_need_different_bases_are_refused(tmp_path):
+    cfgs = _member_configs(tmp_path, "bad")
+    cfgs[1] = apply_overrides(cfgs[1], ["quant.qtype=int8"])
+    with pytest.raises(ConfigError, match=r"population: quant.qtype differs between m0 \('nf4'\) and m1 \('int8'\)"):
+        population.run(cfgs)
+    cfgs[1] = apply_overrides(cfgs[1], ["quant.qtype=nf4", "data.seq_len=16"])
+    with pytest.raises(ConfigError, match="data.seq_len differs"):
+        population.run(cfgs)
+    cfgs[1] = apply_overrides(cfgs[1], ["data.seq_len=32", "train.seed=3"])
+    with pytest.raises(ConfigError, match="train.seed differs"):  # a random model's weights
+        population.run(cfgs)
+    assert not any(c.run_dir.exists() for c in cfgs)  # refused before anything is written

@@ -133,6 +133,8 @@ def test_run_names():
     long = run_name([("model.name", "x" * 200)])
     assert len(long) <= 80 and long != run_name([("model.name", "x" * 199)])
     assert "/" not in run_name([("model.name", "../../etc/passwd")])
+    assert run_name([("optim.lr", 1e30)]) == "lr-1e30"  # not lr-1e-30
+    assert run_name([("optim.lr", 1e-30)]) == "lr-1e-30"
 
 
 SWEEP_ERRORS = [
@@ -151,6 +153,8 @@ SWEEP_ERRORS = [
     ('[random]\n"optim.lr" = [1e-3]\n', ["random.n"]),
     ('[grid]\n"lora.rank" = [1]\n[set]\n"lora.rank" = 2\n', ["grid.lora.rank", "[set]"]),
     ('[gird]\n"lora.rank" = [1]\n', ["'gird'", "grid"]),
+    ("[grid]\n", ["[grid]: no keys to sweep"]),
+    ("[zip]\n", ["[zip]: no keys to sweep"]),
 ]
 
 
@@ -298,3 +302,21 @@ def test_overrides_apply_to_every_run_but_not_to_swept_keys(tmp_path):
         expand(p, out_dir=tmp_path / "o", overrides=["lora.rank=2"])
     with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
         expand(p, out_dir=tmp_path / "o", overrides=["train.stesp=2"])
+
+
+def test_peak_rss_is_each_runs_own(tmp_path):
+    """A run that allocates little after one that allocated much reports its own peak."""
+    import numpy as np
+
+    def run(cfg: Config, run_dir: Path) -> dict:
+        if cfg.lora.rank == 1:
+            big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+            del big
+        return {"val_loss": 1.0, "peak_rss_mb": 0.0}
+
+    p = make_sweep(tmp_path, '[grid]\n"lora.rank" = [1, 2]\n')
+    res = run_sweep(p, run, out_dir=tmp_path / "out", log=None)
+    first, second = (r.metrics["peak_rss_mb"] for r in res.runs)
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs: the peak cannot be reset")
+    assert first - second > 300, (first, second)

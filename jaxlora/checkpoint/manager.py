@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,11 +34,14 @@ from jaxlora.checkpoint.leaves import (
     leaf_table,
     unflatten_like,
 )
-from jaxlora.errors import CheckpointError
+from jaxlora.errors import CheckpointError, JaxloraWarning
 
 __all__ = ["CheckpointManager", "Restored"]
 
 _STATE, _DATA, _META = "state", "data", "meta"
+# Retention moves a step here in one atomic rename, then removes it: a kill midway leaves a
+# half-deleted folder only in here, never among the steps, and the next writer removes it.
+_TRASH = ".deleted"
 _T = TypeVar("_T")
 
 
@@ -78,13 +82,22 @@ def _metric_fn(name: str, mode: str) -> Callable[[Mapping[str, Any]], float]:
 
 
 def _orbax_options(
-    keep: int, keep_best: int, metric_fn: Callable, best_mode: str, async_save: bool
+    keep: int, keep_best: int, metric_fn: Callable, best_mode: str, async_save: bool,
+    read_only: bool,
 ):
     """Orbax options: keep the newest ``keep`` and the ``keep_best`` best by ``metric_fn``.
 
     A preservation policy rather than ``max_to_keep=`` with ``best_fn=``: with both set Orbax
-    keeps the ``max_to_keep`` *best* steps, and the newest only if it is among them.
+    keeps the ``max_to_keep`` *best* steps, and the newest only if it is among them. A writer
+    removes the temporary folders of interrupted saves when it opens and deletes old steps by
+    a rename into ``_TRASH``; a reader (``read_only``) creates, removes and renames nothing:
+    it never saves (see `CheckpointManager.save`), so retention never runs. Not Orbax's own
+    ``read_only``, which logs a warning on every open.
     """
+    if read_only:
+        return ocp.CheckpointManagerOptions(
+            best_fn=metric_fn, best_mode=best_mode, create=False, enable_async_checkpointing=False
+        )
     policy = ocp_policies.AnyPreservationPolicy(
         [
             ocp_policies.LatestN(n=keep),
@@ -102,6 +115,8 @@ def _orbax_options(
         preservation_policy=policy,
         enable_async_checkpointing=async_save,
         create=True,
+        cleanup_tmp_directories=True,
+        todelete_subdir=_TRASH,
     )
 
 
@@ -112,7 +127,9 @@ class CheckpointManager:
     better when ``best_mode="min"``; steps without the metric rank last). Saves
     asynchronously: `save` returns after the arrays are copied to host; call `wait` (or
     `close`, or use it as a context manager) before exiting. A manager that only restores
-    never deletes anything: Orbax applies retention when a save finalizes.
+    never deletes anything: Orbax applies retention when a save finalizes. A ``read_only``
+    manager writes nothing at all (not even ``base.json``): `eval`, `info`, `export` and
+    `generate` open run directories with one.
 
     Example::
 
@@ -135,6 +152,7 @@ class CheckpointManager:
         best_mode: str = "min",
         async_save: bool = True,
         base: Mapping[str, Any] | None = None,
+        read_only: bool = False,
     ) -> None:
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
@@ -147,13 +165,21 @@ class CheckpointManager:
         self.keep, self.keep_best = int(keep), int(keep_best)
         self.best_metric, self.best_mode = best_metric, best_mode
         self._base = dict(base) if base is not None else None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._write_or_check_base()
+        self.read_only = bool(read_only)
+        if self.read_only:
+            if not self.directory.is_dir():
+                raise CheckpointError(f"{self.directory}: no checkpoints (no such folder)")
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._write_or_check_base()
+            self._purge_trash()
         metric_fn = _metric_fn(best_metric, best_mode)
+        options = _orbax_options(
+            self.keep, self.keep_best, metric_fn, best_mode, async_save, self.read_only
+        )
+        self._async = async_save and not self.read_only
         self._mgr = _OrbaxManager(
-            self.directory,
-            options=_orbax_options(self.keep, self.keep_best, metric_fn, best_mode, async_save),
-            item_names=(_STATE, _DATA, _META),
+            self.directory, options=options, item_names=(_STATE, _DATA, _META)
         )
         self._damaged: set[int] = set()  # steps found unreadable by restore (dropped on save)
 
@@ -170,6 +196,13 @@ class CheckpointManager:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self._base, indent=1, sort_keys=True))
         os.replace(tmp, path)
+
+    def _purge_trash(self) -> None:
+        """Remove the steps retention moved to ``_TRASH`` (what a kill left half-deleted too).
+
+        Errors are ignored: whatever is left is not a step, and the next writer tries again.
+        """
+        shutil.rmtree(self.directory / _TRASH, ignore_errors=True)
 
     def _read_base_json(self) -> dict[str, Any]:
         path = self.directory / BASE_JSON
@@ -231,12 +264,16 @@ class CheckpointManager:
         damaged step saved again is written anew.
         """
         step = int(step)
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only; not saving step {step}")
         if not (force or self.should_save(step)):
             return False
         if step in self._mgr.all_steps() and step not in self._damaged:
             return False
         for s in sorted(self._damaged & set(self._mgr.all_steps())):
             self._mgr.delete(s)
+        if self._damaged:  # now, or retention could not move the rewritten step there later
+            self._purge_trash()
         self._damaged.clear()
         host, manifest = flatten(state)
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
@@ -255,11 +292,16 @@ class CheckpointManager:
                 _META: ocp.args.JsonSave(meta),
             }
         )
-        return bool(self._mgr.save(step, args=args, metrics=metrics, force=True))
+        started = bool(self._mgr.save(step, args=args, metrics=metrics, force=True))
+        if not self._async:
+            self._purge_trash()
+        return started
 
     def wait(self) -> None:
         """Block until background writes (and the deletions retention asks for) are done."""
         self._mgr.wait_until_finished()
+        if not self.read_only:
+            self._purge_trash()
 
     def close(self) -> None:
         self.wait()
@@ -341,7 +383,7 @@ class CheckpointManager:
             except _Corrupt as e:
                 errors.append(str(e))
                 self._damaged.add(s)
-                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=3)
+                warnings.warn(f"skipping damaged checkpoint: {e}", JaxloraWarning, stacklevel=3)
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
 
     def _restore_step(self, step: int, template: Any, prefix: str) -> Restored:

@@ -36,6 +36,13 @@ class DataStats(NamedTuple):
     target_tokens: int  # labelled tokens (those that may carry loss)
     sequences: int  # rows per epoch
     batches: int  # batches per epoch
+    notices: tuple[str, ...] = ()  # one line per skipped file (path, line, reason)
+
+
+def _names(files: tuple[str, ...], n: int = 3) -> str:
+    """The first `n` of `files` (and how many more), for an error message."""
+    more = f" and {len(files) - n} more" if len(files) > n else ""
+    return (", ".join(files[:n]) or "no files") + more
 
 
 class _Layout(NamedTuple):
@@ -51,8 +58,14 @@ class Dataset:
     def __init__(self, docs: DocIndex, tokenizer: TokenizerLike, config: DataConfig, name: str):
         if len(docs.length) == 0:
             raise DataError(
-                f"{name} dataset is empty: no documents with tokens "
-                f"({docs.skipped_files} files skipped for invalid UTF-8)"
+                f"{name} dataset is empty: no documents with tokens in "
+                f"{_names(docs.sources)} ({docs.skipped_files} files skipped for invalid UTF-8)"
+                + "".join(f"; {n}" for n in docs.notices)
+            )
+        if not docs.targets.any():  # e.g. chats without assistant turns: a loss of exactly 0
+            raise DataError(
+                f"{name} dataset has no tokens to learn from in {_names(docs.files)} (prompts "
+                f"without completions, or chats without assistant turns)"
             )
         self.name = name
         self.config = config
@@ -75,6 +88,7 @@ class Dataset:
             target_tokens=int(docs.targets.sum()),
             sequences=rows,
             batches=math.ceil(rows / config.batch_size),
+            notices=docs.notices,
         )
 
     @property

@@ -19,6 +19,7 @@ from jaxlora.errors import DataError
 __all__ = ["DocIndex", "index_documents", "read_document", "tokenize_document"]
 
 _TEXT, _PLAIN_JSONL, _PROMPT, _CHAT = 0, 1, 2, 3  # document kinds
+ROLES = ("system", "user", "assistant", "tool")  # chat roles; any other is an error
 
 
 def _chat_pieces(tok: TokenizerLike, messages: list[dict], where: str) -> list[tuple[str, int]]:
@@ -69,6 +70,12 @@ def _parse_record(line: str, where: str) -> tuple[int, Any]:
                 for m in msgs
             ):
                 raise DataError(f"{where}: 'messages' must be a list of {{role, content}} strings")
+            for m in msgs:  # an unknown role would train on nothing, or on the wrong turns
+                if m["role"] not in ROLES:
+                    raise DataError(
+                        f"{where}: unknown chat role {m['role']!r}; expected one of "
+                        f"{', '.join(ROLES)}"
+                    )
             return _CHAT, msgs
         if "prompt" in rec and "completion" in rec:
             if not (isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
@@ -126,6 +133,8 @@ class DocIndex(NamedTuple):
     targets: np.ndarray  # int64 [n] labelled tokens
     skipped_files: int
     empty_documents: int
+    sources: tuple[str, ...] = ()  # every file scanned, used or not
+    notices: tuple[str, ...] = ()  # one line per skipped file: path, line and reason
 
     def take(self, idx: np.ndarray) -> DocIndex:
         return self._replace(
@@ -160,10 +169,12 @@ def index_documents(files: list[str], tok: TokenizerLike, max_documents: int | N
     used: list[str] = []
     cols: dict[str, list] = {k: [] for k in ("file_idx", "offset", "line", "kind", "length", "tgt")}
     skipped = empty = n = 0
+    notices: list[str] = []
     for path in files:
         if max_documents is not None and n >= max_documents:
             break
         rows: list[tuple] = []
+        lineno = 0
         try:
             with open(path, "rb") as f:
                 if path.endswith(".jsonl"):
@@ -181,8 +192,11 @@ def index_documents(files: list[str], tok: TokenizerLike, max_documents: int | N
                 else:
                     ids, labels = tokenize_document(tok, _TEXT, f.read().decode("utf-8"), path)
                     rows.append((0, 0, _TEXT, len(ids), int(labels.sum())))
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:
             skipped += 1
+            where = f"{path}:{lineno}" if path.endswith(".jsonl") else path
+            at = "of the line" if path.endswith(".jsonl") else "of the file"
+            notices.append(f"{where}: file skipped: invalid UTF-8 at byte {e.start} {at}")
             continue
         except OSError as e:
             raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -205,5 +219,7 @@ def index_documents(files: list[str], tok: TokenizerLike, max_documents: int | N
         targets=np.asarray(cols["tgt"], np.int64),
         skipped_files=skipped,
         empty_documents=empty,
+        sources=tuple(files),
+        notices=tuple(notices),
     )
 

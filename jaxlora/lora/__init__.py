@@ -27,57 +27,27 @@ Example::
     spec = LoraSpec(rank=16, alpha=32.0, targets="all-linear")
     adapters = init(jax.random.key(0), base, spec)
     y = model_forward(attach(base, adapters, dropout_key), tokens)  # model calls `linear`
+
+Names are imported from their module on first use (`jaxlora._lazy`), and `spec` imports no
+JAX: a config (which holds a `LoraSpec`) is read and checked before JAX is loaded.
 """
 
-from jaxlora.lora.adapters import Summary, init, init_pissa, merge, summary, unmerge
-from jaxlora.lora.nnx import nnx_bind, nnx_params
-from jaxlora.lora.primitive import (
-    Adapters,
-    LoraPair,
-    LoraWeight,
-    Params,
-    attach,
-    attend,
-    check_fit,
-    embed,
-    linear,
-    register_linear,
-)
-from jaxlora.lora.spec import (
-    LeafGeometry,
-    LoraSpec,
-    Targets,
-    leaf_geometry,
-    lora_scale,
-    resolve_targets,
-)
-from jaxlora.paths import flatten_paths, unflatten_paths
+from jaxlora import _lazy
 
-__all__ = [
-    "Params",
-    "Adapters",
-    "LoraPair",
-    "LoraWeight",
-    "LoraSpec",
-    "Targets",
-    "Summary",
-    "LeafGeometry",
-    "init",
-    "init_pissa",
-    "attach",
-    "linear",
-    "register_linear",
-    "embed",
-    "attend",
-    "merge",
-    "unmerge",
-    "check_fit",
-    "resolve_targets",
-    "leaf_geometry",
-    "lora_scale",
-    "summary",
-    "flatten_paths",
-    "unflatten_paths",
-    "nnx_params",
-    "nnx_bind",
-]
+__getattr__, __dir__, __all__ = _lazy.attach(
+    __name__,
+    {
+        "jaxlora.lora.primitive": (
+            "Params", "Adapters", "LoraPair", "LoraWeight", "attach", "linear",
+            "register_linear", "embed", "attend", "check_fit",
+        ),
+        "jaxlora.lora.spec": (
+            "LoraSpec", "Targets", "LeafGeometry", "resolve_targets", "leaf_geometry",
+            "lora_scale",
+        ),
+        "jaxlora.lora.adapters": ("Summary", "init", "init_pissa", "merge", "unmerge", "summary"),
+        "jaxlora.paths": ("flatten_paths", "unflatten_paths"),
+        "jaxlora.lora.nnx": ("nnx_params", "nnx_bind"),
+    },
+    submodules=("adapters", "nnx", "primitive", "spec"),
+)

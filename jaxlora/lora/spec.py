@@ -17,14 +17,15 @@ import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import schema
-from jaxlora.lora.primitive import Params
 from jaxlora.paths import flatten_paths
+
+if TYPE_CHECKING:  # this module imports no JAX: configs hold a LoraSpec
+    from jaxlora.lora.primitive import Params
 
 __all__ = ["Targets", "LoraSpec", "lora_scale", "resolve_targets", "LeafGeometry", "leaf_geometry"]
 
@@ -33,6 +34,7 @@ Targets = str | tuple[str, ...]
 _SCALINGS = ("standard", "rslora")
 _INITS = ("kaiming", "gaussian", "pissa")
 _ADAPTABLE = ("kernel", "embedding")
+_DTYPES = ("float32", "bfloat16", "float16")  # adapter dtypes (jnp names)
 
 
 def _as_pairs(x: Any, name: str) -> tuple[tuple[str, Any], ...]:
@@ -150,7 +152,8 @@ class LoraSpec:
                 raise ValueError(f"LoraSpec.{where} must be > 0, got {a!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
-        jnp.dtype(self.dtype)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"LoraSpec.dtype must be one of {_DTYPES}, got {self.dtype!r}")
 
 
 def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
@@ -212,12 +215,12 @@ def resolve_targets(base: Params, spec: LoraSpec) -> list[str]:
         for t in targets:
             if not hits((t,)):
                 raise ValueError(
-                    f"LoRA target module {t!r} matches no adaptable parameter; closest: {near(t)}"
+                    f"lora.targets: module {t!r} matches no adaptable parameter; closest: {near(t)}"
                 )
     chosen = set(hits(targets))
     if not chosen:
         raise ValueError(
-            f"LoRA targets {targets!r} match no adaptable parameter; closest: {near(str(targets))}"
+            f"lora.targets: {targets!r} match no adaptable parameter; closest: {near(str(targets))}"
         )
     if spec.exclude is not None:
         chosen -= set(hits(spec.exclude))

@@ -9,55 +9,25 @@ bit-compatible with bitsandbytes 0.50 (tests/test_bnb.py). Three modules:
 - `jaxlora.quant.tree`: whole parameter trees: `QuantRules` and `select` (which leaves),
   `quantize_tree`, and `report` (bytes and bits per parameter of any partly quantized tree).
 
-Every public name is importable from ``jaxlora.quant``.
+Every public name is importable from ``jaxlora.quant``, imported from its module on first use
+(`jaxlora._lazy`); `QuantRules` (a config section) and `codes` import no JAX.
 """
 
-from jaxlora.quant.codec import (
-    NESTED_BLOCK,
-    QTensor,
-    bits_per_param,
-    block_absmax,
-    dequantize,
-    pack_nibbles,
-    quantize,
-    unpack_nibbles,
-)
-from jaxlora.quant.codes import (
-    DYNAMIC_CODE,
-    FP4_CODE,
-    INT4_CODE,
-    NF4_CODE,
-    QTYPES,
-    create_dynamic_map,
-)
-from jaxlora.quant.tree import (
-    LeafReport,
-    QuantReport,
-    QuantRules,
-    quantize_tree,
-    report,
-    select,
-)
+from jaxlora import _lazy
 
-__all__ = [
-    "QTYPES",
-    "NF4_CODE",
-    "FP4_CODE",
-    "INT4_CODE",
-    "NESTED_BLOCK",
-    "QTensor",
-    "QuantRules",
-    "QuantReport",
-    "LeafReport",
-    "create_dynamic_map",
-    "DYNAMIC_CODE",
-    "quantize",
-    "dequantize",
-    "quantize_tree",
-    "select",
-    "report",
-    "bits_per_param",
-    "block_absmax",
-    "pack_nibbles",
-    "unpack_nibbles",
-]
+__getattr__, __dir__, __all__ = _lazy.attach(
+    __name__,
+    {
+        "jaxlora.quant.codes": (
+            "QTYPES", "NF4_CODE", "FP4_CODE", "INT4_CODE", "create_dynamic_map", "DYNAMIC_CODE",
+        ),
+        "jaxlora.quant.codec": (
+            "NESTED_BLOCK", "QTensor", "quantize", "dequantize", "bits_per_param",
+            "block_absmax", "pack_nibbles", "unpack_nibbles",
+        ),
+        "jaxlora.quant.tree": (
+            "QuantRules", "QuantReport", "LeafReport", "quantize_tree", "select", "report",
+        ),
+    },
+    submodules=("codec", "codes", "tree"),
+)

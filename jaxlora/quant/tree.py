@@ -14,18 +14,39 @@ import dataclasses
 import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import schema
 from jaxlora.paths import flatten_paths, iter_paths, unflatten_paths
-from jaxlora.quant.codec import QTensor, check_args, quantize
 from jaxlora.quant.codes import QTYPES
 
-__all__ = ["QuantRules", "select", "LeafReport", "QuantReport", "report", "quantize_tree"]
+# `QuantRules` is a config section, checked before JAX is imported: this module imports the
+# codec (and so JAX) only in the functions that quantize or meet quantized leaves.
+
+__all__ = [
+    "QuantRules",
+    "check_block_size",
+    "select",
+    "LeafReport",
+    "QuantReport",
+    "report",
+    "quantize_tree",
+]
 
 Params = dict  # nested dict[str, Array | QTensor]
+
+
+def check_block_size(block_size: Any, where: str) -> None:
+    """Refuse (ValueError naming ``where``) a block size that is not a power of two in 32..4096.
+
+    The same rule as ``codec.check_args``, without importing the codec (and JAX)."""
+    if (
+        not isinstance(block_size, (int, np.integer))
+        or isinstance(block_size, bool)
+        or not 32 <= block_size <= 4096
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(f"{where}: block_size {block_size!r} must be a power of two in 32..4096")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +63,7 @@ class QuantRules:
     )
     block_size: int = schema.field(
         64, "Elements per quantization block (one absmax scale each); power of two in 32..4096.",
-        check=lambda v: check_args(QTYPES[0], v, "QuantRules"),
+        check=lambda v: check_block_size(v, "QuantRules"),
     )
     double_quant: bool = schema.field(
         True, "Quantize the per-block absmax scales to 8 bits as well (QLoRA double quantization)."
@@ -169,11 +190,13 @@ def select(rules: QuantRules, path: str, ndim: int) -> int | None:
 
 def _leaf_report(path: str, leaf: Any) -> LeafReport | None:
     """The row of one leaf: a QTensor by its stored arrays, an array by shape x itemsize."""
+    from jaxlora.quant.codec import QTensor
+
     if isinstance(leaf, QTensor):
         return LeafReport(path, leaf.shape, leaf.qtype, leaf.size, leaf.nbytes)
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
         return None  # not an array (e.g. a Python scalar): nothing stored to count
-    dtype = jnp.dtype(leaf.dtype)
+    dtype = np.dtype(leaf.dtype)
     params = int(np.prod(leaf.shape))
     return LeafReport(path, tuple(leaf.shape), dtype.name, params, params * dtype.itemsize)
 
@@ -196,6 +219,10 @@ def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Par
     (a ValueError naming the path) never leaves a half-quantized tree. Call outside jit, or
     inside it (then the NaN/Inf check of `quantize` is skipped).
     """
+    import jax
+
+    from jaxlora.quant.codec import check_args, quantize
+
     if rules.qtype != "none":
         check_args(rules.qtype, rules.block_size, "QuantRules")
     out: dict[str, Any] = {}

@@ -10,6 +10,7 @@ same config, refusing another); `open_run`, `evaluate_run`, `load_for_inference`
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -45,7 +46,9 @@ __all__ = [
     "load_base",
     "make_datasets",
     "setup",
+    "data_notices",
     "checkpoint_manager",
+    "same_run",
     "run",
     "open_run",
     "evaluate_run",
@@ -125,9 +128,21 @@ def _lr(cfg: Config, step: int) -> float:
 
 
 def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
-    """The training and validation data of the config, tokenized by the run's model."""
-    return data_lib.load_datasets(cfg.data, loaded.tokenizer,
-                                  max_positions=loaded.config.max_position_embeddings)
+    """The training and validation data of the config, tokenized by the run's model.
+
+    Prints one ``jaxlora:`` line per skipped file (path, line, reason; see `data_notices`).
+    """
+    datasets = data_lib.load_datasets(cfg.data, loaded.tokenizer,
+                                      max_positions=loaded.config.max_position_embeddings)
+    for notice in data_notices(datasets):
+        _log(f"jaxlora: {notice}")
+    return datasets
+
+
+def data_notices(datasets: data_lib.Datasets) -> list[str]:
+    """The skip notices of both splits, each once (a held-out fraction shares the scan)."""
+    splits = [d for d in datasets if d is not None]
+    return list(dict.fromkeys(n for d in splits for n in d.stats.notices))
 
 
 def setup(cfg: Config, mesh: Any = None) -> Setup:
@@ -160,14 +175,19 @@ def setup(cfg: Config, mesh: Any = None) -> Setup:
     return Setup(loaded, base, spec, tx, state, record, shardings)
 
 
-def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup):
-    """The `CheckpointManager` of a run directory, checking the base against `setup`'s."""
+def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup, *,
+                       read_only: bool = False):
+    """The `CheckpointManager` of a run directory, checking the base against `setup`'s.
+
+    `read_only`: for commands that only read the run (eval, info, export, generate); such a
+    manager writes nothing into the directory.
+    """
     from jaxlora import checkpoint as ckpt_lib
 
     return ckpt_lib.CheckpointManager(
         Path(run_dir), save_every=cfg.checkpoint.every or cfg.train.steps,
         keep=cfg.checkpoint.keep, keep_best=1 if cfg.checkpoint.keep_best else 0,
-        async_save=cfg.checkpoint.async_save, base=setup.base_record,
+        async_save=cfg.checkpoint.async_save, base=setup.base_record, read_only=read_only,
     )
 
 
@@ -188,8 +208,10 @@ def open_run(run_dir: str | os.PathLike, step: int | str = "latest") -> OpenRun:
     """
     run_dir = Path(run_dir)
     cfg = _read_config(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir}: the run has no checkpoints yet (no checkpoints/)")
     s = setup(cfg)
-    mgr = checkpoint_manager(cfg, run_dir, s)
+    mgr = checkpoint_manager(cfg, run_dir, s, read_only=True)
     which = step
     if step == "best":
         which = mgr.best_step()
@@ -270,13 +292,22 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
 # --------------------------------------------------------------------------------------------
 # Creating, checking and training a run directory
 # --------------------------------------------------------------------------------------------
+_TMP = ".tmp"  # suffix of the temporary files `_write_atomic` renames into place
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write `path` whole or not at all. The temporary file has a fixed name, so what a kill
+    leaves of it is overwritten by the next write and is never taken for user files."""
+    tmp = path.with_name(f".{path.name}{_TMP}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _same_run(a: Config, b: Config) -> bool:
+def _is_temporary(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(_TMP)
+
+
+def same_run(a: Config, b: Config) -> bool:
     """Equal up to settings that do not change what a run computes: the progress bar, and the
     device mesh (a run may resume on another machine; its checkpoints restore onto any mesh)."""
     def norm(c: Config) -> Config:
@@ -294,19 +325,28 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
     """
     saved = run_dir / "config.toml"
     if saved.exists():
-        if not _same_run(load_config(saved), cfg):
+        if not same_run(load_config(saved), cfg):
             raise ConfigError(
                 f"{run_dir}: holds a different run (its config.toml differs); choose another "
                 f"name (--set name=...) or output_dir instead of overwriting it"
             )
         return True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and not run_dir.is_dir():  # an OS error: the CLI exits 1
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(run_dir))
+    if run_dir.exists() and any(not _is_temporary(p) for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not a jaxlora run directory; not touching it")
     return False
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of metrics.jsonl up to `step` (and drop a line cut short)."""
+def _truncate_metrics(path: Path, step: int, final: bool) -> None:
+    """Keep the records of metrics.jsonl that the checkpoint of `step` accounts for.
+
+    Records after `step` (a fallback past a damaged checkpoint, or a kill between a log line
+    and the next save) and a line cut short are dropped: the resumed run writes them again.
+    `final` (the step is the last one): its validation record is dropped too, since the run
+    evaluates the final adapters again (a kill after the final save, before summary.json).
+    `step` -1: no checkpoint, every record goes.
+    """
     if not path.exists():
         return
     lines = path.read_text().splitlines()
@@ -316,7 +356,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("step", 0) <= step:
+        s = rec.get("step", 0)
+        if s < step or (s == step and not (final and "val_loss" in rec)):
             keep.append(line)
     if keep != lines:
         _write_atomic(path, "".join(x + "\n" for x in keep))
@@ -366,20 +407,18 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     _log(f"jaxlora: "
          f"{_describe_mesh(mesh, s.base, state.adapters, state.opt_state, cfg.quant.stacked)}")
     manager = checkpoint_manager(cfg, run_dir, s)
-    state, position, resumed = s.state, None, {}
+    state, position, resumed, start = s.state, None, {}, -1
     if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
         restored = manager.restore(s.state)
         state = jax.device_put(restored.state, s.shardings.state)  # onto this run's mesh
-        position, resumed = restored.data_position, restored.metrics
-        # records written after the restored step (a fallback past a damaged checkpoint, or
-        # a crash between a log line and the next save) are replayed: drop them
-        _truncate_metrics(run_dir / "metrics.jsonl", restored.step)
+        position, resumed, start = restored.data_position, restored.metrics, restored.step
         _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
+    _truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
     with open(run_dir / "metrics.jsonl", "a") as mf, loop.StopSignals() as stop, manager:
         out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
     if "stopped" in out:
         return out
-    return _finish(cfg, s, run_dir, out, summ, t_start)
+    return _finish(cfg, s, run_dir, out, summ, t_start, len(data_notices(datasets)))
 
 
 def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, mf, stop,
@@ -445,9 +484,11 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
     return {"state": state, "before": before, "after": after, "tokens_per_s": log.tokens_per_s}
 
 
-def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start
-            ) -> dict[str, Any]:
-    """Samples, summary.json, loss.png and samples.txt of a finished run."""
+def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start,
+            skipped_files: int) -> dict[str, Any]:
+    """Samples, loss.png, samples.txt and (last: it marks the run finished) summary.json.
+
+    `skipped_files`: the data files skipped with a notice (counted in summary.json)."""
     memory.return_freed_memory()  # the step's buffers, before the generation programs compile
     state = out["state"]
     samples = _samples(cfg, s.loaded, s.base, state.adapters)
@@ -468,11 +509,12 @@ def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_s
         "adapter_params": summ.trainable,
         "adapter_bytes": summ.adapter_bytes,
         "wall_s": time.perf_counter() - t_start,
+        "skipped_files": skipped_files,
         "samples": samples,
     }
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     _plot_loss(records, run_dir / "loss.png", cfg.name)
     _write_atomic(run_dir / "samples.txt", _samples_text(samples))
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))  # last: "finished"
     return summary
 
 
@@ -516,6 +558,6 @@ def _plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = path.with_name(f".{path.name}{_TMP}")
+    fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)

@@ -1,16 +1,11 @@
-"""Optax transformations for training LoRA adapters only.
+"""The optax transformations of the adapters: schedules, the optimizer of an `OptimSpec`,
+and `adapters_only` (``optax.partition`` + ``optax.set_to_zero``) for combined trees.
 
-LoRA (Hu et al. 2021, arXiv 2106.09685) trains the low-rank factors A, B and keeps the base
-frozen; rsLoRA (arXiv 2312.03732) only changes the scale. So the optimizer here acts on the
-adapter tree. When users hand a combined tree (``{"base": ..., "adapters": ...}`` or an
-`lora.attach`-ed tree of `LoraWeight` views) `adapters_only` composes ``optax.partition``
-with ``optax.set_to_zero`` (the optax freezing idiom): frozen leaves get zero updates and
-carry no optimizer state, and gradient clipping / weight decay see the adapters only.
+See the `jaxlora.optim` docstring for why the optimizer sees the adapters only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
@@ -19,13 +14,12 @@ from typing import Any
 import jax
 import optax
 
-from jaxlora import schema
 from jaxlora.lora import LoraPair, LoraWeight
+from jaxlora.optim.spec import SCHEDULES, OptimSpec
 
 __all__ = [
     "TRAINABLE",
     "FROZEN",
-    "OptimSpec",
     "make_schedule",
     "make_optimizer",
     "optax_optimizer",
@@ -35,8 +29,6 @@ __all__ = [
 
 TRAINABLE = "adapters"
 FROZEN = "frozen"
-_SCHEDULES = ("constant", "linear", "cosine")
-_OPTIMIZERS = ("adamw", "adam", "sgd")  # the ones whose hyperparameters OptimSpec names
 
 
 def make_schedule(
@@ -48,8 +40,8 @@ def make_schedule(
 ) -> optax.Schedule:
     """Learning rate vs step: linear warmup from 0 over ``warmup_steps``, then
     "constant", "linear" or "cosine" decay to ``min_lr_ratio * lr`` at ``total_steps``."""
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if schedule != "constant":
@@ -71,42 +63,6 @@ def make_schedule(
         return decay
     warm = optax.linear_schedule(0.0, lr, warmup_steps)
     return optax.join_schedules([warm, decay], [warmup_steps])
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSpec:
-    """The optimizer of the adapters (the base never gets optimizer state).
-
-    The ``[optim]`` table of a config file; `make_optimizer` turns it into an optax
-    transformation. For an optax optimizer not named here, see `optax_optimizer`.
-    """
-
-    name: str = schema.field(
-        "adamw", "Optimizer: adamw, adam, or sgd (with momentum b1).", choices=_OPTIMIZERS
-    )
-    lr: float = schema.field(2e-4, "Peak learning rate.", gt=0)
-    schedule: str = schema.field(
-        "cosine", "Learning-rate decay after warmup: constant, linear, or cosine.",
-        choices=_SCHEDULES,
-    )
-    warmup_steps: int = schema.field(
-        0, "Linear warmup steps from 0 to `lr` (<= train.steps).", ge=0
-    )
-    min_lr_ratio: float = schema.field(
-        0.0, "Final learning rate as a fraction of `lr` for linear/cosine decay.", ge=0, le=1
-    )
-    weight_decay: float = schema.field(
-        0.0, "Decoupled weight decay on the adapters (adamw).", ge=0
-    )
-    max_grad_norm: float = schema.field(
-        1.0, "Clip the global gradient norm to this (0 = no clipping).", ge=0
-    )
-    b1: float = schema.field(0.9, "Adam beta1 / SGD momentum.", ge=0, lt=1)
-    b2: float = schema.field(0.999, "Adam beta2.", ge=0, lt=1)
-    eps: float = schema.field(1e-8, "Adam epsilon.", gt=0)
-
-    def __post_init__(self):
-        schema.check_fields(self)
 
 
 def optax_optimizer(
