@@ -16,6 +16,7 @@ The map of the library, one module per concept:
     sharding    device meshes (data, fsdp, tensor), partition rules, multi-host
     generate    KV-cache decoding, with or without adapters
     multi       several adapters over one base, one per batch row
+    population  K adapters trained at once over one base; what sweeps run
     checkpoint  Orbax checkpoints of adapters and train state; the base by fingerprint
     export      PEFT and merged exports
     config      TOML configs; sweep: sweeps of them; cli: the `jaxlora` command
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 _MODULES = (
     "checkpoint", "config", "data", "errors", "export", "generate", "io", "lora", "memory",
-    "models", "multi", "optim", "paths", "quant", "sharding", "sweep", "train",
+    "models", "multi", "optim", "paths", "population", "quant", "sharding", "sweep", "train",
 )
 # The few names a notebook reaches for, and the module that defines each.
 _NAMES = {

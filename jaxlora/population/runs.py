@@ -1,242 +1,36 @@
-"""Populations: K adapters trained at once, in one jitted step, over one shared frozen base.
-
-A sweep over rank, alpha, scaling, learning rate, initialization or seed trains K adapters of
-the same base. Trained one at a time, each run loads the base, compiles and steps alone; a
-population holds the base (float or 4-bit `QTensor`s) once and trains all members in one
-program. Member ``k`` owns rows ``[k*B, (k+1)*B)`` of a ``[K*B, T]`` batch (by default every
-member sees the same ``B`` rows, so data order is no confound in a sweep; optionally each its
-own stream). Each targeted projection computes, per row ``i`` of member ``k = i // B``,
-
-    y_i = x_i @ dequant(Wq) + s_k * dropout_k(x_i) @ A_k @ B_k
-
-with the base matmul run once over all rows and the low-rank path gathered per row
-(`jaxlora.multi`, the S-LoRA / Punica layout, here under autodiff). Ranks are zero-padded to
-the largest: the padded columns of A and rows of B get exactly zero gradient, so they stay
-zero and the member trains as its own rank. A member that does not target a leaf contributes
-zero there.
-
-Each member keeps its own `train.TrainState` (adapters, optax state of its own optimizer and
-schedule, dropout key) and loss normalization (mean over its own trained tokens), so a member
-computes what `jaxlora train` of the same config computes, up to float summation order. A
-member whose loss or gradient is not finite is frozen at its last finite adapters and
-recorded as diverged; the others go on unchanged (their rows never mix with its rows).
+"""Populations of run directories: which configs can share a population, how much memory
+one needs, and `run`, which trains them into run directories like `jaxlora train` writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlora import data as data_lib
-from jaxlora import lora, memory, models, multi, optim
+from jaxlora import lora, memory, models
 from jaxlora.errors import ConfigError
-from jaxlora.train.step import TrainState, chunked_xent, init_state
+from jaxlora.population.step import (
+    Member,
+    PopulationState,
+    check_members,
+    init,
+    make_eval_step,
+    make_step,
+)
 
-__all__ = [
-    "Member",
-    "PopulationState",
-    "PopulationMetrics",
-    "TrainResult",
-    "MEMBER_KEYS",
-    "check_shared",
-    "estimate_bytes",
-    "check_members",
-    "init",
-    "make_step",
-    "make_eval_step",
-    "train",
-    "run",
-]
-
-Array = jax.Array
-
-
-class Member(NamedTuple):
-    """One member: its adapter spec, its optimizer and the seed of its init and dropout."""
-
-    lora: lora.LoraSpec
-    optim: optim.OptimSpec
-    seed: int = 0
-
-
-class PopulationState(NamedTuple):
-    """The K members' train states and which of them are still training."""
-
-    members: tuple[TrainState, ...]
-    alive: Array  # bool [K]; False once a member diverged (its state is then frozen)
-
-
-class PopulationMetrics(NamedTuple):
-    loss: Array  # [K] mean loss over each member's trained tokens
-    tokens: Array  # [K]
-    grad_norm: Array  # [K]
-    finite: Array  # [K] bool: the member's update was applied
-
-
-def check_members(base: lora.Params, members: Sequence[Member], mcfg: Any) -> None:
-    """Refuse what a population cannot train: no members, PiSSA (it changes the base), or
-    adapters on the LM head or embeddings (their rows are not separable in the loss)."""
-    if not members:
-        raise ConfigError("population: no members")
-    heads = {p.split("/")[0] for p in models.family(mcfg).head_paths(mcfg)}
-    for k, m in enumerate(members):
-        if m.lora.init == "pissa":
-            raise ConfigError(f"population member {k}: lora.init = 'pissa' rewrites the base, "
-                              "which members share; train it alone")
-        for path in lora.resolve_targets(base, m.lora):
-            if path.split("/")[0] in heads or path.endswith("embedding"):
-                raise ConfigError(f"population member {k}: lora.targets adapts {path}; "
-                                  "populations adapt linear layers below the head only")
-
-
-def init(base: lora.Params, members: Sequence[Member], total_steps: int
-         ) -> tuple[PopulationState, tuple[optax.GradientTransformation, ...]]:
-    """Each member's adapters, optimizer and state exactly as a run of it alone starts."""
-    txs = tuple(optim.make_optimizer(m.optim, total_steps) for m in members)
-    states = tuple(
-        init_state(lora.init(jax.random.key(m.seed), base, m.lora), tx, m.seed)
-        for m, tx in zip(members, txs, strict=True))
-    return PopulationState(states, jnp.ones(len(members), bool)), txs
-
-
-def _rows(batch: data_lib.Batch, k: int, shared: bool) -> data_lib.Batch:
-    """A `[B*, T]` micro-batch as the `[K*B, T]` rows of the population (tiled if shared)."""
-    return jax.tree.map(lambda x: jnp.tile(x, (k, 1)), batch) if shared else batch
-
-
-def _member_sums(mcfg, base, adapters: Sequence[lora.Adapters], batch: data_lib.Batch,
-                 key: Array | None, *, compute_dtype, remat: str, chunk: int,
-                 differentiable: bool = True) -> tuple[Array, Array]:
-    """Each member's summed token loss and trained-token count over its rows: [K], [K]."""
-    k = len(adapters)
-    rows = batch.inputs.shape[0]
-    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), rows // k)
-    params = multi.attach_multi(base, multi.stack_adapters(adapters), ids, key)
-    hidden = models.forward(mcfg, params, batch.inputs, segment_ids=batch.segment_ids,
-                            positions=batch.positions, compute_dtype=compute_dtype, remat=remat,
-                            return_hidden=True)  # [K*B, T, d]
-    split = lambda x: x.reshape(k, rows // k, *x.shape[1:])
-    xent = lambda h, t, m: chunked_xent(mcfg, base, None, h, t, m, chunk, differentiable)
-    return jax.vmap(xent)(split(hidden), split(batch.targets), split(batch.loss_mask))
-
-
-def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data: bool = True,
-              compute_dtype: Any = jnp.float32, remat: str = "none", chunk: int = 128,
-              dropout: bool = False) -> Callable:
-    """A jitted `step(state, base, batches) -> (state, PopulationMetrics)`, state donated.
-
-    `batches` carries a micro-batch axis: `[accum, B, T]` when `shared_data` (every member
-    gets those rows), else `[accum, K*B, T]` (member k's rows at `[k*B, (k+1)*B)`). Gradients
-    and losses are accumulated per member and divided by the member's own token count, as
-    `train.make_train_step` does for one run.
-    """
-    k = len(txs)
-
-    def step(state: PopulationState, base, batches: data_lib.Batch):
-        accum = batches.inputs.shape[0]
-        adapters = tuple(m.adapters for m in state.members)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.members[0].rng),
-                                 state.members[0].step)
-
-        def body(carry, xs):
-            sums, counts, grads = carry
-            batch, i = xs
-            sub = jax.random.fold_in(key, i) if dropout else None
-
-            def f(ads):
-                s, c = _member_sums(mcfg, base, ads, _rows(batch, k, shared_data), sub,
-                                    compute_dtype=compute_dtype, remat=remat, chunk=chunk)
-                return jnp.sum(s), (s, c)
-
-            (_, (s, c)), g = jax.value_and_grad(f, has_aux=True)(adapters)
-            return (sums + s, counts + c, jax.tree.map(jnp.add, grads, g)), None
-
-        zero = (jnp.zeros(k, jnp.float32), jnp.zeros(k, jnp.float32),
-                jax.tree.map(jnp.zeros_like, adapters))
-        (sums, counts, grads), _ = jax.lax.scan(body, zero, (batches, jnp.arange(accum)))
-        denom = jnp.maximum(counts, 1.0)
-        new, norms, finite = [], [], []
-        for j, (tx, member, g) in enumerate(zip(txs, state.members, grads, strict=True)):
-            g = jax.tree.map(lambda x, d=denom[j]: x / d, g)
-            norm = optax.tree.norm(g)
-            ok = state.alive[j] & jnp.isfinite(sums[j]) & jnp.isfinite(norm)
-            updates, opt_state = tx.update(g, member.opt_state, member.adapters)
-            moved = TrainState(member.step + 1, optax.apply_updates(member.adapters, updates),
-                               opt_state, member.rng)
-            frozen = member._replace(step=member.step + 1)  # the step counts on, nothing moves
-            new.append(jax.tree.map(lambda a, b, ok=ok: jnp.where(ok, a, b), moved, frozen))
-            norms.append(norm)
-            finite.append(ok)
-        finite = jnp.stack(finite)
-        metrics = PopulationMetrics(sums / denom, counts, jnp.stack(norms), finite)
-        return PopulationState(tuple(new), state.alive & finite), metrics
-
-    return jax.jit(step, donate_argnums=(0,))
-
-
-def make_eval_step(mcfg, k: int, *, shared: bool = True, compute_dtype: Any = jnp.float32,
-                   chunk: int = 256) -> Callable:
-    """A jitted `eval(adapters_tuple, base, batch) -> (loss sums [K], counts [K])`: every
-    member on the same held-out rows `[B, T]` (`shared`), or each on its own `[K*B, T]`."""
-
-    def ev(adapters, base, batch):
-        return _member_sums(mcfg, base, adapters, _rows(batch, k, shared), None,
-                            compute_dtype=compute_dtype, remat="none", chunk=chunk,
-                            differentiable=False)
-
-    return jax.jit(ev)
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What `train` returns: the final state, per-step losses [steps, K], divergence flags."""
-
-    state: PopulationState
-    losses: np.ndarray
-    diverged: np.ndarray
-
-    @property
-    def adapters(self) -> list[lora.Adapters]:
-        return [m.adapters for m in self.state.members]
-
-
-def train(mcfg, base: lora.Params, members: Sequence[Member], batches: Iterator[data_lib.Batch],
-          *, steps: int, compute_dtype: Any = jnp.float32, remat: str = "none",
-          on_step: Callable[[int, PopulationMetrics], None] | None = None) -> TrainResult:
-    """Train `members` over `base` for `steps` steps on shared `batches` (from a notebook).
-
-    `batches` yields host `Batch`es `[B, T]` (e.g. `Dataset.iterator()`); `on_step(step,
-    metrics)` is called after each step (a progress bar, a plot).
-    """
-    check_members(base, members, mcfg)
-    state, txs = init(base, members, steps)
-    dropout = any(m.lora.dropout > 0 for m in members)
-    step_fn = make_step(mcfg, txs, compute_dtype=compute_dtype, remat=remat, dropout=dropout)
-    losses = []
-    for i in range(steps):
-        b = next(batches)
-        batch = data_lib.Batch(*(jnp.asarray(x)[None] for x in b))
-        state, m = step_fn(state, base, batch)
-        losses.append(np.asarray(m.loss))
-        if on_step is not None:
-            on_step(i + 1, m)
-    return TrainResult(state, np.stack(losses), ~np.asarray(state.alive))
-
-
+__all__ = ["MEMBER_KEYS", "check_shared", "estimate_bytes", "run"]
 
 # --------------------------------------------------------------------------------------------
 # Which runs can share one population
@@ -426,12 +220,12 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
         out = _train_members(team, state, positions, shared, stop, loaded)
     if isinstance(out, dict):
         return out
-    for mem, adapters, before, after in out:
-        st = mem.setup._replace(state=adapters)
-        runs._finish(mem.cfg, st, mem.run_dir,
-                     {"state": adapters, "before": before, "after": after,
+    for mem, member_state, before, after in out:
+        runs._finish(mem.cfg, mem.setup._replace(state=member_state), mem.run_dir,
+                     {"state": member_state, "before": before, "after": after,
                       "tokens_per_s": mem.log.tokens_per_s},
-                     lora.summary(loaded.base, adapters.adapters), t_start)
+                     lora.summary(loaded.base, member_state.adapters), t_start,
+                     len(runs.data_notices(mem.datasets)))
     return None
 
 
