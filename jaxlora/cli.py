@@ -84,6 +84,22 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
               f"--- after ----\n{sample['adapted']}")
 
 
+class _Population:
+    """`jaxlora.population`, imported on first use (a sweep checks every config first)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module("jaxlora.population"), name)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def _train_run(cfg: Any, run_dir: Any) -> dict[str, Any]:
     """`jaxlora.train.run`, imported on the first run (a sweep checks every config first)."""
     from jaxlora import train
@@ -94,7 +110,8 @@ def _train_run(cfg: Any, run_dir: Any) -> dict[str, Any]:
 def cmd_sweep(args) -> int:
     from jaxlora import sweep
 
-    result = sweep.run_sweep(args.sweep, _train_run, out_dir=args.out, overrides=args.set or ())
+    result = sweep.run_sweep(args.sweep, _train_run, out_dir=args.out, overrides=args.set or (),
+                             population=_Population(), population_size=args.population_size)
     print(f"results: {result.md_path}")
     failed = [r for r in result.runs if r.status != "done"]
     return 1 if failed else 0
@@ -171,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a sweep file (skips finished runs)")
     s.add_argument("sweep", help="sweep TOML file")
     s.add_argument("--out", help="sweep folder (default: from the sweep file)")
+    s.add_argument("--population-size", type=_positive_int, default=None, metavar="N",
+                   help="train up to N runs that share a base at once, in one step (default: "
+                        "the sweep file's population_size, else what the memory estimate "
+                        "allows; 1 = one run at a time)")
     _add_set(s)
     s.set_defaults(fn=cmd_sweep)
 

@@ -40,7 +40,7 @@ import random
 import re
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class Sweep:
     random: tuple[tuple[str, Any], ...]
     random_n: int
     random_seed: int
+    population_size: int | None = None  # members per population; None = from memory
 
     @property
     def axes(self) -> list[str]:
@@ -184,7 +185,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     p = Path(path)
     raw = read_toml(p, "sweep")
     src = str(p)
-    allowed = {"base", "name", "output_dir", "set", "grid", "zip", "random"}
+    allowed = {"base", "name", "output_dir", "population_size", "set", "grid", "zip", "random"}
     for key in raw:
         if key not in allowed:
             closest = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -232,9 +233,13 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     out = raw.get("output_dir")
     if not isinstance(name, str) or not name or not isinstance(out, (str, type(None))):
         raise ConfigError(f"{src}: name/output_dir: expected strings")
+    size = raw.get("population_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(f"{src}: population_size: expected a number of members >= 1, got {size!r}")
     return Sweep(
         path=p, name=name, base=base, output_dir=out, set=tuple(sets), grid=tuple(grid),
         zip=tuple(zipped), random=tuple(rnd), random_n=n if rnd else 0, random_seed=seed,
+        population_size=size,
     )
 
 
@@ -380,6 +385,8 @@ def run_sweep(
     out_dir: str | os.PathLike | None = None,
     overrides: Overrides | None = (),
     log: Callable[[str], None] | None = print,
+    population: Any = None,
+    population_size: int | None = None,
 ) -> SweepResult:
     """Run every run of a sweep that has not finished yet, then write results and plots.
 
@@ -393,6 +400,11 @@ def run_sweep(
       overrides: applied to every run (see :func:`expand`); a finished run whose config they
         change is reported as failed ("different config"), not silently reused.
       log: called with one line per run; ``None`` for silence.
+      population: `jaxlora.population` (or an object with its ``group_key``, ``plan_size`` and
+        ``run``): runs whose base-side settings agree train together as populations, each
+        member into its own run directory. None: one run at a time.
+      population_size: members per population (default: the sweep file's
+        ``population_size``, else as many as the memory estimate allows; 1 = one at a time).
     Returns:
       SweepResult with every run's status and metrics and the paths written.
 
@@ -413,57 +425,126 @@ def run_sweep(
     })
 
     results: list[RunResult] = []
+    size = population_size if population_size is not None else sweep.population_size
     try:
-        for i, spec in enumerate(specs):
-            tag = f"[{i + 1}/{len(specs)}] {spec.name}"
-            results.append(_run_one(spec, folder / spec.name, run_fn, tag, say))
+        results.extend(_run_all(specs, folder, run_fn, population, size, say))
     finally:
+        order = {s.name: i for i, s in enumerate(specs)}
+        results.sort(key=lambda r: order[r.name])
         csv_path, md_path = write_results(folder, results, sweep.axes)
         plots = plot_results(folder, results, sweep.axes)
     return SweepResult(folder, results, csv_path, md_path, plots)
+
+
+def _prior(spec: RunSpec, run_dir: Path, tag: str, say: Callable[[str], None]
+           ) -> RunResult | None:
+    """The recorded result of a run that needs no running (done before, or a folder of
+    another config), else None."""
+    prior = _read_status(run_dir / STATUS_FILE)
+    digest = config_hash(spec.config)
+    if prior.get("status") == "done" and prior.get("config_hash") == digest:
+        say(f"{tag}: done before, skipped")
+        return RunResult(spec.name, run_dir, dict(spec.overrides), "done",
+                         prior.get("metrics", {}), skipped=True)
+    if prior.get("config_hash") not in (None, digest):
+        msg = f"{run_dir} holds a run of a different config; remove it or rename the sweep"
+        say(f"{tag}: FAILED: {msg}")
+        return RunResult(spec.name, run_dir, dict(spec.overrides), "failed", {}, msg)
+    return None
+
+
+def _start(spec: RunSpec, run_dir: Path, tag: str, say: Callable[[str], None]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_config(spec.config))
+    _write_json(run_dir / STATUS_FILE, {"status": "running", "config_hash": config_hash(spec.config)})
+    say(f"{tag}: running")
+
+
+def _failed(spec: RunSpec, run_dir: Path, e: Exception, tag: str,
+            say: Callable[[str], None]) -> RunResult:
+    err = f"{type(e).__name__}: {e}".splitlines()[0]
+    _write_json(run_dir / STATUS_FILE, {
+        "status": "failed", "config_hash": config_hash(spec.config), "error": err,
+        "traceback": traceback.format_exc(),
+    })
+    say(f"{tag}: FAILED: {err}")
+    return RunResult(spec.name, run_dir, dict(spec.overrides), "failed", {}, err)
+
+
+def _finished(spec: RunSpec, run_dir: Path, returned: Mapping[str, Any] | None, t0: float,
+              peak_reset: bool, tag: str, say: Callable[[str], None]) -> RunResult:
+    """Record what a run returned (a stop signal ends the sweep, to be resumed)."""
+    if returned is None:  # fall back to the trainer's summary.json
+        returned = _read_status(run_dir / "summary.json")
+    if "stopped" in returned:
+        say(f"{tag}: stopped by {returned['stopped']} at step {returned.get('step')}")
+        raise KeyboardInterrupt
+    metrics = _scalar_metrics(returned)
+    if "peak_rss_mb" in metrics and peak_reset and (peak := _peak_rss_mb()) is not None:
+        metrics["peak_rss_mb"] = peak  # this run's (population's), not the whole sweep's
+    metrics.setdefault("wall_s", round(time.perf_counter() - t0, 3))
+    _write_json(run_dir / STATUS_FILE, {"status": "done", "config_hash": config_hash(spec.config),
+                                        "metrics": metrics})
+    say(f"{tag}: done " + ", ".join(f"{k}={format_value(v)}" for k, v in metrics.items()))
+    return RunResult(spec.name, run_dir, dict(spec.overrides), "done", metrics)
 
 
 def _run_one(
     spec: RunSpec, run_dir: Path, run_fn: RunFn, tag: str, say: Callable[[str], None]
 ) -> RunResult:
     """Run (or skip, when finished before) one run; its status file records the outcome."""
-    status_path = run_dir / STATUS_FILE
-    prior = _read_status(status_path)
-    digest = config_hash(spec.config)
-    overrides = dict(spec.overrides)
-    if prior.get("status") == "done" and prior.get("config_hash") == digest:
-        say(f"{tag}: done before, skipped")
-        return RunResult(spec.name, run_dir, overrides, "done", prior.get("metrics", {}),
-                         skipped=True)
-    if prior.get("config_hash") not in (None, digest):
-        msg = f"{run_dir} holds a run of a different config; remove it or rename the sweep"
-        say(f"{tag}: FAILED: {msg}")
-        return RunResult(spec.name, run_dir, overrides, "failed", {}, msg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_config(spec.config))
-    _write_json(status_path, {"status": "running", "config_hash": digest})
-    say(f"{tag}: running")
-    t0 = time.perf_counter()
-    peak_reset = _reset_peak_rss()
+    prior = _prior(spec, run_dir, tag, say)
+    if prior is not None:
+        return prior
+    _start(spec, run_dir, tag, say)
+    t0, peak_reset = time.perf_counter(), _reset_peak_rss()
     try:
         returned = run_fn(spec.config, run_dir)
-        if returned is None:  # fall back to the trainer's summary.json
-            returned = _read_status(run_dir / "summary.json")
-        metrics = _scalar_metrics(returned)
-        if "peak_rss_mb" in metrics and peak_reset and (peak := _peak_rss_mb()) is not None:
-            metrics["peak_rss_mb"] = peak  # this run's, not the whole sweep process's
     except Exception as e:  # a failed run is recorded; the sweep goes on
-        err = f"{type(e).__name__}: {e}".splitlines()[0]
-        _write_json(status_path, {
-            "status": "failed", "config_hash": digest, "error": err,
-            "traceback": traceback.format_exc(),
-        })
-        say(f"{tag}: FAILED: {err}")
-        return RunResult(spec.name, run_dir, overrides, "failed", {}, err)
-    metrics.setdefault("wall_s", round(time.perf_counter() - t0, 3))
-    _write_json(status_path, {"status": "done", "config_hash": digest, "metrics": metrics})
-    say(f"{tag}: done " + ", ".join(f"{k}={format_value(v)}" for k, v in metrics.items()))
-    return RunResult(spec.name, run_dir, overrides, "done", metrics)
+        return _failed(spec, run_dir, e, tag, say)
+    return _finished(spec, run_dir, returned, t0, peak_reset, tag, say)
+
+
+def _run_population(runs: list[tuple[RunSpec, Path, str]], population: Any,
+                    say: Callable[[str], None]) -> list[RunResult]:
+    """Runs of one group as one population (`population.run`); each keeps its own record."""
+    say(f"population of {len(runs)}: " + ", ".join(spec.name for spec, _, _ in runs))
+    for spec, run_dir, tag in runs:
+        _start(spec, run_dir, tag, say)
+    t0, peak_reset = time.perf_counter(), _reset_peak_rss()
+    try:
+        returned = population.run([s.config for s, _, _ in runs], [d for _, d, _ in runs])
+    except Exception as e:  # every member failed with it; the sweep goes on
+        return [_failed(spec, run_dir, e, tag, say) for spec, run_dir, tag in runs]
+    return [_finished(spec, run_dir, r, t0, peak_reset, tag, say)
+            for (spec, run_dir, tag), r in zip(runs, returned, strict=True)]
+
+
+def _run_all(specs: list[RunSpec], folder: Path, run_fn: RunFn, population: Any,
+             size: int | None, say: Callable[[str], None]) -> Iterator[RunResult]:
+    """Every run, one at a time or (with `population`) grouped into populations of at most
+    `size` members (None: as many as the memory estimate allows) of runs that share a base."""
+    tagged = [(spec, folder / spec.name, f"[{i + 1}/{len(specs)}] {spec.name}")
+              for i, spec in enumerate(specs)]
+    if population is None or size == 1:
+        for spec, run_dir, tag in tagged:
+            yield _run_one(spec, run_dir, run_fn, tag, say)
+        return
+    groups: dict[str, list[tuple[RunSpec, Path, str]]] = {}
+    for spec, run_dir, tag in tagged:
+        prior = _prior(spec, run_dir, tag, say)
+        if prior is not None:
+            yield prior
+        else:
+            groups.setdefault(population.group_key(spec.config), []).append((spec, run_dir, tag))
+    for members in groups.values():
+        n = population.plan_size(members[0][0].config, size)
+        for i in range(0, len(members), n):
+            chunk = members[i:i + n]
+            if len(chunk) == 1:
+                yield _run_one(*chunk[0][:2], run_fn, chunk[0][2], say)
+            else:
+                yield from _run_population(chunk, population, say)
 
 
 def _reset_peak_rss() -> bool:

@@ -199,3 +199,89 @@ def test_members_that_need_different_bases_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.seed differs"):  # a random model's weights
         population.run(cfgs)
     assert not any(c.run_dir.exists() for c in cfgs)  # refused before anything is written
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps as populations
+# --------------------------------------------------------------------------------------------
+def _rank_sweep(tmp_path):
+    write_tiny_config(tmp_path, "tiny", steps=4)
+    p = tmp_path / "sw.toml"
+    p.write_text('base = "tiny.toml"\n[set]\n"eval.samples" = []\n"checkpoint.every" = 2\n'
+                 '[grid]\n"lora.rank" = [2, 4]\n"lora.scaling" = ["standard", "rslora"]\n')
+    return p
+
+
+def _table(result):
+    return {r.name: r.metrics for r in result.runs}
+
+
+def test_sweep_as_populations_equals_one_at_a_time(tmp_path):
+    from jaxlora import sweep
+
+    sw = _rank_sweep(tmp_path)
+    logs: list[str] = []
+    pop = sweep.run_sweep(sw, train.run, out_dir=tmp_path / "pop", population=population,
+                          log=logs.append)
+    alone = sweep.run_sweep(sw, train.run, out_dir=tmp_path / "alone", population=population,
+                            population_size=1, log=None)
+    assert any(line.startswith("population of 4: ") for line in logs), logs
+    a, b = _table(pop), _table(alone)
+    assert a.keys() == b.keys() and len(a) == 4
+    assert all(r.status == "done" for r in (*pop.runs, *alone.runs))
+    for name in a:
+        for key in ("val_loss", "train_loss", "val_loss_before"):
+            np.testing.assert_allclose(a[name][key], b[name][key], rtol=1e-5)
+        assert a[name]["adapter_bytes"] == b[name]["adapter_bytes"]
+    header = (tmp_path / "pop" / "results.md").read_text().splitlines()[0]
+    assert header == (tmp_path / "alone" / "results.md").read_text().splitlines()[0]
+
+
+def test_interrupted_population_sweep_resumes_and_finishes(tmp_path, monkeypatch, capfd):
+    from jaxlora import sweep
+
+    sw = _rank_sweep(tmp_path)
+    full = _table(sweep.run_sweep(sw, train.run, out_dir=tmp_path / "full",
+                                  population=population, log=None))
+    real = train.loop.compile_step
+
+    def stop_after_three(*args):
+        step = real(*args)
+        calls = {"n": 0}
+
+        def wrapped(*a):
+            out = step(*a)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(train.loop, "compile_step", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(sw, train.run, out_dir=tmp_path / "cut", population=population, log=None)
+    monkeypatch.setattr(train.loop, "compile_step", real)
+    assert "population saved at step 3" in capfd.readouterr().err  # the stop's own checkpoint
+    again = sweep.run_sweep(sw, train.run, out_dir=tmp_path / "cut", population=population,
+                            log=None)
+    assert "jaxlora: population resumed at step 3" in capfd.readouterr().err
+    assert all(r.status == "done" and not r.skipped for r in again.runs)
+    cut = _table(again)
+    assert cut.keys() == full.keys()
+    for name in full:
+        np.testing.assert_allclose(cut[name]["val_loss"], full[name]["val_loss"], rtol=1e-6)
+
+
+def test_population_size_from_the_memory_estimate(tmp_path):
+    cfg = load_config(write_tiny_config(tmp_path, "t"))
+    from jaxlora import io
+
+    mcfg = io.model_config("tiny-llama")
+    one, eight = (population.estimate_bytes(cfg, mcfg, k) for k in (1, 8))
+    assert one < eight < 8 * one  # the base is shared
+    assert population.plan_size(cfg, None, budget=eight) == 8  # the largest that fits
+    assert population.plan_size(cfg, 3, budget=eight) == 3
+    with pytest.raises(ConfigError, match=r"population_size: 9 members of tiny-llama need an "
+                                          r"estimated .* GiB, .* GiB are available; at most 8 fit"):
+        population.plan_size(cfg, 9, budget=eight)

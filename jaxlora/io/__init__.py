@@ -30,6 +30,7 @@ from jaxlora.paths import unflatten_paths
 __all__ = [
     "LoadedModel",
     "load_model",
+    "model_config",
     "open_source",
     "save_hf",
     "resolve",
@@ -201,6 +202,14 @@ def assemble(
     for path in list(quantized):
         done[path] = jax.block_until_ready(_stack_leaves(quantized.pop(path)))
     return unflatten_paths({path: done[path] for path in shapes})  # in the initializer's order
+
+
+def model_config(name_or_path: str | os.PathLike[str]) -> ModelConfig:
+    """The architecture of a model, read from its file's header alone (no weights loaded)."""
+    random = RANDOM_MODELS.get(os.fspath(name_or_path))
+    if random is not None:
+        return random.open(os.fspath(name_or_path)).config
+    return open_source(resolve(name_or_path)).config
 
 
 def load_model(

@@ -22,7 +22,15 @@ member whose loss or gradient is not finite is frozen at its last finite adapter
 recorded as diverged; the others go on unchanged (their rows never mix with its rows).
 """
 
-from jaxlora.population.runs import MEMBER_KEYS, check_shared, estimate_bytes, run
+from jaxlora.population.runs import (
+    MEMBER_KEYS,
+    check_shared,
+    estimate_bytes,
+    group_key,
+    memory_budget,
+    plan_size,
+    run,
+)
 from jaxlora.population.step import (
     Member,
     PopulationMetrics,
@@ -39,5 +47,6 @@ __all__ = [
     "Member", "PopulationState", "PopulationMetrics", "TrainResult", "check_members", "init",
     "make_step", "make_eval_step", "train",
     # run directories
-    "MEMBER_KEYS", "check_shared", "estimate_bytes", "run",
+    "MEMBER_KEYS", "check_shared", "group_key", "estimate_bytes", "memory_budget", "plan_size",
+    "run",
 ]

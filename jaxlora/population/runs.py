@@ -30,7 +30,10 @@ from jaxlora.population.step import (
     make_step,
 )
 
-__all__ = ["MEMBER_KEYS", "check_shared", "estimate_bytes", "run"]
+__all__ = [
+    "MEMBER_KEYS", "check_shared", "group_key", "estimate_bytes", "memory_budget", "plan_size",
+    "run",
+]
 
 # --------------------------------------------------------------------------------------------
 # Which runs can share one population
@@ -373,3 +376,53 @@ def _train_members(team: list[_Member], state: PopulationState, positions: list,
                          metrics={"val_loss": a["val_loss"]} if a else {}, force=True)
         out.append((mem, member_state, b, a))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# How many members fit
+# --------------------------------------------------------------------------------------------
+def group_key(cfg: Any) -> str:
+    """What runs must share to be members of one population (configs with equal keys can)."""
+    from jaxlora.config import to_dict
+    from jaxlora.io import RANDOM_MODELS
+
+    random_model = cfg.model.name in RANDOM_MODELS
+    flat = _flat(to_dict(cfg))
+    return json.dumps({k: v for k, v in flat.items() if not _is_member_key(k, random_model)},
+                      sort_keys=True, default=str)
+
+
+def memory_budget() -> int:
+    """Bytes a population may use: the accelerator's memory, or 90% of the host's available
+    memory (MemAvailable) on CPU."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(0.9 * int(info["MemAvailable"].split()[0]) * 1024)
+
+
+def plan_size(cfg: Any, requested: int | None = None, budget: int | None = None,
+              cap: int = 16) -> int:
+    """The population size for runs like `cfg`: `requested` when it fits the memory estimate
+    (else a ConfigError with the estimate and the largest size that fits), or the largest
+    size up to `cap` that fits. Reads the model's header only, before anything loads."""
+    from jaxlora import io
+
+    mcfg = io.model_config(cfg.model.name)
+    budget = memory_budget() if budget is None else budget
+    limit = max(requested or 0, cap)
+    fits = max([k for k in range(1, limit + 1) if estimate_bytes(cfg, mcfg, k) <= budget],
+               default=0)
+    if requested is None:
+        return max(fits, 1)
+    if requested > fits:
+        gib = lambda b: b / 2**30
+        raise ConfigError(
+            f"population_size: {requested} members of {cfg.model.name} need an estimated "
+            f"{gib(estimate_bytes(cfg, mcfg, requested)):.1f} GiB, {gib(budget):.1f} GiB are "
+            f"available; at most {fits} fit")
+    return requested
