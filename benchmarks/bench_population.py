@@ -1,0 +1,158 @@
+"""Populations on SmolLM2-135M (NF4 base): a sweep as one population against one run at a
+time, and the step time per member against the population size.
+
+1. Sweep: the same 8-run sweep (rank 4/8/16/32 x standard/rsLoRA, batch 4 x 256) run by
+   `jaxlora sweep` twice in this run, with ``--population-size 1`` (one at a time, each run
+   loading and compiling on its own) and ``--population-size 8`` (one population). Reported:
+   total wall time, the peak RSS of each sweep process, and tokens/s per member.
+2. Step time for K = 1, 2, 4, 8, 16 members (r=8, shared batch 4 x 256, remat attn): one
+   process per K (so its peak RSS is its own), median of the timed steps.
+
+    .venv/bin/python benchmarks/bench_population.py                 # both parts, 30 steps
+    .venv/bin/python benchmarks/bench_population.py --steps 10 --sizes 1,2,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep(tmp: Path, steps: int) -> Path:
+    (tmp / "base.toml").write_text(f"""\
+base = "{REPO / 'experiments' / 'qlora_smollm2.toml'}"
+[data]
+batch_size = 4
+seq_len = 256
+[train]
+steps = {steps}
+progress = false
+log_every = 5
+[eval]
+every = 0
+batches = 4
+samples = []
+[checkpoint]
+every = 0
+async_save = false
+""")
+    (tmp / "sweep.toml").write_text('base = "base.toml"\n[grid]\n"lora.rank" = [4, 8, 16, 32]\n'
+                                    '"lora.scaling" = ["standard", "rslora"]\n')
+    return tmp / "sweep.toml"
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a command run in a child process of its own."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(time.perf_counter() - t, "
+             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True,
+                         text=True)
+    wall, peak = out.stdout.split()
+    return float(wall), float(peak)
+
+
+def sweep_part(steps: int) -> None:
+    jaxlora = str(Path(sys.executable).with_name("jaxlora"))
+    with tempfile.TemporaryDirectory() as tmp:
+        sw = _sweep(Path(tmp), steps)
+        rows = {}
+        for size in (1, 8):
+            out = Path(tmp) / f"size{size}"
+            wall, peak = _timed([jaxlora, "sweep", str(sw), "--out", str(out),
+                                 "--population-size", str(size)])
+            summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+            assert len(summaries) == 8, f"population size {size}: {len(summaries)} runs finished"
+            tokens = 8 * steps * 4 * 256
+            rows[size] = (wall, peak, tokens / wall / 8,
+                          sum(s["val_loss"] for s in summaries) / 8)
+    print(f"Sweep of 8 QLoRA runs (NF4 SmolLM2-135M, batch 4 x 256, {steps} steps each, "
+          f"4 held-out batches before and after), `jaxlora sweep` on {os.cpu_count()} cores\n")
+    print("| sweep | wall (s) | peak RSS (MiB) | tokens/s per member | mean held-out loss |")
+    print("|---|---|---|---|---|")
+    for size, (wall, peak, tps, val) in rows.items():
+        label = "one at a time" if size == 1 else f"one population of {size}"
+        print(f"| {label} | {wall:.0f} | {peak:.0f} | {tps:.1f} | {val:.4f} |")
+    print(f"\npopulation / one at a time: wall {rows[8][0] / rows[1][0]:.2f}, peak RSS "
+          f"{rows[8][1] / rows[1][1]:.2f}\n", flush=True)
+
+
+def _child(k: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxlora import data, optim, population, quant
+    from jaxlora import io as jio
+    from jaxlora.lora import LoraSpec
+
+    m = jio.load_model("smollm2-135m-instruct", quant=quant.QuantRules(qtype="nf4"))
+    members = [population.Member(LoraSpec(rank=8, alpha=16.0),
+                                 optim.OptimSpec(lr=1e-4 * (i + 1), schedule="constant"), i)
+               for i in range(k)]
+    state, txs = population.init(m.params, members, steps + 1)
+    step = population.make_step(m.config, txs, remat="attn")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, m.config.vocab_size, size=(1, 4, 257)).astype(np.int32)
+    batch = data.Batch(*(jax.numpy.asarray(x) for x in (
+        tokens[..., :-1], tokens[..., 1:], np.ones((1, 4, 256), np.float32),
+        np.ones((1, 4, 256), np.int32), np.broadcast_to(np.arange(256, dtype=np.int32), (1, 4, 256)))))
+    state, metrics = step(state, m.params, batch)  # compile + first step
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = step(state, m.params, batch)
+        float(metrics.loss[0])
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    return {"k": k, "step_s": step_s, "per_member_s": step_s / k,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def size_part(sizes: list[int], steps: int) -> None:
+    rows = []
+    for k in sizes:
+        out = subprocess.run([sys.executable, __file__, "--child", str(k), "--steps",
+                              str(steps)], check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"done K={k}", file=sys.stderr, flush=True)
+    one = rows[0]["per_member_s"] if rows[0]["k"] == 1 else None
+    print(f"Population step, NF4 SmolLM2-135M, r=8 all linear, shared batch 4 x 256, remat "
+          f"attn, median of {steps} steps\n")
+    print("| K | step (s) | per member (s) | tokens/s per member | vs K=1 per member | "
+          "peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rel = f"{r['per_member_s'] / one:.2f}" if one else "-"
+        print(f"| {r['k']} | {r['step_s']:.2f} | {r['per_member_s']:.2f} | "
+              f"{1024 / r['per_member_s']:.0f} | {rel} | {r['peak_rss_mb']:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30, help="steps of each sweep run")
+    ap.add_argument("--size-steps", type=int, default=2, help="timed steps per K")
+    ap.add_argument("--sizes", default="1,2,4,8,16")
+    ap.add_argument("--parts", default="sweep,sizes")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.steps)))
+        return
+    if "sweep" in args.parts:
+        sweep_part(args.steps)
+    if "sizes" in args.parts:
+        size_part([int(x) for x in args.sizes.split(",")], args.size_steps)
+
+
+if __name__ == "__main__":
+    main()
