@@ -31,7 +31,7 @@ def _config(args) -> Any:
 
 
 def cmd_train(args) -> int:
-    from jaxlora import train
+    from jaxlora import sharding, train
 
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output_dir) / cfg.name
@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
         print(f"jaxlora: {run_dir} holds checkpoints of an unfinished run; resuming it",
               file=sys.stderr)
     summary = train.run(cfg, run_dir)
-    if "stopped" in summary:
+    if "stopped" in summary or not sharding.is_primary():  # multi-host: process 0 reports
         return 0
     _print_summary(summary, run_dir)
     return 0
