@@ -8,7 +8,8 @@
 - Killing one host ends the other with JAX's error (a heartbeat timeout of 5 s), not a hang.
 
 Every subprocess has a timeout, and all of them are killed when a test ends, so nothing can
-hang CI. Slow (about a minute on 2 cores: each process compiles the steps).
+hang CI. Those tests are slow (about 90 s together on 2 cores: each process compiles the
+steps); when the runtime starts is tested in this process.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import numpy as np
 import pytest
 from conftest import write_tiny_config
 
-from jaxlora.sharding import ENV_VARS
-
-pytestmark = pytest.mark.slow
+from jaxlora import sharding
+from jaxlora.errors import ConfigError
+from jaxlora.sharding import ENV_VARS, ShardingSpec
 
 TESTS = Path(__file__).parent
 CHILD = str(TESTS / "multihost_child.py")
@@ -60,6 +61,47 @@ def config(tmp_path_factory) -> tuple[Path, list[str]]:
         "eval.max_new_tokens=2", "sharding.mesh.data=2", "sharding.mesh.fsdp=4",
         f"sharding.heartbeat_timeout_s={HEARTBEAT_S}",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# When the runtime starts, and with what (no processes started)
+# --------------------------------------------------------------------------------------------
+def test_one_host_unless_the_config_or_the_environment_names_several():
+    assert not sharding.named(ShardingSpec(), {})
+    assert not sharding.named(ShardingSpec(num_processes=1), {"SLURM_NTASKS": "4"})
+    assert sharding.named(ShardingSpec(num_processes=2), {})
+    assert sharding.named(ShardingSpec(coordinator_address="auto"), {})
+    for var in ENV_VARS:
+        assert sharding.named(ShardingSpec(), {var: "1"})
+    assert not sharding.initialize(ShardingSpec(), {})  # one host: nothing started
+
+
+def test_the_config_wins_over_the_environment_and_gaps_are_left_to_jax():
+    env = dict(zip(ENV_VARS, ["10.0.0.1:1234", "4", "3"], strict=True))
+    assert sharding.distributed_args(ShardingSpec(), env) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+        "heartbeat_timeout_seconds": 100}
+    spec = ShardingSpec(coordinator_address="h:1", num_processes=2, process_id=0,
+                        heartbeat_timeout_s=7)
+    assert sharding.distributed_args(spec, env) == {
+        "coordinator_address": "h:1", "num_processes": 2, "process_id": 0,
+        "heartbeat_timeout_seconds": 7}
+    auto = sharding.distributed_args(ShardingSpec(coordinator_address="auto"), env)
+    assert auto["coordinator_address"] is None  # detected by JAX (SLURM, TPU pod)
+    assert auto["num_processes"] == 4
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='two': not an integer"):
+        sharding.distributed_args(ShardingSpec(), {"JAX_NUM_PROCESSES": "two"})
+
+
+def test_a_batch_the_processes_cannot_split_is_refused(monkeypatch):
+    import jax
+
+    mesh = sharding.make_mesh(ShardingSpec(), jax.devices()[:1])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    sharding.check_batch(mesh, 4)
+    with pytest.raises(ConfigError, match="data.batch_size: 3 rows cannot be split over 2 "
+                                          "processes"):
+        sharding.check_batch(mesh, 3)
 
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
@@ -107,6 +149,7 @@ def _wait(proc: subprocess.Popen, timeout: float, log: Path) -> int:
         pytest.fail(f"timed out after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_two_hosts_train_like_one_process_with_their_global_batches(config, tmp_path):
     path, overrides = config
     run_dir = tmp_path / "runs" / "mh"
@@ -135,16 +178,18 @@ def test_two_hosts_train_like_one_process_with_their_global_batches(config, tmp_
     assert summary["steps"] == STEPS and summary["val_loss"] < summary["val_loss_before"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-killed", "coordinator-killed"])
 def test_a_killed_host_ends_the_other_with_an_error_not_a_hang(config, tmp_path, victim):
     path, overrides = config
     run_dir = tmp_path / "runs" / "mh"
     overrides = [*overrides, f"output_dir={tmp_path / 'runs'}", "train.steps=100000",
-                 "eval.every=0", "eval.samples=[]", "checkpoint.every=0"]
+                 "data.validation_sources=[]", "data.validation_fraction=0", "eval.samples=[]",
+                 "checkpoint.every=0"]  # steps only: nothing else to compile
     with _hosts(path, overrides, tmp_path) as procs:
         deadline = time.monotonic() + TIMEOUT_S
         metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and '"loss"' in metrics.read_text()):  # training runs
+        while not (metrics.is_file() and metrics.read_text()):  # a step is done
             assert all(p.poll() is None for p in procs), (tmp_path / "host0.txt").read_text()
             assert time.monotonic() < deadline, "no training step within the timeout"
             time.sleep(0.5)
