@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import write_tiny_config
@@ -94,8 +95,6 @@ def test_the_config_wins_over_the_environment_and_gaps_are_left_to_jax():
 
 
 def test_a_batch_the_processes_cannot_split_is_refused(monkeypatch):
-    import jax
-
     mesh = sharding.make_mesh(ShardingSpec(), jax.devices()[:1])
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     sharding.check_batch(mesh, 4)
