@@ -378,7 +378,8 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         if primary:
             _truncate_metrics(run_dir / "metrics.jsonl", restored.step)
         _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
-    with open(run_dir / "metrics.jsonl" if primary else os.devnull, "a") as mf, loop.StopSignals() as stop, manager:
+    metrics = run_dir / "metrics.jsonl" if primary else os.devnull  # one writer
+    with open(metrics, "a") as mf, loop.StopSignals() as stop, manager:
         out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
     if "stopped" in out:
         return out
