@@ -53,14 +53,14 @@ def _holds_unfinished_run(cfg: Any, run_dir: Path) -> bool:
 
 def cmd_train(args) -> int:
     cfg = _config(args)  # before importing JAX: a config error answers at once
-    from jaxlora import train
+    from jaxlora import sharding, train
 
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output_dir) / cfg.name
     if not args.resume and _holds_unfinished_run(cfg, run_dir):
         print(f"jaxlora: {run_dir} holds checkpoints of an unfinished run; resuming it",
               file=sys.stderr)
     summary = train.run(cfg, run_dir)
-    if "stopped" in summary:
+    if "stopped" in summary or not sharding.is_primary():  # multi-host: process 0 reports
         return 0
     _print_summary(summary, run_dir)
     return 0

@@ -606,3 +606,74 @@ def test_data_with_nothing_to_learn_is_refused(tmp_path, tok):
     write(tmp_path / "p.jsonl", json.dumps({"prompt": "2+2=", "completion": ""}) + "\n")
     with pytest.raises(DataError, match=r"training dataset has no tokens to learn from in .*p\.jsonl"):
         load_datasets(DataConfig(sources=(str(tmp_path),), validation_fraction=0.0), tok)
+
+
+# ----------------------------------------------------------------------------- hosts
+
+
+def _host_corpus(tmp_path):
+    """14 records; the even ones long, so host 0 of 2 holds far more tokens than host 1."""
+    recs = [{"text": f"{w} number {i}" + (" long" * 12 if i % 2 == 0 else "")}
+            for i, w in enumerate(WORDS)]
+    write_jsonl(tmp_path / "a.jsonl", recs)
+    return recs
+
+
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_host_shards_partition_the_documents(tmp_path, tok, hosts):
+    _host_corpus(tmp_path)
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.25, seq_len=8,
+                     batch_size=6, seed=3)
+    whole = load_datasets(cfg, tok)
+    shards = [load_datasets(cfg, tok, shard=(p, hosts)) for p in range(hosts)]
+    for split in ("train", "validation"):
+        want = docs_of(getattr(whole, split), tok)  # in document (index) order
+        got = [docs_of(getattr(s, split), tok) for s in shards]
+        for p in range(hosts):
+            assert got[p] == want[p::hosts]  # host p: documents p, p + hosts, ...
+        assert sorted(d for g in got for d in g) == sorted(want)
+        batches = {getattr(s, split).batches_per_epoch for s in shards}
+        assert len(batches) == 1  # every host steps through the same batches per epoch
+        b = next(getattr(shards[0], split).iterator())
+        assert b.inputs.shape == (6 // hosts, 8)
+
+
+def test_hosts_with_fewer_tokens_pad_to_the_same_batches(tmp_path, tok):
+    _host_corpus(tmp_path)
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=8,
+                     batch_size=4)
+    long, short = (load_datasets(cfg, tok, shard=(p, 2)).train for p in range(2))
+    assert long.stats.sequences > 2 * short.stats.sequences  # the layouts differ
+    assert long.batches_per_epoch == short.batches_per_epoch == -(-long.stats.sequences // 2)
+    own = -(-short.stats.sequences // 2)  # the short host's batches with rows in them
+    tail = list(short.eval_batches())[own:]
+    assert tail and all(not b.loss_mask.any() and not b.segment_ids.any() for b in tail)
+    its = [long.iterator(), short.iterator()]
+    for _ in range(long.batches_per_epoch + 1):  # in lockstep across the epoch boundary
+        for it in its:
+            next(it)
+        assert its[0].state() == its[1].state()
+
+
+def test_shard_0_of_1_is_the_whole_corpus_bit_for_bit(tmp_path, tok):
+    text_corpus(tmp_path, n=9)
+    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=6, batch_size=2, seed=1,
+                     validation_fraction=0.3)
+    a, b = load_datasets(cfg, tok), load_datasets(cfg, tok, shard=(0, 1))
+    n = a.train.batches_per_epoch
+    assert a.train.stats == b.train.stats and a.validation.stats == b.validation.stats
+    assert same(first_batches(a.train, 2 * n), first_batches(b.train, 2 * n))
+    assert same(list(a.validation.eval_batches()), list(b.validation.eval_batches()))
+
+
+def test_hosts_that_cannot_split_the_batch_or_the_documents(tmp_path, tok):
+    text_corpus(tmp_path, n=3)
+    cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=6, batch_size=5,
+                     validation_fraction=0.0)
+    with pytest.raises(DataError, match="data.batch_size: 5 rows cannot be split over 2 hosts"):
+        load_datasets(cfg, tok, shard=(0, 2))
+    four = DataConfig(**{**cfg.__dict__, "batch_size": 4})
+    with pytest.raises(DataError, match="training dataset: 3 document.* over 4 hosts"):
+        load_datasets(four, tok, shard=(1, 4))
+    with pytest.raises(ValueError, match="shard"):
+        load_datasets(four, tok, shard=(2, 2))

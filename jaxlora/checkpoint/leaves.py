@@ -64,10 +64,21 @@ def crc32(x: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(x).tobytes()) & 0xFFFFFFFF
 
 
+def _host(path: str, leaf: Any) -> np.ndarray:
+    """A leaf in host memory. A multi-host run's state is replicated on every device; each
+    process saves its own copy (Orbax writes it once), never a gather across hosts."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.is_fully_replicated:
+            raise CheckpointError(f"{path}: split across processes ({leaf.sharding}); the "
+                                  f"checkpointed state must be replicated")
+        leaf = leaf.addressable_data(0)
+    return np.asarray(leaf)
+
+
 def flatten(tree: Any) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """(host arrays by `leaf_key`, manifest entries ``{path, shape, dtype, crc32}``)."""
     table = leaf_table(tree)
-    host = {leaf_key(i): np.asarray(leaf) for i, (_, _, _, leaf) in enumerate(table)}
+    host = {leaf_key(i): _host(p, leaf) for i, (p, _, _, leaf) in enumerate(table)}
     manifest = [
         {"path": p, "shape": list(s), "dtype": d, "crc32": crc32(host[leaf_key(i)])}
         for i, (p, s, d, _) in enumerate(table)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
@@ -192,6 +193,8 @@ class CheckpointManager:
         path = self.directory / BASE_JSON
         if path.exists():  # resuming on a different model fails
             check_base_record(self._read_base_json(), self._base)
+            return
+        if jax.process_index() != 0:  # multi-host: the processes share the folder; one writes
             return
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self._base, indent=1, sort_keys=True))

@@ -53,6 +53,18 @@ Determinism and resumption
     seconds). The iterator position is ``IteratorState(epoch, index)``; resuming from a saved
     state yields the identical continuation.
 
+Hosts (multi-host runs)
+    Each host builds its batches from its own documents only: `load_datasets(...,
+    shard=(p, P))` gives host ``p`` of ``P`` documents ``p, p+P, p+2P, ...`` of each split (in
+    the order above, after the train/validation split, which every host draws alike), packed
+    into batches of ``batch_size / P`` rows (``batch_size`` must divide). Every host has as
+    many batches per epoch as the fullest one (the others' last batches are padding rows), so
+    all hosts step, evaluate and resume at the same ``IteratorState``. The global batch is the
+    hosts' rows concatenated in process order (`jaxlora.sharding.put_batch`). Only the index
+    is shared: each host still makes the one tokenization pass over the whole corpus at load
+    (token lengths, never text), then reads back only its own documents. ``shard=(0, 1)`` is
+    the single-host behaviour, bit for bit.
+
 Errors are `jaxlora.errors.DataError` with one line naming the file (and line).
 """
 

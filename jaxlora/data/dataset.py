@@ -9,6 +9,7 @@ docstring describes).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
@@ -55,7 +56,8 @@ class _Layout(NamedTuple):
 class Dataset:
     """One split (train or validation) of a corpus; build it with `load_datasets`."""
 
-    def __init__(self, docs: DocIndex, tokenizer: TokenizerLike, config: DataConfig, name: str):
+    def __init__(self, docs: DocIndex, tokenizer: TokenizerLike, config: DataConfig, name: str,
+                 min_batches: int = 0):
         if len(docs.length) == 0:
             raise DataError(
                 f"{name} dataset is empty: no documents with tokens in "
@@ -87,7 +89,8 @@ class Dataset:
             tokens=int(docs.length.sum()),
             target_tokens=int(docs.targets.sum()),
             sequences=rows,
-            batches=math.ceil(rows / config.batch_size),
+            # at least `min_batches`: the hosts of a multi-host run step together
+            batches=max(math.ceil(rows / config.batch_size), min_batches),
             notices=docs.notices,
         )
 
@@ -251,17 +254,45 @@ class Datasets(NamedTuple):
     validation: Dataset | None  # None when neither validation_sources nor a fraction is set
 
 
+def _host_dataset(docs: DocIndex, tokenizer: TokenizerLike, config: DataConfig, name: str,
+                  shard: tuple[int, int]) -> Dataset:
+    """Host `index` of `count`'s part of one split: documents index, index + count, ...,
+    packed into batches of batch_size / count rows, as many per epoch as the fullest host's.
+    """
+    index, count = shard
+    if count == 1:
+        return Dataset(docs, tokenizer, config, name)
+    n = len(docs.length)
+    if n < count:
+        raise DataError(f"{name} dataset: {n} document(s) cannot be split over {count} hosts "
+                        f"(each host reads its own documents); give at least {count}")
+    local = dataclasses.replace(config, batch_size=config.batch_size // count)
+    parts = [docs.take(np.arange(i, n, count)) for i in range(count)]
+    # lengths only (no tokenization): every host's batch count, so all step the same epochs
+    batches = max(Dataset(p, tokenizer, local, name).batches_per_epoch for p in parts)
+    return Dataset(parts[index], tokenizer, local, name, min_batches=batches)
+
+
 def load_datasets(
-    config: DataConfig, tokenizer: TokenizerLike, *, max_positions: int | None = None
+    config: DataConfig, tokenizer: TokenizerLike, *, max_positions: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Datasets:
     """Index the corpus (one streamed tokenization pass) and split it by document.
 
     With `validation_sources`, those files form the validation split and are removed from the
     training files; otherwise `validation_fraction` of the documents (at least one) is held out
     by a seeded draw. `max_positions` (the model's context) is checked against `seq_len`.
+    `shard` = (index, count): this host's part of both splits in a run of `count` hosts (see
+    "Hosts" in the `jaxlora.data` docstring); (0, 1), the default, is the whole corpus.
     """
     if not config.sources:
         raise DataError("data.sources: no sources given")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard}: expected (index, count) with 0 <= index < count")
+    if config.batch_size % count:
+        raise DataError(f"data.batch_size: {config.batch_size} rows cannot be split over "
+                        f"{count} hosts; use a multiple of {count}")
     if max_positions is not None:
         check_seq_len(config.seq_len, max_positions)
     train_files = resolve_sources(config.sources)
@@ -274,12 +305,12 @@ def load_datasets(
         train_docs = index_documents(train_files, tokenizer, config.max_documents)
         val_docs = index_documents(val_files, tokenizer, config.max_documents)
         return Datasets(
-            Dataset(train_docs, tokenizer, config, "training"),
-            Dataset(val_docs, tokenizer, config, "validation"),
+            _host_dataset(train_docs, tokenizer, config, "training", shard),
+            _host_dataset(val_docs, tokenizer, config, "validation", shard),
         )
     docs = index_documents(train_files, tokenizer, config.max_documents)
     if config.validation_fraction == 0.0:
-        return Datasets(Dataset(docs, tokenizer, config, "training"), None)
+        return Datasets(_host_dataset(docs, tokenizer, config, "training", shard), None)
     n = len(docs.length)
     n_val = max(1, round(config.validation_fraction * n))
     if n_val >= n:
@@ -290,6 +321,6 @@ def load_datasets(
     perm = np.random.default_rng([config.seed, 0x5EED]).permutation(n)
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     return Datasets(
-        Dataset(docs.take(train_idx), tokenizer, config, "training"),
-        Dataset(docs.take(val_idx), tokenizer, config, "validation"),
+        _host_dataset(docs.take(train_idx), tokenizer, config, "training", shard),
+        _host_dataset(docs.take(val_idx), tokenizer, config, "validation", shard),
     )

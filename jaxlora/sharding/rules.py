@@ -62,8 +62,14 @@ class StepShardings(NamedTuple):
 
 def make_mesh(spec: ShardingSpec, devices: list | None = None) -> Mesh:
     """The `(data, fsdp, tensor)` mesh of `spec` over `devices` (default: every device of
-    every process, in JAX's order, so each host's devices are a contiguous block)."""
-    devices = list(jax.devices()) if devices is None else list(devices)
+    every process, in JAX's order, grouped by process).
+
+    Grouped by process, each host's devices are one contiguous block of the batch rows, so a
+    host's rows are its own slice of the global batch, in process order (`put_batch`).
+    """
+    if devices is None:  # a stable sort: JAX's order within each process
+        devices = sorted(jax.devices(), key=lambda d: d.process_index)
+    devices = list(devices)
     sizes = mesh_sizes(spec, len(devices))
     return Mesh(np.asarray(devices, dtype=object).reshape([sizes[a] for a in AXES]), AXES)
 
@@ -134,7 +140,13 @@ def batch_sharding(mesh: Mesh, accum: bool = True) -> NamedSharding:
 
 
 def check_batch(mesh: Mesh, batch_size: int) -> None:
-    """Raise ConfigError unless data x fsdp divides the batch size."""
+    """Raise ConfigError unless data x fsdp and the process count divide the batch size
+    (each process assembles batch_size / processes rows)."""
+    hosts = jax.process_count()
+    if batch_size % hosts:
+        raise ConfigError(
+            f"data.batch_size: {batch_size} rows cannot be split over {hosts} processes (each "
+            f"host assembles its own rows); use a multiple of {hosts}")
     n = batch_shards(mesh)
     if batch_size % n:
         raise ConfigError(

@@ -12,9 +12,9 @@ are left):
   the batch and split each layer's matmul (Megatron-style row-parallel).
 
 The multi-host fields start `jax.distributed` (one process per host, every host running the
-same command); left empty they come from the environment as `jax.distributed.initialize`
-reads it (SLURM, TPU pods, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID variables).
+same command); left empty they come from the environment (the JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, or the cluster as `jax.distributed.initialize`
+detects it: SLURM, TPU pods). When the runtime starts: `jaxlora.sharding.distributed`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def _mesh_check(mesh: tuple[tuple[str, int], ...]) -> str | None:
 
 
 def _address_check(address: str) -> str | None:
-    if address and not re.fullmatch(r"[^\s:]+:\d+", address):
-        return f"{address!r} is not host:port"
+    if address and address != "auto" and not re.fullmatch(r"[^\s:]+:\d+", address):
+        return f"{address!r} is not host:port (or \"auto\")"
     return None
 
 
@@ -66,7 +66,8 @@ class ShardingSpec:
         check=_mesh_check,
     )
     coordinator_address: str = field(
-        "", "Multi-host: host:port of process 0 (empty: from the environment, or one host).",
+        "", "Multi-host: host:port of process 0; \"auto\": detected from the cluster (SLURM, "
+        "TPU pod); empty: from the environment, or one host.",
         check=_address_check,
     )
     num_processes: int = field(
@@ -74,6 +75,10 @@ class ShardingSpec:
     )
     process_id: int = field(
         -1, "Multi-host: this process's index (-1: from the environment).", ge=-1
+    )
+    heartbeat_timeout_s: int = field(
+        100, "Multi-host: seconds without a heartbeat after which a process counts as dead "
+        "and the others exit with an error.", ge=1
     )
 
     def __post_init__(self):

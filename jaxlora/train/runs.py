@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 
 from jaxlora import data as data_lib
 from jaxlora import lora, memory, models, optim, quant, sharding
@@ -128,12 +129,14 @@ def _lr(cfg: Config, step: int) -> float:
 
 
 def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
-    """The training and validation data of the config, tokenized by the run's model.
+    """The training and validation data of the config, tokenized by the run's model: this
+    process's share of it (its own documents, batch_size / processes rows per batch).
 
     Prints one ``jaxlora:`` line per skipped file (path, line, reason; see `data_notices`).
     """
     datasets = data_lib.load_datasets(cfg.data, loaded.tokenizer,
-                                      max_positions=loaded.config.max_position_embeddings)
+                                      max_positions=loaded.config.max_position_embeddings,
+                                      shard=(jax.process_index(), jax.process_count()))
     for notice in data_notices(datasets):
         _log(f"jaxlora: {notice}")
     return datasets
@@ -377,16 +380,22 @@ def _describe_mesh(mesh: Any, base: Params, adapters: Adapters, opt_state: Any,
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A log line on stderr, from process 0 only."""
+    if sharding.is_primary():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run one experiment into `run_dir` (default `output_dir/name`) and return its summary.
+    """Run one experiment into `run_dir` (default `output_dir/name`) and return its summary
+    (on processes other than 0 of a multi-host run: its name, steps and process index).
 
     Writes `config.toml` (the resolved config), `metrics.jsonl`, `checkpoints/`,
     `summary.json`, `loss.png` and `samples.txt`. A run directory that already holds the
     same config is resumed from its latest checkpoint; one holding another config is refused.
+    Multi-host (`jaxlora.sharding.distributed`): every process runs this; only process 0
+    writes the files other than checkpoints, which all processes write together.
     """
+    sharding.initialize(cfg.sharding)  # before any device is touched
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     resuming = _check_run_dir(cfg, run_dir)
     if resuming and (run_dir / "summary.json").exists():
@@ -397,7 +406,10 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     sharding.check_batch(mesh, cfg.data.batch_size)
     s = setup(cfg, mesh)
     datasets = make_datasets(cfg, s.loaded)
-    if not resuming:
+    primary = sharding.is_primary()
+    if jax.process_count() > 1:  # every host has checked the directory before one writes
+        multihost_utils.sync_global_devices("jaxlora: run directory checked")
+    if not resuming and primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(run_dir / "config.toml", dump_config(cfg))
     summ = lora.summary(s.base, s.state.adapters)
@@ -413,8 +425,10 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         state = jax.device_put(restored.state, s.shardings.state)  # onto this run's mesh
         position, resumed, start = restored.data_position, restored.metrics, restored.step
         _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
-    _truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
-    with open(run_dir / "metrics.jsonl", "a") as mf, loop.StopSignals() as stop, manager:
+    if primary:
+        _truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
+    metrics = run_dir / "metrics.jsonl" if primary else os.devnull  # one writer
+    with open(metrics, "a") as mf, loop.StopSignals() as stop, manager:
         out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
     if "stopped" in out:
         return out
@@ -441,7 +455,8 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
 
     start = int(state.step)
     train_iter = datasets.train.iterator(position)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress,
+    bar = tqdm(total=cfg.train.steps, initial=start,
+               disable=not (cfg.train.progress and sharding.is_primary()),
                desc=cfg.name, unit="step", dynamic_ncols=True, file=sys.stderr)
     log = loop.MetricsLog(mf, log_every=cfg.train.log_every, steps=cfg.train.steps,
                           lr=lambda step: _lr(cfg, step), t_start=t_start, progress=bar,
@@ -491,7 +506,9 @@ def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_s
     `skipped_files`: the data files skipped with a notice (counted in summary.json)."""
     memory.return_freed_memory()  # the step's buffers, before the generation programs compile
     state = out["state"]
-    samples = _samples(cfg, s.loaded, s.base, state.adapters)
+    samples = _samples(cfg, s.loaded, s.base, state.adapters)  # on every process (SPMD)
+    if not sharding.is_primary():
+        return {"name": cfg.name, "steps": int(state.step), "process": jax.process_index()}
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     train_losses = [r["loss"] for r in records if "loss" in r]
     summary = {
