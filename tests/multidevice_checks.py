@@ -121,14 +121,14 @@ def test_checkpoint_moves_between_meshes_and_training_goes_on(cfg, tmp_path):
     full, _, _, _ = _train(cfg, None, 4)
     a = _on(cfg, MESHES["data=2,fsdp=4"])
     first, state, s, position = _train(a, sharding.make_mesh(a.sharding), 2)
-    manager = train.runs.checkpoint_manager(a, tmp_path, s)
+    manager = train.assemble.checkpoint_manager(a, tmp_path, s)
     with manager:
         manager.save(2, state, data_position=position, metrics={}, force=True)
     for target in (MESHES["fsdp=8"], None):
         c = a if target is None else _on(cfg, target)
         mesh = None if target is None else sharding.make_mesh(c.sharding)
         s2 = train.setup(c, mesh)
-        restored = train.runs.checkpoint_manager(c, tmp_path, s2).restore(s2.state)
+        restored = train.assemble.checkpoint_manager(c, tmp_path, s2).restore(s2.state)
         rest, _, _, _ = _train(c, mesh, 2, state=restored.state, position=restored.data_position)
         np.testing.assert_allclose(first + rest, full, rtol=RTOL)
 

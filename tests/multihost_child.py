@@ -48,7 +48,7 @@ def reference(config: str, run_dir: str, out: str, overrides: list[str]) -> None
                             steps=cfg.train.steps,
                             hooks=[lambda info: losses.append(float(info.metrics.loss))],
                             place=functools.partial(sharding.put_batch, s.shardings.batch))
-    saved = train.runs.checkpoint_manager(cfg, run_dir, s).restore(s.state)
+    saved = train.assemble.checkpoint_manager(cfg, run_dir, s).restore(s.state)
     assert saved.step == cfg.train.steps, saved.step
     worst = 0.0
     for x, y in zip(jax.tree.leaves(saved.state.adapters), jax.tree.leaves(last.state.adapters),

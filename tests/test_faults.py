@@ -75,8 +75,8 @@ _PURGE = "jaxlora.checkpoint.manager|CheckpointManager._purge_trash"
 _EVAL = "jaxlora.train.runs|evaluate"
 FAULTS = {
     # start-up
-    "loading the model": "jaxlora.train.runs|load_base|1|before",
-    "after config.toml": "jaxlora.train.runs|_write_atomic|1|after",
+    "loading the model": "jaxlora.train.assemble|load_base|1|before",
+    "after config.toml": "jaxlora.train.runs|write_atomic|1|after",
     "mid config.toml": "pathlib|Path.write_text|1|after",
     # evaluations: the base before training, step 2, the final one
     "eval before training": f"{_EVAL}|1|before",
@@ -91,9 +91,9 @@ FAULTS = {
     "save 4, 2 moved aside": f"{_PURGE}|3|before",
     "final save written, not renamed": f"{_FINALIZE}|3|before",
     # between the final checkpoint and summary.json
-    "after the final save": "jaxlora.train.runs|_finish|1|before",
+    "after the final save": "jaxlora.train.runs|finish_run|1|before",
     "after the samples": "jaxlora.train.runs|_samples|1|after",
-    "before summary.json": "jaxlora.train.runs|_write_atomic|3|before",
+    "before summary.json": "jaxlora.train.runs|write_atomic|3|before",
 }
 
 
@@ -200,7 +200,7 @@ def _rerun_equals_reference(config: Path, run_dir: Path, reference) -> str:
 
 def test_sigterm_during_start_up_exits_0_then_the_rerun_trains(reference, tmp_path):
     config = _config(tmp_path)
-    stopped = _run(config, "jaxlora.train.runs|load_base|1|term")
+    stopped = _run(config, "jaxlora.train.assemble|load_base|1|term")
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stderr.splitlines() == [
         "jaxlora: SIGTERM received outside training; stopped (the same command picks up from "

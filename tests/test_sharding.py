@@ -57,7 +57,7 @@ def test_batch_rows_must_split_over_the_batch_axes(rows, ok):
 
 
 def test_compute_dtype_auto_is_bfloat16_on_accelerators_only(monkeypatch):
-    from jaxlora.train import runs
+    from jaxlora.train import assemble as runs
 
     assert runs.compute_dtype("auto") == jax.numpy.float32  # this machine: CPU
     assert runs.compute_dtype("bfloat16") == jax.numpy.bfloat16

@@ -126,7 +126,7 @@ class _Member(NamedTuple):
 
     cfg: Any
     run_dir: Path
-    setup: Any  # train.runs.Setup over the shared base
+    setup: Any  # train.assemble.Setup over the shared base
     manager: Any
     datasets: Any
     log: Any  # loop.MetricsLog (its file is opened by `run`)
@@ -163,7 +163,7 @@ def run(configs: Sequence[Any], run_dirs: Sequence[str | os.PathLike] | None = N
     configs = list(configs)
     dirs = [Path(d) for d in run_dirs] if run_dirs is not None else [c.run_dir for c in configs]
     check_shared(configs)
-    resuming = [runs._check_run_dir(c, d) for c, d in zip(configs, dirs, strict=True)]
+    resuming = [runs.check_run_dir(c, d) for c, d in zip(configs, dirs, strict=True)]
     done = [r and (d / "summary.json").exists() for r, d in zip(resuming, dirs, strict=True)]
     todo = [i for i, f in enumerate(done) if not f]
     stopped = None
@@ -180,32 +180,32 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
     from jaxlora import checkpoint as ckpt_lib
     from jaxlora.config import dump_config, to_dict
     from jaxlora.sharding import ShardingSpec
-    from jaxlora.train import loop, runs
+    from jaxlora.train import assemble, loop, runs
 
     cfg0 = configs[0]
     if cfg0.sharding != ShardingSpec():
         raise ConfigError("population: sharding.mesh: populations run on one device for now")
     t_start = time.perf_counter()
-    loaded = runs.load_base(cfg0)
+    loaded = assemble.load_base(cfg0)
     members = [Member(c.lora, c.optim, c.train.seed) for c in configs]
     check_members(loaded.base, members, loaded.config)
     state, txs = init(loaded.base, members, cfg0.train.steps)
     shared = all(c.data == cfg0.data for c in configs)
-    first = runs.make_datasets(cfg0, loaded)
-    datasets = [first if shared or i == 0 else runs.make_datasets(c, loaded)
+    first = assemble.make_datasets(cfg0, loaded)
+    datasets = [first if shared or i == 0 else assemble.make_datasets(c, loaded)
                 for i, c in enumerate(configs)]
     record = ckpt_lib.base_record(loaded.base, name=cfg0.model.name,
                                   quant=to_dict(cfg0)["quant"])
     for c, d, r in zip(configs, dirs, resuming, strict=True):
         if not r:
             d.mkdir(parents=True, exist_ok=True)
-            runs._write_atomic(d / "config.toml", dump_config(c))
-    setups = [runs.Setup(loaded, loaded.base, c.lora, tx, s, record)
+            runs.write_atomic(d / "config.toml", dump_config(c))
+    setups = [assemble.Setup(loaded, loaded.base, c.lora, tx, s, record)
               for c, tx, s in zip(configs, txs, state.members, strict=True)]
-    managers = [runs.checkpoint_manager(c, d, s) for c, d, s in zip(configs, dirs, setups,
+    managers = [assemble.checkpoint_manager(c, d, s) for c, d, s in zip(configs, dirs, setups,
                                                                     strict=True)]
     state, positions, resumed = _resume(state, managers, resuming, dirs, cfg0.train.steps)
-    runs._log(f"jaxlora: population of {len(configs)} over {loaded.source} "
+    assemble.log_line(f"jaxlora: population of {len(configs)} over {loaded.source} "
               f"({cfg0.quant.qtype}, {loaded.report.total_bytes / 2**20:.1f} MiB), "
               f"{'shared' if shared else 'own'} data; members: "
               + ", ".join(c.name for c in configs))
@@ -215,7 +215,7 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
             stack.enter_context(mgr)
         stop = stack.enter_context(loop.StopSignals())
         logs = [loop.MetricsLog(f, log_every=c.train.log_every, steps=c.train.steps,
-                                lr=functools.partial(runs._lr, c), t_start=t_start,
+                                lr=functools.partial(assemble.learning_rate, c), t_start=t_start,
                                 window=resumed[i])
                 for i, (c, f) in enumerate(zip(configs, files, strict=True))]
         team = [_Member(c, d, s, m, ds, lg) for c, d, s, m, ds, lg in
@@ -224,17 +224,17 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
     if isinstance(out, dict):
         return out
     for mem, member_state, before, after in out:
-        runs._finish(mem.cfg, mem.setup._replace(state=member_state), mem.run_dir,
+        runs.finish_run(mem.cfg, mem.setup._replace(state=member_state), mem.run_dir,
                      {"state": member_state, "before": before, "after": after,
                       "tokens_per_s": mem.log.tokens_per_s},
                      lora.summary(loaded.base, member_state.adapters), t_start,
-                     len(runs.data_notices(mem.datasets)))
+                     len(assemble.data_notices(mem.datasets)))
     return None
 
 
 def _resume(state: PopulationState, managers, resuming, dirs, steps):
     """Restore every member at the newest step all of them have; drop later metrics."""
-    from jaxlora.train import runs
+    from jaxlora.train import assemble, runs
 
     latest = [m.latest_step() if r else None for m, r in zip(managers, resuming, strict=True)]
     positions, resumed = [None] * len(managers), [{} for _ in managers]
@@ -246,9 +246,9 @@ def _resume(state: PopulationState, managers, resuming, dirs, steps):
         state = state._replace(members=tuple(r.state for r in restored))
         positions = [r.data_position for r in restored]
         resumed = [r.metrics for r in restored]
-        runs._log(f"jaxlora: population resumed at step {start}")
+        assemble.log_line(f"jaxlora: population resumed at step {start}")
     for d in dirs:
-        runs._truncate_metrics(d / "metrics.jsonl", start, final=start >= steps)
+        runs.truncate_metrics(d / "metrics.jsonl", start, final=start >= steps)
     alive = [not _diverged(d) for d in dirs]
     return state._replace(alive=jnp.asarray(alive)), positions, resumed
 
@@ -306,10 +306,10 @@ def _train_members(team: list[_Member], state: PopulationState, positions: list,
     stopped it."""
     from tqdm.auto import tqdm
 
-    from jaxlora.train import loop, runs
+    from jaxlora.train import assemble, loop
 
     cfg0, k = team[0].cfg, len(team)
-    dtype = runs.compute_dtype(cfg0.model.compute_dtype)
+    dtype = assemble.compute_dtype(cfg0.model.compute_dtype)
     val = _evaluator(team, shared, loaded, dtype)
     iters = ([team[0].datasets.train.iterator(positions[0])] if shared else
              [m.datasets.train.iterator(p) for m, p in zip(team, positions, strict=True)])
@@ -333,7 +333,7 @@ def _train_members(team: list[_Member], state: PopulationState, positions: list,
             if not diverged[i] and not finite[i]:
                 diverged[i] = True
                 mem.log.emit({"step": info.step, "diverged": True})
-                runs._log(f"jaxlora: {mem.cfg.name} diverged at step {info.step} (non-finite "
+                assemble.log_line(f"jaxlora: {mem.cfg.name} diverged at step {info.step} (non-finite "
                           f"loss or gradient); frozen at its step {info.step - 1} adapters")
             if not diverged[i]:
                 mem.log(_view(info, i, shared))
@@ -362,7 +362,7 @@ def _train_members(team: list[_Member], state: PopulationState, positions: list,
         for m in team:
             m.manager.wait()
         step = int(state.members[0].step)
-        runs._log(f"jaxlora: {info.stop} received; population saved at step {step}; run the "
+        assemble.log_line(f"jaxlora: {info.stop} received; population saved at step {step}; run the "
                   f"same command again to resume")
         return {"stopped": info.stop, "step": step}
     after = val(tuple(m.adapters for m in state.members))

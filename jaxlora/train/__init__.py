@@ -1,4 +1,5 @@
-"""Training: the pure steps (`step`), the loop with hooks (`loop`), run directories (`runs`).
+"""Training: the pure steps (`step`), the loop with hooks (`loop`), the pieces a config
+determines (`assemble`) and run directories (`runs`).
 
     from jaxlora import train
     summary = train.run(config)                         # config.toml in, run directory out
@@ -9,21 +10,10 @@ optimizer state for the adapters alone; the loop only steps and calls hooks; a r
 is created, checked, resumed and read back by `runs`.
 """
 
-from jaxlora.train import loop, runs, step
+from jaxlora.train import assemble, loop, runs, step
+from jaxlora.train.assemble import Loaded, Setup, load_base, make_datasets, setup
 from jaxlora.train.loop import Hook, StepInfo, train_loop
-from jaxlora.train.runs import (
-    Loaded,
-    OpenRun,
-    Setup,
-    describe,
-    evaluate_run,
-    load_base,
-    load_for_inference,
-    make_datasets,
-    open_run,
-    run,
-    setup,
-)
+from jaxlora.train.runs import OpenRun, describe, evaluate_run, load_for_inference, open_run, run
 from jaxlora.train.step import (
     NonFiniteError,
     StepMetrics,
@@ -38,7 +28,7 @@ from jaxlora.train.step import (
 )
 
 __all__ = [
-    "step", "loop", "runs",
+    "step", "loop", "assemble", "runs",
     # the step
     "TrainState", "StepMetrics", "NonFiniteError", "init_state", "chunked_xent",
     "loss_and_count", "make_train_step", "compile_step", "make_eval_step", "evaluate",

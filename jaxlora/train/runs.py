@@ -20,36 +20,34 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
-import optax
 from jax.experimental import multihost_utils
 
-from jaxlora import data as data_lib
-from jaxlora import lora, memory, models, optim, quant, sharding
-from jaxlora.config import Config, ModelSection, dump_config, load_config, to_dict
+from jaxlora import lora, memory, optim, quant, sharding
+from jaxlora.config import Config, ModelSection, dump_config, load_config
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.train import loop
-from jaxlora.train.step import (
-    NonFiniteError,
-    TrainState,
-    evaluate,
-    init_state,
-    make_eval_step,
-    make_train_step,
+from jaxlora.train.assemble import (
+    Loaded,
+    Setup,
+    checkpoint_manager,
+    compute_dtype,
+    data_notices,
+    describe_mesh,
+    learning_rate,
+    load_base,
+    log_line,
+    make_datasets,
+    setup,
 )
+from jaxlora.train.step import NonFiniteError, evaluate, make_eval_step, make_train_step
 
 __all__ = [
-    "Loaded",
-    "Setup",
     "OpenRun",
-    "DTYPES",
-    "compute_dtype",
-    "load_base",
-    "make_datasets",
-    "setup",
-    "data_notices",
-    "checkpoint_manager",
     "same_run",
+    "check_run_dir",
+    "write_atomic",
+    "truncate_metrics",
+    "finish_run",
     "run",
     "open_run",
     "evaluate_run",
@@ -59,38 +57,6 @@ __all__ = [
 
 Params = lora.Params
 Adapters = lora.Adapters
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def compute_dtype(name: str) -> Any:
-    """The activation dtype of `model.compute_dtype`: "auto" is bfloat16 on GPU and TPU (the
-    matrix units' native type) and float32 on CPU."""
-    if name == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-    return DTYPES[name]
-
-
-class Loaded(NamedTuple):
-    """The frozen model a run trains on."""
-
-    config: models.ModelConfig
-    base: Params
-    tokenizer: Any
-    source: str
-    report: quant.QuantReport
-
-
-class Setup(NamedTuple):
-    """Everything a config determines before training: deterministic in its seeds."""
-
-    loaded: Loaded
-    base: Params  # the loaded base, or PiSSA's residual
-    spec: lora.LoraSpec
-    tx: optax.GradientTransformation
-    state: TrainState  # freshly initialized (also the template a checkpoint restores into)
-    base_record: dict[str, Any]
-    shardings: Any = None  # `sharding.StepShardings` when placed on a mesh, else None
 
 
 class OpenRun(NamedTuple):
@@ -103,95 +69,6 @@ class OpenRun(NamedTuple):
     spec: lora.LoraSpec
     step: int
 
-
-# --------------------------------------------------------------------------------------------
-# From the config to the pieces of a run
-# --------------------------------------------------------------------------------------------
-def load_base(cfg: Config) -> Loaded:
-    """Load the base and quantize it (`tiny-*` names: random weights from the train seed).
-
-    Checkpoints are quantized tensor by tensor while they are read, so the float model never
-    exists whole in host memory.
-    """
-    from jaxlora import io
-
-    rules = cfg.quant
-    loaded = io.load_model(cfg.model.name, quant=None if rules.qtype == "none" else rules,
-                           dtype=DTYPES[cfg.model.param_dtype], seed=cfg.train.seed)
-    return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source,
-                  quant.report(loaded.params))
-
-
-def _lr(cfg: Config, step: int) -> float:
-    return float(optim.make_schedule(
-        lr=cfg.optim.lr, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
-        total_steps=cfg.train.steps, min_lr_ratio=cfg.optim.min_lr_ratio)(step))
-
-
-def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
-    """The training and validation data of the config, tokenized by the run's model: this
-    process's share of it (its own documents, batch_size / processes rows per batch).
-
-    Prints one ``jaxlora:`` line per skipped file (path, line, reason; see `data_notices`).
-    """
-    datasets = data_lib.load_datasets(cfg.data, loaded.tokenizer,
-                                      max_positions=loaded.config.max_position_embeddings,
-                                      shard=(jax.process_index(), jax.process_count()))
-    for notice in data_notices(datasets):
-        _log(f"jaxlora: {notice}")
-    return datasets
-
-
-def data_notices(datasets: data_lib.Datasets) -> list[str]:
-    """The skip notices of both splits, each once (a held-out fraction shares the scan)."""
-    splits = [d for d in datasets if d is not None]
-    return list(dict.fromkeys(n for d in splits for n in d.stats.notices))
-
-
-def setup(cfg: Config, mesh: Any = None) -> Setup:
-    """Base, adapters, optimizer and initial state of a config (deterministic in the seeds).
-
-    With a `mesh` (`jaxlora.sharding.make_mesh`), the base and the state are placed on it by
-    the partition rules of `jaxlora.sharding`; without one they stay on the default device.
-    """
-    from jaxlora import checkpoint as ckpt_lib
-
-    loaded = load_base(cfg)
-    spec = cfg.lora
-    base = loaded.base
-    if spec.init == "pissa":
-        base, adapters = lora.init_pissa(base, spec)
-    else:
-        adapters = lora.init(jax.random.key(cfg.train.seed), base, spec)
-    tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
-    state = init_state(adapters, tx, cfg.train.seed)
-    # base.json records the [quant] table as the config file writes it
-    record = ckpt_lib.base_record(base, name=cfg.model.name, quant=to_dict(cfg)["quant"])
-    shardings = None
-    if mesh is not None:
-        shardings = sharding.step_shardings(mesh, state, base, cfg.quant.stacked)
-        placed = jax.device_put(base, shardings.base)
-        state = jax.device_put(state, shardings.state)
-        if base is loaded.base:  # keep one copy of the base, the placed one
-            loaded = loaded._replace(base=placed)
-        base = placed
-    return Setup(loaded, base, spec, tx, state, record, shardings)
-
-
-def checkpoint_manager(cfg: Config, run_dir: str | os.PathLike, setup: Setup, *,
-                       read_only: bool = False):
-    """The `CheckpointManager` of a run directory, checking the base against `setup`'s.
-
-    `read_only`: for commands that only read the run (eval, info, export, generate); such a
-    manager writes nothing into the directory.
-    """
-    from jaxlora import checkpoint as ckpt_lib
-
-    return ckpt_lib.CheckpointManager(
-        Path(run_dir), save_every=cfg.checkpoint.every or cfg.train.steps,
-        keep=cfg.checkpoint.keep, keep_best=1 if cfg.checkpoint.keep_best else 0,
-        async_save=cfg.checkpoint.async_save, base=setup.base_record, read_only=read_only,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +143,7 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
         opt_state = jax.eval_shape(optim.make_optimizer(cfg.optim, cfg.train.steps).init,
                                    opened.adapters)
         try:
-            mesh = _describe_mesh(sharding.make_mesh(cfg.sharding), opened.base, opened.adapters,
+            mesh = describe_mesh(sharding.make_mesh(cfg.sharding), opened.base, opened.adapters,
                                   opt_state, cfg.quant.stacked)
         except ConfigError as e:  # the run's mesh does not fit this machine
             mesh = str(e)
@@ -295,10 +172,10 @@ def describe(target: str, *, qtype: str = "nf4") -> str:
 # --------------------------------------------------------------------------------------------
 # Creating, checking and training a run directory
 # --------------------------------------------------------------------------------------------
-_TMP = ".tmp"  # suffix of the temporary files `_write_atomic` renames into place
+_TMP = ".tmp"  # suffix of the temporary files `write_atomic` renames into place
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write `path` whole or not at all. The temporary file has a fixed name, so what a kill
     leaves of it is overwritten by the next write and is never taken for user files."""
     tmp = path.with_name(f".{path.name}{_TMP}")
@@ -320,7 +197,7 @@ def same_run(a: Config, b: Config) -> bool:
     return norm(a) == norm(b)
 
 
-def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
+def check_run_dir(cfg: Config, run_dir: Path) -> bool:
     """True when `run_dir` holds this same run (resume); refuse a directory of anything else.
 
     Reads only: the directory is created once the model and the data have loaded, so a run
@@ -341,7 +218,7 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> bool:
     return False
 
 
-def _truncate_metrics(path: Path, step: int, final: bool) -> None:
+def truncate_metrics(path: Path, step: int, final: bool) -> None:
     """Keep the records of metrics.jsonl that the checkpoint of `step` accounts for.
 
     Records after `step` (a fallback past a damaged checkpoint, or a kill between a log line
@@ -363,26 +240,7 @@ def _truncate_metrics(path: Path, step: int, final: bool) -> None:
         if s < step or (s == step and not (final and "val_loss" in rec)):
             keep.append(line)
     if keep != lines:
-        _write_atomic(path, "".join(x + "\n" for x in keep))
-
-
-def _describe_mesh(mesh: Any, base: Params, adapters: Adapters, opt_state: Any,
-                   stacked: str) -> str:
-    """The mesh, and the bytes of base, adapters and optimizer state that one device holds
-    there (from shapes and the partition rules: nothing needs to be placed)."""
-    sh = sharding.step_shardings(mesh, (adapters, opt_state), base, stacked)
-    mib = lambda tree, shardings: sharding.device_bytes(tree, shardings) / 2**20
-    axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
-    return (f"mesh {axes} ({mesh.size} {mesh.devices.flat[0].platform} device(s), "
-            f"{jax.process_count()} process(es)); per device: base "
-            f"{mib(base, sh.base):.1f} MiB, adapters {mib(adapters, sh.state[0]):.2f} MiB, "
-            f"optimizer state {mib(opt_state, sh.state[1]):.2f} MiB")
-
-
-def _log(msg: str) -> None:
-    """A log line on stderr, from process 0 only."""
-    if sharding.is_primary():
-        print(msg, file=sys.stderr, flush=True)
+        write_atomic(path, "".join(x + "\n" for x in keep))
 
 
 def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -397,9 +255,9 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     """
     sharding.initialize(cfg.sharding)  # before any device is touched
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
-    resuming = _check_run_dir(cfg, run_dir)
+    resuming = check_run_dir(cfg, run_dir)
     if resuming and (run_dir / "summary.json").exists():
-        _log(f"jaxlora: {run_dir} is already finished; summary.json left as it is")
+        log_line(f"jaxlora: {run_dir} is already finished; summary.json left as it is")
         return json.loads((run_dir / "summary.json").read_text())
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(cfg.sharding)  # bad sizes fail here, before anything loads
@@ -411,28 +269,28 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         multihost_utils.sync_global_devices("jaxlora: run directory checked")
     if not resuming and primary:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.toml", dump_config(cfg))
+        write_atomic(run_dir / "config.toml", dump_config(cfg))
     summ = lora.summary(s.base, s.state.adapters)
-    _log(f"jaxlora: model {s.loaded.source} ({s.loaded.config.name}), base "
+    log_line(f"jaxlora: model {s.loaded.source} ({s.loaded.config.name}), base "
          f"{s.loaded.report.total_bytes / 2**20:.1f} MiB ({cfg.quant.qtype}); {summ}")
     state = s.state
-    _log(f"jaxlora: "
-         f"{_describe_mesh(mesh, s.base, state.adapters, state.opt_state, cfg.quant.stacked)}")
+    log_line(f"jaxlora: "
+         f"{describe_mesh(mesh, s.base, state.adapters, state.opt_state, cfg.quant.stacked)}")
     manager = checkpoint_manager(cfg, run_dir, s)
     state, position, resumed, start = s.state, None, {}, -1
     if resuming and cfg.checkpoint.resume and manager.latest_step() is not None:
         restored = manager.restore(s.state)
         state = jax.device_put(restored.state, s.shardings.state)  # onto this run's mesh
         position, resumed, start = restored.data_position, restored.metrics, restored.step
-        _log(f"jaxlora: resumed {run_dir} at step {restored.step}")
+        log_line(f"jaxlora: resumed {run_dir} at step {restored.step}")
     if primary:
-        _truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
+        truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
     metrics = run_dir / "metrics.jsonl" if primary else os.devnull  # one writer
     with open(metrics, "a") as mf, loop.StopSignals() as stop, manager:
         out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
     if "stopped" in out:
         return out
-    return _finish(cfg, s, run_dir, out, summ, t_start, len(data_notices(datasets)))
+    return finish_run(cfg, s, run_dir, out, summ, t_start, len(data_notices(datasets)))
 
 
 def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, mf, stop,
@@ -459,12 +317,12 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
                disable=not (cfg.train.progress and sharding.is_primary()),
                desc=cfg.name, unit="step", dynamic_ncols=True, file=sys.stderr)
     log = loop.MetricsLog(mf, log_every=cfg.train.log_every, steps=cfg.train.steps,
-                          lr=lambda step: _lr(cfg, step), t_start=t_start, progress=bar,
+                          lr=lambda step: learning_rate(cfg, step), t_start=t_start, progress=bar,
                           window=resumed)
     before = val_metrics(None)  # the base's held-out loss (summary: val_loss_before)
     if start == 0 and before:
         log.emit({"step": 0, **before})
-        _log(f"jaxlora: held-out loss before training {before['val_loss']:.4f} "
+        log_line(f"jaxlora: held-out loss before training {before['val_loss']:.4f} "
              f"(ppl {before['val_ppl']:.2f})")
     log.last_val = resumed.get("val_loss", before.get("val_loss"))
     position_now = lambda: train_iter.state().as_dict()
@@ -488,7 +346,7 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
     step = int(state.step)
     if info is not None and info.stop is not None:
         manager.wait()
-        _log(f"jaxlora: {info.stop} received; saved step {step} in {manager.directory}; "
+        log_line(f"jaxlora: {info.stop} received; saved step {step} in {manager.directory}; "
              f"run the same command again to resume")
         return {"stopped": info.stop, "step": step}
     after = val_metrics(state.adapters)
@@ -499,7 +357,7 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
     return {"state": state, "before": before, "after": after, "tokens_per_s": log.tokens_per_s}
 
 
-def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start,
+def finish_run(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_start,
             skipped_files: int) -> dict[str, Any]:
     """Samples, loss.png, samples.txt and (last: it marks the run finished) summary.json.
 
@@ -530,8 +388,8 @@ def _finish(cfg: Config, s: Setup, run_dir: Path, out: dict[str, Any], summ, t_s
         "samples": samples,
     }
     _plot_loss(records, run_dir / "loss.png", cfg.name)
-    _write_atomic(run_dir / "samples.txt", _samples_text(samples))
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))  # last: "finished"
+    write_atomic(run_dir / "samples.txt", _samples_text(samples))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))  # last: "finished"
     return summary
 
 
