@@ -158,25 +158,32 @@ def test_population_run_dirs_equal_runs_alone(tmp_path):
     assert population.run(pop) == summaries  # finished: read back, nothing trained again
 
 
-def test_population_interrupted_then_resumed(tmp_path, monkeypatch):
-    cfgs = [apply_overrides(c, ["checkpoint.every=2"]) for c in _member_configs(tmp_path, "a")]
-    full = population.run([apply_overrides(c, [f"output_dir={tmp_path / 'full'}"]) for c in cfgs])
+def _sigterm_after(monkeypatch, n):
+    """SIGTERM this process after the `n`-th step of the next compiled step; returns the
+    real `compile_step` to put back."""
     real = train.loop.compile_step
 
-    def compile_then_stop_after_two(*args):
+    def compile_step(*args):
         step = real(*args)
         calls = {"n": 0}
 
         def wrapped(*a):
             out = step(*a)
             calls["n"] += 1
-            if calls["n"] == 2:
+            if calls["n"] == n:
                 os.kill(os.getpid(), signal.SIGTERM)
             return out
 
         return wrapped
 
-    monkeypatch.setattr(train.loop, "compile_step", compile_then_stop_after_two)
+    monkeypatch.setattr(train.loop, "compile_step", compile_step)
+    return real
+
+
+def test_population_interrupted_then_resumed(tmp_path, monkeypatch):
+    cfgs = [apply_overrides(c, ["checkpoint.every=2"]) for c in _member_configs(tmp_path, "a")]
+    full = population.run([apply_overrides(c, [f"output_dir={tmp_path / 'full'}"]) for c in cfgs])
+    real = _sigterm_after(monkeypatch, 2)
     assert population.run(cfgs) == [{"stopped": "SIGTERM", "step": 2}] * len(cfgs)
     assert not any((c.run_dir / "summary.json").exists() for c in cfgs)
     monkeypatch.setattr(train.loop, "compile_step", real)
@@ -243,22 +250,7 @@ def test_interrupted_population_sweep_resumes_and_finishes(tmp_path, monkeypatch
     sw = _rank_sweep(tmp_path)
     full = _table(sweep.run_sweep(sw, train.run, out_dir=tmp_path / "full",
                                   population=population, log=None))
-    real = train.loop.compile_step
-
-    def stop_after_three(*args):
-        step = real(*args)
-        calls = {"n": 0}
-
-        def wrapped(*a):
-            out = step(*a)
-            calls["n"] += 1
-            if calls["n"] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-
-        return wrapped
-
-    monkeypatch.setattr(train.loop, "compile_step", stop_after_three)
+    real = _sigterm_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(sw, train.run, out_dir=tmp_path / "cut", population=population, log=None)
     monkeypatch.setattr(train.loop, "compile_step", real)

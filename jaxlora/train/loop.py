@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, NamedTuple
 
+import jax
 import numpy as np
 
 from jaxlora import data as data_lib
@@ -100,8 +101,10 @@ def train_loop(step_fn, state: TrainState, base: Any, batches: Iterator[data_lib
     step, compiled, info = int(state.step), None, None
     while step < steps:
         host = stack_batches([next(batches) for _ in range(grad_accum)])
-        tokens = float(np.sum(host.segment_ids > 0))
         batch = place(host)
+        # tokens of the global batch: this host's rows, or every host's (a device sum)
+        tokens = float(np.sum(host.segment_ids > 0) if jax.process_count() == 1
+                       else jax.numpy.sum(batch.segment_ids > 0))
         if compiled is None:
             compiled = compile_step(step_fn, state, base, batch)
         new_state, m = compiled(state, base, batch)
