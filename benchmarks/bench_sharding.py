@@ -37,6 +37,7 @@ def _shard_bytes(tree, device) -> int:
 
 def _child(batch: int, seq: int, steps: int) -> None:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from jaxlora import data, sharding, train
@@ -66,7 +67,8 @@ def _child(batch: int, seq: int, steps: int) -> None:
         mesh = sharding.make_mesh(sharding.ShardingSpec(mesh=axes), devices)
         sh = sharding.step_shardings(mesh, s.state, s.base)
         base = jax.device_put(s.base, sh.base)
-        state = jax.device_put(s.state, sh.state)
+        # a copy: the step donates its state, and on one device device_put would alias it
+        state = jax.device_put(jax.tree.map(jnp.copy, s.state), sh.state)
         d0 = mesh.devices.flat[0]
         mib = [_shard_bytes(t, d0) / 2**20 for t in (base, state.adapters, state.opt_state)]
         step_fn = train.make_train_step(s.loaded.config, s.tx, remat="attn", dropout=False,
