@@ -1,8 +1,9 @@
-"""Hyperparameter sweeps: expansion, a resumable runner, a results table and plots.
+"""Sweep files: a base config, the axes to vary, and the runs they expand to.
 
 A sweep file names a base config and the axes to vary::
 
     base = "qlora_smollm2.toml"              # relative to this file
+    population_size = 8                      # optional: members trained at once (1: alone)
     [set]                                    # overrides for every run
     "train.steps" = 100
     [grid]                                   # Cartesian product
@@ -20,9 +21,9 @@ A sweep file names a base config and the axes to vary::
 The runs are the product of the grid points, the zip rows and the random samples (an absent
 kind contributes one empty point). Each run gets a readable, deterministic name built from
 its swept values (``rank-16_scaling-rslora``) and its own directory under the sweep's output
-folder. :func:`run_sweep` skips runs that finished before, calls ``run_fn`` again on
+folder. `jaxlora.sweep.run_sweep` skips runs that finished before, calls ``run_fn`` again on
 unfinished or failed ones (the trainer resumes from its checkpoints), records failures and
-goes on, and writes ``results.csv``, ``results.md`` and PNG plots (`jaxlora.sweep_results`).
+goes on, and writes ``results.csv``, ``results.md`` and PNG plots (`jaxlora.sweep.results`).
 
 Big_vision declares sweeps next to configs in the same spirit; the file format here is ours.
 """
