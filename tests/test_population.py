@@ -54,9 +54,11 @@ def _alone(loaded, member, batches):
     return np.asarray(losses), state.adapters
 
 
-def test_members_equal_runs_alone(kit):
+@pytest.mark.parametrize("layout", population.LAYOUTS)
+def test_members_equal_runs_alone(kit, layout):
     loaded, batches = kit
-    res = population.train(loaded.config, loaded.base, MEMBERS, iter(batches), steps=STEPS)
+    res = population.train(loaded.config, loaded.base, MEMBERS, iter(batches), steps=STEPS,
+                           layout=layout)
     assert res.losses.shape == (STEPS, len(MEMBERS)) and not res.diverged.any()
     for k, member in enumerate(MEMBERS):
         losses, adapters = _alone(loaded, member, batches)
@@ -75,14 +77,15 @@ def test_members_equal_runs_alone(kit):
             assert err < 1e-3, (k, x.shape, err)  # measured up to 2.4e-4 (A of rank 8)
 
 
-def test_a_diverging_member_is_frozen_and_the_others_unchanged(kit):
+@pytest.mark.parametrize("layout", population.LAYOUTS)
+def test_a_diverging_member_is_frozen_and_the_others_unchanged(kit, layout):
     loaded, batches = kit
     absurd = population.Member(LoraSpec(rank=4), optim.OptimSpec(lr=1e30, schedule="constant",
                                                                   max_grad_norm=0.0), 7)
     with_it = population.train(loaded.config, loaded.base, [*MEMBERS[:2], absurd], iter(batches),
-                               steps=STEPS)
+                               steps=STEPS, layout=layout)
     without = population.train(loaded.config, loaded.base, MEMBERS[:2], iter(batches),
-                               steps=STEPS)
+                               steps=STEPS, layout=layout)
     assert with_it.diverged.tolist() == [False, False, True]
     np.testing.assert_allclose(with_it.losses[:, :2], without.losses, rtol=1e-6)
     first_bad = int(np.argmax(~np.isfinite(with_it.losses[:, 2])))
@@ -272,6 +275,8 @@ def test_population_size_from_the_memory_estimate(tmp_path):
     mcfg = io.model_config("tiny-llama")
     one, eight = (population.estimate_bytes(cfg, mcfg, k) for k in (1, 8))
     assert one < eight < 8 * one  # the base is shared
+    rows = population.estimate_bytes(cfg, mcfg, 8, layout="rows")
+    assert eight <= rows  # "rows" holds every member's activations at once
     assert population.plan_size(cfg, None, budget=eight) == 8  # the largest that fits
     assert population.plan_size(cfg, 3, budget=eight) == 3
     with pytest.raises(ConfigError, match=r"population_size: 9 members of tiny-llama need an "

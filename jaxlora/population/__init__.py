@@ -32,11 +32,13 @@ from jaxlora.population.runs import (
     run,
 )
 from jaxlora.population.step import (
+    LAYOUTS,
     Member,
     PopulationMetrics,
     PopulationState,
     TrainResult,
     check_members,
+    default_layout,
     init,
     make_eval_step,
     make_step,
@@ -44,7 +46,7 @@ from jaxlora.population.step import (
 )
 
 __all__ = [
-    "Member", "PopulationState", "PopulationMetrics", "TrainResult", "check_members", "init",
+    "Member", "LAYOUTS", "default_layout", "PopulationState", "PopulationMetrics", "TrainResult", "check_members", "init",
     "make_step", "make_eval_step", "train",
     # run directories
     "MEMBER_KEYS", "check_shared", "group_key", "estimate_bytes", "memory_budget", "plan_size",

@@ -84,15 +84,17 @@ def check_shared(configs: Sequence[Any]) -> None:
                     f"step, so only {', '.join(MEMBER_KEYS[2:])} may differ")
 
 
-def estimate_bytes(cfg: Any, mcfg: Any, k: int) -> int:
+def estimate_bytes(cfg: Any, mcfg: Any, k: int, layout: str | None = None) -> int:
     """Rough peak memory of a population of `k` members of `cfg` (host RSS on CPU).
 
     Base: its stored bytes (from the shapes and quantization rules, nothing loaded). Per
     member: adapters, gradients and two Adam moments (16 bytes per float32 parameter).
-    Activations: the k*B*T rows through every block as the remat policy keeps them, and the
-    logits chunk. It is an estimate for choosing and refusing sizes, not a measurement.
+    Activations: the B*T rows of one member (layout "members") or of all k ("rows") through
+    every block as the remat policy keeps them, and the logits chunk. It is an estimate for
+    choosing and refusing sizes, not a measurement.
     """
     from jaxlora import quant
+    from jaxlora.population.step import default_layout
 
     shapes = models.param_shapes(mcfg)
     base = 0
@@ -110,7 +112,7 @@ def estimate_bytes(cfg: Any, mcfg: Any, k: int) -> int:
     lora_params = sum(int(np.prod(sh[:-2])) * (sh[-2] + sh[-1]) * cfg.lora.rank
                       for p, sh in shapes.items() if p.startswith("layers/") and p.endswith("kernel"))
     per_member = 16 * lora_params  # adapters, gradients, Adam's two moments
-    rows = k * cfg.data.batch_size * cfg.data.seq_len
+    rows = (k if (layout or default_layout()) == "rows" else 1) * cfg.data.batch_size * cfg.data.seq_len
     kept = {"none": 8 * d + 3 * mcfg.intermediate_size + 2 * kv, "dots": 6 * d + 2 * kv,
             "attn": d + 2 * kv, "full": d}[cfg.model.remat]
     act = 4 * rows * (layers * kept + 12 * d + 2 * mcfg.intermediate_size)

@@ -29,6 +29,8 @@ __all__ = [
     "TrainResult",
     "check_members",
     "init",
+    "LAYOUTS",
+    "default_layout",
     "make_step",
     "make_eval_step",
     "train",
@@ -107,21 +109,81 @@ def _member_sums(mcfg, base, adapters: Sequence[lora.Adapters], batch: data_lib.
                             positions=batch.positions, compute_dtype=compute_dtype, remat=remat,
                             return_hidden=True)  # [K*B, T, d]
     split = lambda x: x.reshape(k, rows // k, *x.shape[1:])
-    xent = lambda h, t, m: chunked_xent(mcfg, base, None, h, t, m, chunk, differentiable)
-    return jax.vmap(xent)(split(hidden), split(batch.targets), split(batch.loss_mask))
+    # one member's logits chunk at a time (a vmap would hold K chunks of [chunk, vocab])
+    return jax.lax.map(lambda x: chunked_xent(mcfg, base, None, *x, chunk, differentiable),
+                       (split(hidden), split(batch.targets), split(batch.loss_mask)))
+
+
+def _one_member_sums(mcfg, base, adapters: Sequence[lora.Adapters], batch: data_lib.Batch,
+                     j: Array, key: Array | None, *, compute_dtype, remat: str, chunk: int
+                     ) -> tuple[Array, Array]:
+    """Member `j`'s summed token loss and token count over `batch` (all its rows)."""
+    ids = jnp.full(batch.inputs.shape[0], j, jnp.int32)
+    params = multi.attach_multi(base, multi.stack_adapters(adapters), ids, key)
+    hidden = models.forward(mcfg, params, batch.inputs, segment_ids=batch.segment_ids,
+                            positions=batch.positions, compute_dtype=compute_dtype, remat=remat,
+                            return_hidden=True)
+    return chunked_xent(mcfg, base, None, hidden, batch.targets, batch.loss_mask, chunk)
+
+
+LAYOUTS = ("rows", "members")
+"""How a step goes through the members: "rows" runs all members' rows through the model at
+once (the base matmul once for all: the fast layout on accelerators, K times the activation
+memory); "members" runs one member after another inside the step (the memory of one run, the
+compute of K runs: the layout for CPUs, where a bigger matmul is not faster per row)."""
+
+
+def default_layout() -> str:
+    """"members" on CPU, "rows" on GPU and TPU."""
+    return "members" if jax.default_backend() == "cpu" else "rows"
+
+
+def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, **kw):
+    def f(ads):
+        s, c = _member_sums(mcfg, base, ads, _rows(batch, k, shared), key, **kw)
+        return jnp.sum(s), (s, c)
+
+    (_, (s, c)), g = jax.value_and_grad(f, has_aux=True)(adapters)
+    return s, c, g
+
+
+def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, **kw):
+    rows = batch.inputs.shape[0] // (1 if shared else k)
+
+    def member(carry, j):
+        sums, counts, grads = carry
+        own = batch if shared else jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, j * rows, rows), batch)
+        sub = None if key is None else jax.random.fold_in(key, j)
+
+        def f(ads):
+            return _one_member_sums(mcfg, base, ads, own, j, sub, **kw)
+
+        (s, c), g = jax.value_and_grad(f, has_aux=True)(adapters)
+        return (sums.at[j].set(s), counts.at[j].set(c), jax.tree.map(jnp.add, grads, g)), None
+
+    zero = (jnp.zeros(k, jnp.float32), jnp.zeros(k, jnp.float32),
+            jax.tree.map(jnp.zeros_like, adapters))
+    (s, c, g), _ = jax.lax.scan(member, zero, jnp.arange(k))
+    return s, c, g
 
 
 def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data: bool = True,
               compute_dtype: Any = jnp.float32, remat: str = "none", chunk: int = 128,
-              dropout: bool = False) -> Callable:
+              dropout: bool = False, layout: str | None = None) -> Callable:
     """A jitted `step(state, base, batches) -> (state, PopulationMetrics)`, state donated.
 
     `batches` carries a micro-batch axis: `[accum, B, T]` when `shared_data` (every member
     gets those rows), else `[accum, K*B, T]` (member k's rows at `[k*B, (k+1)*B)`). Gradients
     and losses are accumulated per member and divided by the member's own token count, as
-    `train.make_train_step` does for one run.
+    `train.make_train_step` does for one run. `layout`: see `LAYOUTS` (default:
+    `default_layout()`).
     """
     k = len(txs)
+    layout = layout or default_layout()
+    if layout not in LAYOUTS:
+        raise ValueError(f"population layout must be one of {LAYOUTS}, got {layout!r}")
+    grads_of = _grads_by_rows if layout == "rows" else _grads_by_members
 
     def step(state: PopulationState, base, batches: data_lib.Batch):
         accum = batches.inputs.shape[0]
@@ -133,13 +195,8 @@ def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data:
             sums, counts, grads = carry
             batch, i = xs
             sub = jax.random.fold_in(key, i) if dropout else None
-
-            def f(ads):
-                s, c = _member_sums(mcfg, base, ads, _rows(batch, k, shared_data), sub,
-                                    compute_dtype=compute_dtype, remat=remat, chunk=chunk)
-                return jnp.sum(s), (s, c)
-
-            (_, (s, c)), g = jax.value_and_grad(f, has_aux=True)(adapters)
+            s, c, g = grads_of(mcfg, base, adapters, batch, sub, k, shared_data,
+                               compute_dtype=compute_dtype, remat=remat, chunk=chunk)
             return (sums + s, counts + c, jax.tree.map(jnp.add, grads, g)), None
 
         zero = (jnp.zeros(k, jnp.float32), jnp.zeros(k, jnp.float32),
@@ -193,6 +250,7 @@ class TrainResult:
 
 def train(mcfg, base: lora.Params, members: Sequence[Member], batches: Iterator[data_lib.Batch],
           *, steps: int, compute_dtype: Any = jnp.float32, remat: str = "none",
+          layout: str | None = None,
           on_step: Callable[[int, PopulationMetrics], None] | None = None) -> TrainResult:
     """Train `members` over `base` for `steps` steps on shared `batches` (from a notebook).
 
@@ -202,7 +260,8 @@ def train(mcfg, base: lora.Params, members: Sequence[Member], batches: Iterator[
     check_members(base, members, mcfg)
     state, txs = init(base, members, steps)
     dropout = any(m.lora.dropout > 0 for m in members)
-    step_fn = make_step(mcfg, txs, compute_dtype=compute_dtype, remat=remat, dropout=dropout)
+    step_fn = make_step(mcfg, txs, compute_dtype=compute_dtype, remat=remat, dropout=dropout,
+                        layout=layout)
     losses = []
     for i in range(steps):
         b = next(batches)
