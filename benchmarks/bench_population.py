@@ -87,7 +87,7 @@ def sweep_part(steps: int) -> None:
           f"{rows[8][1] / rows[1][1]:.2f}\n", flush=True)
 
 
-def _child(k: int, steps: int) -> dict:
+def _child(k: int, steps: int, layout: str | None) -> dict:
     import jax
     import numpy as np
 
@@ -100,7 +100,7 @@ def _child(k: int, steps: int) -> dict:
                                  optim.OptimSpec(lr=1e-4 * (i + 1), schedule="constant"), i)
                for i in range(k)]
     state, txs = population.init(m.params, members, steps + 1)
-    step = population.make_step(m.config, txs, remat="attn")
+    step = population.make_step(m.config, txs, remat="attn", layout=layout)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, m.config.vocab_size, size=(1, 4, 257)).astype(np.int32)
     batch = data.Batch(*(jax.numpy.asarray(x) for x in (
@@ -118,16 +118,17 @@ def _child(k: int, steps: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def size_part(sizes: list[int], steps: int) -> None:
+def size_part(sizes: list[int], steps: int, layout: str | None) -> None:
     rows = []
     for k in sizes:
         out = subprocess.run([sys.executable, __file__, "--child", str(k), "--steps",
-                              str(steps)], check=True, capture_output=True, text=True)
+                              str(steps), *(["--layout", layout] if layout else [])],
+                             check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done K={k}", file=sys.stderr, flush=True)
     one = rows[0]["per_member_s"] if rows[0]["k"] == 1 else None
-    print(f"Population step, NF4 SmolLM2-135M, r=8 all linear, shared batch 4 x 256, remat "
-          f"attn, median of {steps} steps\n")
+    print(f"Population step ({layout or 'default'} layout), NF4 SmolLM2-135M, r=8 all linear, "
+          f"shared batch 4 x 256, remat attn, median of {steps} steps\n")
     print("| K | step (s) | per member (s) | tokens/s per member | vs K=1 per member | "
           "peak RSS (MiB) |")
     print("|---|---|---|---|---|---|")
@@ -143,15 +144,17 @@ def main() -> None:
     ap.add_argument("--size-steps", type=int, default=2, help="timed steps per K")
     ap.add_argument("--sizes", default="1,2,4,8,16")
     ap.add_argument("--parts", default="sweep,sizes")
+    ap.add_argument("--layout", choices=("rows", "members"), default=None,
+                    help="population layout (default: members on CPU, rows on accelerators)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.steps)))
+        print(json.dumps(_child(args.child, args.steps, args.layout)))
         return
     if "sweep" in args.parts:
         sweep_part(args.steps)
     if "sizes" in args.parts:
-        size_part([int(x) for x in args.sizes.split(",")], args.size_steps)
+        size_part([int(x) for x in args.sizes.split(",")], args.size_steps, args.layout)
 
 
 if __name__ == "__main__":
