@@ -150,15 +150,16 @@ def test_damaged_newest_falls_back(tmp_path: Path, damage: str) -> None:
 def test_corrupt_bytes_detected_by_checksum(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, _state(1))
-    # flip bytes in the biggest data file: either the reader or the crc32 must catch it
-    files = sorted(
-        (p for p in (tmp_path / "checkpoints" / "1" / "state").rglob("*") if p.is_file()),
-        key=lambda p: p.stat().st_size,
-    )
-    data = bytearray(files[-1].read_bytes())
-    for i in range(len(data) // 2, min(len(data), len(data) // 2 + 64)):
-        data[i] ^= 0xFF
-    files[-1].write_bytes(bytes(data))
+    # flip bytes in the biggest data file: either the reader or the crc32 must catch it.
+    # Orbax may keep two files of that size (the OCDBT process file and the merged one),
+    # and which one is read can vary: flip them all.
+    files = [p for p in (tmp_path / "checkpoints" / "1" / "state").rglob("*") if p.is_file()]
+    biggest = max(p.stat().st_size for p in files)
+    for f in (p for p in files if p.stat().st_size == biggest):
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + 64)):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
     with CheckpointManager(tmp_path) as mgr, pytest.raises(CheckpointError):
         mgr.restore(_state(0), step=1)
 
