@@ -1,10 +1,11 @@
-"""Run directories: build a run from its config, create or check its folder, train it, open it.
+"""Run directories: create or check one, train a config into it, finish it, read it back.
 
 A run directory holds `config.toml` (the resolved config, enough to rebuild everything),
 `metrics.jsonl`, `checkpoints/` (adapters and train state; the base by name and fingerprint),
 `summary.json`, `loss.png` and `samples.txt`. `run` trains a config into one (resuming the
 same config, refusing another); `open_run`, `evaluate_run`, `load_for_inference` and
 `describe` read one back, so `eval`, `export`, `generate` and `info` need nothing else.
+The pieces a config determines (base, data, adapters, state) come from `train.assemble`.
 """
 
 from __future__ import annotations
