@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -316,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return _fail("stdout: the reader closed the pipe", 1, debug)
     except OSError as e:
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EIO):
+            # every file jaxlora writes is opened by path (the error names it): an unnamed
+            # write that fails is the command's output, e.g. stdout on a full disk
+            _silence_stdout()
+            return _fail(f"stdout: {os_error_message(e)}", 1, debug)
         return _fail(os_error_message(e), 1, debug)
     except (JaxloraError, ValueError) as e:
         return _fail(str(e), 1, debug)

@@ -489,6 +489,16 @@ def test_closed_stdout_is_one_line(tmp_path):
     assert p.stderr == "jaxlora: error: stdout: the reader closed the pipe\n"
 
 
+def test_stdout_on_a_full_device_is_one_error_line():
+    """Output to a full disk (/dev/full answers every write with ENOSPC)."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "jaxlora.cli", "config"], stdout=full,
+                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+                           timeout=120)
+    assert p.returncode == 1
+    assert p.stderr == "jaxlora: error: stdout: no space left on device\n"
+
+
 def test_help_and_config_errors_import_no_jax(tiny_config):
     """`--help` and a config error answer before JAX is imported (it takes seconds)."""
     path = tiny_config()
