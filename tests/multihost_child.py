@@ -31,8 +31,7 @@ RTOL, ATOL = 1e-5, 3e-6  # as tests/multidevice_checks.py: other summation order
 
 def _global_batches(cfg, loaded):
     """Host 0's rows then host 1's, batch by batch: the global batches of a 2-host run."""
-    its = [data_lib.load_datasets(cfg.data, loaded.tokenizer, shard=(p, HOSTS)).train.iterator()
-           for p in range(HOSTS)]
+    its = [d.train.iterator() for d in data_lib.host_datasets(cfg.data, loaded.tokenizer, HOSTS)]
     while True:
         parts = [next(it) for it in its]
         yield data_lib.Batch(*(np.concatenate(xs) for xs in zip(*parts, strict=True)))

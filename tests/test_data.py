@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -612,47 +613,148 @@ def test_data_with_nothing_to_learn_is_refused(tmp_path, tok):
 
 
 def _host_corpus(tmp_path):
-    """14 records; the even ones long, so host 0 of 2 holds far more tokens than host 1."""
-    recs = [{"text": f"{w} number {i}" + (" long" * 12 if i % 2 == 0 else "")}
-            for i, w in enumerate(WORDS)]
-    write_jsonl(tmp_path / "a.jsonl", recs)
-    return recs
+    """Two JSONL files and a text file of records of different lengths; the documents in
+    corpus order (files sorted, lines in order)."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, 2 + 7 * (i % 3))) + f" n{i}" for i in range(40)]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:25]])
+    write(tmp_path / "b.txt", "a plain text document in the middle")
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts[25:]])
+    return texts[:25] + ["a plain text document in the middle"] + texts[25:]
+
+
+class _Reads:
+    """Records the bytes each file opened by `jaxlora.data.documents` hands out."""
+
+    def __init__(self):
+        self.bytes: dict[str, int] = {}
+
+    def open(self, path, mode="r"):
+        f, reads = open(path, mode), self
+
+        class Counted:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def _count(self, out):
+                reads.bytes[path] = reads.bytes.get(path, 0) + len(out)
+                return out
+
+            def read(self, *a):
+                return self._count(f.read(*a))
+
+            def readline(self, *a):
+                return self._count(f.readline(*a))
+
+        return Counted()
 
 
 @pytest.mark.parametrize("hosts", [2, 3])
-def test_host_shards_partition_the_documents(tmp_path, tok, hosts):
+def test_host_parts_are_the_corpus_cut_in_byte_ranges(tmp_path, tok, hosts):
+    want = _host_corpus(tmp_path / "train")
+    write_jsonl(tmp_path / "val.jsonl", [{"text": f"held out {w}"} for w in WORDS])
+    cfg = DataConfig(sources=(str(tmp_path / "train"),),
+                     validation_sources=(str(tmp_path / "val.jsonl"),), seq_len=8,
+                     batch_size=6, seed=3)
+    parts = data.host_datasets(cfg, tok, hosts)
+    got = [docs_of(p.train, tok) for p in parts]
+    assert all(got) and [d for g in got for d in g] == want  # in corpus order, once each
+    val = [d for p in parts for d in docs_of(p.validation, tok)]
+    assert val == [f"held out {w}" for w in WORDS]
+    for split in ("train", "validation"):
+        assert len({getattr(p, split).batches_per_epoch for p in parts}) == 1  # lockstep
+        assert next(getattr(parts[-1], split).iterator()).inputs.shape == (6 // hosts, 8)
+
+
+def test_a_host_reads_no_more_than_its_range(tmp_path, tok, monkeypatch):
     _host_corpus(tmp_path)
+    files = resolve_sources([str(tmp_path)])
+    total = sum(os.path.getsize(f) for f in files)
+    longest = max(len(line) for f in files for line in Path(f).read_bytes().splitlines())
+    for p in range(4):
+        reads = _Reads()
+        monkeypatch.setattr(documents, "open", reads.open, raising=False)
+        docs = documents.index_documents(files, tok, None, (p, 4))
+        assert 0 < sum(reads.bytes.values()) <= total / 4 + 2 * longest
+        assert set(reads.bytes) <= {f for f, _, _ in documents.host_ranges(files, (p, 4))}
+        assert len(docs.length) > 0
+
+
+def test_held_out_documents_do_not_depend_on_the_host_count(tmp_path, tok):
+    want = _host_corpus(tmp_path)
     cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.25, seq_len=8,
                      batch_size=6, seed=3)
-    whole = load_datasets(cfg, tok)
-    shards = [load_datasets(cfg, tok, shard=(p, hosts)) for p in range(hosts)]
-    for split in ("train", "validation"):
-        want = docs_of(getattr(whole, split), tok)  # in document (index) order
-        got = [docs_of(getattr(s, split), tok) for s in shards]
-        for p in range(hosts):
-            assert got[p] == want[p::hosts]  # host p: documents p, p + hosts, ...
-        assert sorted(d for g in got for d in g) == sorted(want)
-        batches = {getattr(s, split).batches_per_epoch for s in shards}
-        assert len(batches) == 1  # every host steps through the same batches per epoch
-        b = next(getattr(shards[0], split).iterator())
-        assert b.inputs.shape == (6 // hosts, 8)
+
+    def split(hosts):
+        ds = data.host_datasets(cfg, tok, hosts)
+        return ([d for p in ds for d in docs_of(p.train, tok)],
+                [d for p in ds for d in docs_of(p.validation, tok)])
+
+    (train2, val2), (train3, val3) = split(2), split(3)
+    assert sorted(train2 + val2) == sorted(want) and not set(train2) & set(val2)
+    assert val2 == val3 and train2 == train3  # each document drawn alone
+    assert 0.1 < len(val2) / len(want) < 0.45  # about the fraction (10 of 41 expected)
+    other = DataConfig(**{**cfg.__dict__, "seed": 4})
+    assert [d for p in data.host_datasets(other, tok, 2) for d in docs_of(p.validation, tok)] != val2
 
 
 def test_hosts_with_fewer_tokens_pad_to_the_same_batches(tmp_path, tok):
-    _host_corpus(tmp_path)
-    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=8,
-                     batch_size=4)
-    long, short = (load_datasets(cfg, tok, shard=(p, 2)).train for p in range(2))
-    assert long.stats.sequences > 2 * short.stats.sequences  # the layouts differ
-    assert long.batches_per_epoch == short.batches_per_epoch == -(-long.stats.sequences // 2)
-    own = -(-short.stats.sequences // 2)  # the short host's batches with rows in them
-    tail = list(short.eval_batches())[own:]
+    # host 0's bytes are two long documents, host 1's many short ones (pack=False: a row each)
+    long = " ".join(WORDS * 3)
+    recs = [{"text": long}, {"text": long}] + [{"text": w} for w in WORDS * 3]
+    write_jsonl(tmp_path / "a.jsonl", recs)
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=64,
+                     batch_size=4, pack=False)
+    few, many = (d.train for d in data.host_datasets(cfg, tok, 2))
+    assert many.stats.sequences > 2 * few.stats.sequences  # the layouts differ
+    assert few.batches_per_epoch == many.batches_per_epoch == -(-many.stats.sequences // 2)
+    own = -(-few.stats.sequences // 2)  # the short host's batches with rows in them
+    tail = list(few.eval_batches())[own:]
     assert tail and all(not b.loss_mask.any() and not b.segment_ids.any() for b in tail)
-    its = [long.iterator(), short.iterator()]
-    for _ in range(long.batches_per_epoch + 1):  # in lockstep across the epoch boundary
+    its = [few.iterator(), many.iterator()]
+    for _ in range(few.batches_per_epoch + 1):  # in lockstep across the epoch boundary
         for it in its:
             next(it)
         assert its[0].state() == its[1].state()
+
+
+def test_a_host_without_documents_steps_on_padding(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": " ".join(WORDS * 4)}])  # one line: host 0's
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=8, batch_size=2)
+    full, empty = (d.train for d in data.host_datasets(cfg, tok, 2))
+    assert empty.stats.documents == 0 and full.stats.documents == 1
+    assert empty.batches_per_epoch == full.batches_per_epoch > 1
+    assert all(not b.loss_mask.any() for b in empty.eval_batches())
+
+
+def test_an_empty_split_fails_on_every_host_alike(tmp_path, tok):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(6)])
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=8, batch_size=2)
+    counts = []
+
+    def gather(v):  # what process_allgather would return: both hosts' counts
+        counts.append(v)
+        return np.stack([v, v])
+
+    for p in range(2):
+        with pytest.raises(DataError, match="training dataset has no tokens to learn from"):
+            load_datasets(cfg, tok, shard=(p, 2), gather=gather)
+    assert len(counts) == 2  # each host got as far as the shared counts
+
+
+def test_max_documents_caps_each_host_at_its_share(tmp_path, tok):
+    want = _host_corpus(tmp_path)
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=8,
+                     batch_size=2, max_documents=6)
+    parts = [docs_of(d.train, tok) for d in data.host_datasets(cfg, tok, 2)]
+    assert [len(p) for p in parts] == [3, 3]
+    assert parts[0] == want[:3] and set(parts[1]) <= set(want[3:])
 
 
 def test_shard_0_of_1_is_the_whole_corpus_bit_for_bit(tmp_path, tok):
@@ -666,14 +768,29 @@ def test_shard_0_of_1_is_the_whole_corpus_bit_for_bit(tmp_path, tok):
     assert same(list(a.validation.eval_batches()), list(b.validation.eval_batches()))
 
 
-def test_hosts_that_cannot_split_the_batch_or_the_documents(tmp_path, tok):
+def test_hosts_that_cannot_split_the_batch_or_lack_the_counts(tmp_path, tok):
     text_corpus(tmp_path, n=3)
     cfg = DataConfig(sources=(str(tmp_path / "corpus"),), seq_len=6, batch_size=5,
                      validation_fraction=0.0)
+    gather = lambda v: v[None]  # noqa: E731
     with pytest.raises(DataError, match="data.batch_size: 5 rows cannot be split over 2 hosts"):
-        load_datasets(cfg, tok, shard=(0, 2))
+        load_datasets(cfg, tok, shard=(0, 2), gather=gather)
+    with pytest.raises(DataError, match="data.batch_size: 5 rows cannot be split over 2 hosts"):
+        data.host_datasets(cfg, tok, 2)
     four = DataConfig(**{**cfg.__dict__, "batch_size": 4})
-    with pytest.raises(DataError, match="training dataset: 3 document.* over 4 hosts"):
-        load_datasets(four, tok, shard=(1, 4))
+    with pytest.raises(ValueError, match="needs `gather`"):
+        load_datasets(four, tok, shard=(1, 2))
     with pytest.raises(ValueError, match="shard"):
-        load_datasets(four, tok, shard=(2, 2))
+        load_datasets(four, tok, shard=(2, 2), gather=gather)
+
+
+def test_a_bad_line_in_a_later_hosts_part_is_named_by_its_byte_offset(tmp_path, tok):
+    lines = [json.dumps({"text": f"record {w}"}) + "\n" for w in WORDS]
+    lines[10] = '{"text": broken\n'
+    write(tmp_path / "a.jsonl", "".join(lines))
+    at = sum(len(line) for line in lines[:10])
+    cfg = DataConfig(sources=(str(tmp_path),), validation_fraction=0.0, seq_len=8, batch_size=2)
+    with pytest.raises(DataError, match=rf"a\.jsonl: the line at byte {at}: malformed JSON"):
+        data.host_datasets(cfg, tok, 2)
+    with pytest.raises(DataError, match=r"a\.jsonl:11: malformed JSON"):  # one host: the line
+        load_datasets(cfg, tok)

@@ -54,21 +54,36 @@ Determinism and resumption
     state yields the identical continuation.
 
 Hosts (multi-host runs)
-    Each host builds its batches from its own documents only: `load_datasets(...,
-    shard=(p, P))` gives host ``p`` of ``P`` documents ``p, p+P, p+2P, ...`` of each split (in
-    the order above, after the train/validation split, which every host draws alike), packed
-    into batches of ``batch_size / P`` rows (``batch_size`` must divide). Every host has as
-    many batches per epoch as the fullest one (the others' last batches are padding rows), so
-    all hosts step, evaluate and resume at the same ``IteratorState``. The global batch is the
-    hosts' rows concatenated in process order (`jaxlora.sharding.put_batch`). Only the index
-    is shared: each host still makes the one tokenization pass over the whole corpus at load
-    (token lengths, never text), then reads back only its own documents. ``shard=(0, 1)`` is
-    the single-host behaviour, bit for bit.
+    Each host reads, tokenizes and batches its own part of the corpus only:
+    `load_datasets(..., shard=(p, P), gather=...)`. The files of a split (in sorted order, the
+    same on every host) are one byte stream cut into ``P`` equal ranges; host ``p`` owns the
+    JSONL lines that start in its range and the plain-text files whose first byte lies in it
+    (`documents.host_ranges`), so it opens only the files its range touches and reads only
+    the sizes of the others. A `validation_fraction` is drawn per document from a seeded hash
+    of its file and byte offset, so each host holds out its own documents (at least one, and
+    keeps at least one, where it has two); `max_documents` caps each host at its share.
+    Batches have ``batch_size / P`` rows (``batch_size`` must divide). `gather` (JAX's
+    ``process_allgather`` in a run) shares each host's batch, document and labelled-token
+    counts, so every host has as many batches per epoch as the fullest one (the others' last
+    batches are padding rows, and a host may hold no documents at all), all hosts step,
+    evaluate and resume at the same ``IteratorState``, and an empty split fails on every host
+    alike. The global batch is the hosts' rows concatenated in process order
+    (`jaxlora.sharding.put_batch`); `host_datasets` builds every host's part in one process.
+    Where a host's part starts inside a JSONL file its messages name a line by its byte
+    offset (counting the lines before it would read them). ``shard=(0, 1)`` is the
+    single-host behaviour, bit for bit.
 
 Errors are `jaxlora.errors.DataError` with one line naming the file (and line).
 """
 
-from jaxlora.data.dataset import DataIterator, Dataset, Datasets, DataStats, load_datasets
+from jaxlora.data.dataset import (
+    DataIterator,
+    Dataset,
+    Datasets,
+    DataStats,
+    host_datasets,
+    load_datasets,
+)
 from jaxlora.data.sources import resolve_sources
 from jaxlora.data.spec import Batch, DataConfig, IteratorState, TokenizerLike, check_seq_len
 
@@ -82,6 +97,7 @@ __all__ = [
     "IteratorState",
     "TokenizerLike",
     "check_seq_len",
+    "host_datasets",
     "load_datasets",
     "resolve_sources",
 ]

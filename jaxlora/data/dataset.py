@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +21,7 @@ from jaxlora.data.sources import resolve_sources
 from jaxlora.data.spec import Batch, DataConfig, IteratorState, TokenizerLike, check_seq_len
 from jaxlora.errors import DataError
 
-__all__ = ["DataIterator", "DataStats", "Dataset", "Datasets", "load_datasets"]
+__all__ = ["DataIterator", "DataStats", "Dataset", "Datasets", "host_datasets", "load_datasets"]
 
 _CACHE_DOCS = 64  # tokenized documents kept in the LRU cache
 
@@ -53,22 +53,30 @@ class _Layout(NamedTuple):
     row_end: np.ndarray  # [rows] stream offset one past each row's last token (<= start+T+1)
 
 
+def _check_split(name: str, docs: DocIndex, documents: int, targets: int) -> None:
+    """Refuse a split (all hosts' documents and labelled tokens counted) with nothing in it."""
+    if documents == 0:
+        raise DataError(
+            f"{name} dataset is empty: no documents with tokens in "
+            f"{_names(docs.sources)} ({docs.skipped_files} files skipped for invalid UTF-8)"
+            + "".join(f"; {n}" for n in docs.notices)
+        )
+    if targets == 0:  # e.g. chats without assistant turns: a loss of exactly 0
+        raise DataError(
+            f"{name} dataset has no tokens to learn from in {_names(docs.files or docs.sources)}"
+            " (prompts without completions, or chats without assistant turns)"
+        )
+
+
 class Dataset:
     """One split (train or validation) of a corpus; build it with `load_datasets`."""
 
     def __init__(self, docs: DocIndex, tokenizer: TokenizerLike, config: DataConfig, name: str,
                  min_batches: int = 0):
-        if len(docs.length) == 0:
-            raise DataError(
-                f"{name} dataset is empty: no documents with tokens in "
-                f"{_names(docs.sources)} ({docs.skipped_files} files skipped for invalid UTF-8)"
-                + "".join(f"; {n}" for n in docs.notices)
-            )
-        if not docs.targets.any():  # e.g. chats without assistant turns: a loss of exactly 0
-            raise DataError(
-                f"{name} dataset has no tokens to learn from in {_names(docs.files)} (prompts "
-                f"without completions, or chats without assistant turns)"
-            )
+        """`min_batches` > 0: one host's part of a split (the hosts' checks done together),
+        which may hold no documents at all and has at least that many batches per epoch."""
+        if min_batches == 0:  # one host: its documents are the split's
+            _check_split(name, docs, len(docs.length), int(docs.targets.sum()))
         self.name = name
         self.config = config
         self.tokenizer = tokenizer
@@ -122,7 +130,7 @@ class Dataset:
         doc_start = np.concatenate([[0], np.cumsum(lens)])
         if self.config.pack:
             total = int(doc_start[-1])
-            row_start = np.arange(0, max(total - 1, 1), T, dtype=np.int64)
+            row_start = np.arange(0, max(total - 1, 1) if total else 0, T, dtype=np.int64)
             row_end = np.minimum(row_start + T + 1, total)
         else:  # each document windowed on its own; a 1-token document still gets one row
             per_doc = np.maximum(1, -(-(lens - 1) // T))
@@ -254,47 +262,46 @@ class Datasets(NamedTuple):
     validation: Dataset | None  # None when neither validation_sources nor a fraction is set
 
 
-def _host_dataset(docs: DocIndex, tokenizer: TokenizerLike, config: DataConfig, name: str,
-                  shard: tuple[int, int]) -> Dataset:
-    """Host `index` of `count`'s part of one split: documents index, index + count, ...,
-    packed into batches of batch_size / count rows, as many per epoch as the fullest host's.
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+        np.uint64(0x94D049BB133111EB))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of a uint64 array (wrapping arithmetic, element by element)."""
+    x = x + _MIX[0]
+    x = (x ^ (x >> np.uint64(30))) * _MIX[1]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[2]
+    return x ^ (x >> np.uint64(31))
+
+
+def _held_out(docs: DocIndex, fraction: float, seed: int) -> np.ndarray:
+    """bool [n]: this host's documents held out for validation in a multi-host run.
+
+    Each document is drawn alone, from a seeded hash of its file's position among the sources
+    and its byte offset, so a host decides for its own documents without seeing the others'.
+    At least one document is held out and one kept on each host that has two or more.
     """
-    index, count = shard
-    if count == 1:
-        return Dataset(docs, tokenizer, config, name)
-    n = len(docs.length)
-    if n < count:
-        raise DataError(f"{name} dataset: {n} document(s) cannot be split over {count} hosts "
-                        f"(each host reads its own documents); give at least {count}")
-    local = dataclasses.replace(config, batch_size=config.batch_size // count)
-    parts = [docs.take(np.arange(i, n, count)) for i in range(count)]
-    # lengths only (no tokenization): every host's batch count, so all step the same epochs
-    batches = max(Dataset(p, tokenizer, local, name).batches_per_epoch for p in parts)
-    return Dataset(parts[index], tokenizer, local, name, min_batches=batches)
+    if not len(docs.length):
+        return np.zeros(0, bool)
+    position = {f: i for i, f in enumerate(docs.sources)}
+    source = np.asarray([position[f] for f in docs.files], np.uint64)[docs.file_idx]
+    h = _mix(_mix(_mix(np.full(len(source), seed % 2**64, np.uint64)) ^ source)
+             ^ docs.offset.astype(np.uint64))
+    u = (h >> np.uint64(11)).astype(np.float64) / 2.0**53
+    held = u < fraction
+    if len(u) > 1 and not held.any():
+        held[np.argmin(u)] = True
+    if len(u) > 1 and held.all():
+        held[np.argmax(u)] = False
+    return held
 
 
-def load_datasets(
-    config: DataConfig, tokenizer: TokenizerLike, *, max_positions: int | None = None,
-    shard: tuple[int, int] = (0, 1),
-) -> Datasets:
-    """Index the corpus (one streamed tokenization pass) and split it by document.
-
-    With `validation_sources`, those files form the validation split and are removed from the
-    training files; otherwise `validation_fraction` of the documents (at least one) is held out
-    by a seeded draw. `max_positions` (the model's context) is checked against `seq_len`.
-    `shard` = (index, count): this host's part of both splits in a run of `count` hosts (see
-    "Hosts" in the `jaxlora.data` docstring); (0, 1), the default, is the whole corpus.
-    """
-    if not config.sources:
-        raise DataError("data.sources: no sources given")
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {shard}: expected (index, count) with 0 <= index < count")
-    if config.batch_size % count:
-        raise DataError(f"data.batch_size: {config.batch_size} rows cannot be split over "
-                        f"{count} hosts; use a multiple of {count}")
-    if max_positions is not None:
-        check_seq_len(config.seq_len, max_positions)
+def _split_docs(config: DataConfig, tokenizer: TokenizerLike,
+                part: tuple[int, int]) -> tuple[DocIndex, DocIndex | None]:
+    """This host's (training, validation) documents (validation None: no split asked for)."""
+    index, count = part
+    cap = config.max_documents if config.max_documents is None or count == 1 else (
+        -(-config.max_documents // count))  # each host's share of the cap
     train_files = resolve_sources(config.sources)
     if config.validation_sources:
         val_files = resolve_sources(config.validation_sources)
@@ -302,15 +309,14 @@ def load_datasets(
         train_files = [f for f in train_files if f not in held]
         if not train_files:
             raise DataError("data.sources: every file is also a validation source")
-        train_docs = index_documents(train_files, tokenizer, config.max_documents)
-        val_docs = index_documents(val_files, tokenizer, config.max_documents)
-        return Datasets(
-            _host_dataset(train_docs, tokenizer, config, "training", shard),
-            _host_dataset(val_docs, tokenizer, config, "validation", shard),
-        )
-    docs = index_documents(train_files, tokenizer, config.max_documents)
+        return (index_documents(train_files, tokenizer, cap, part),
+                index_documents(val_files, tokenizer, cap, part))
+    docs = index_documents(train_files, tokenizer, cap, part)
     if config.validation_fraction == 0.0:
-        return Datasets(_host_dataset(docs, tokenizer, config, "training", shard), None)
+        return docs, None
+    if count > 1:
+        held = _held_out(docs, config.validation_fraction, config.seed)
+        return docs.take(~held), docs.take(held)
     n = len(docs.length)
     n_val = max(1, round(config.validation_fraction * n))
     if n_val >= n:
@@ -320,7 +326,85 @@ def load_datasets(
         )
     perm = np.random.default_rng([config.seed, 0x5EED]).permutation(n)
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    return Datasets(
-        _host_dataset(docs.take(train_idx), tokenizer, config, "training", shard),
-        _host_dataset(docs.take(val_idx), tokenizer, config, "validation", shard),
-    )
+    return docs.take(train_idx), docs.take(val_idx)
+
+
+def _check_hosts(config: DataConfig, count: int) -> None:
+    if config.batch_size % count:
+        raise DataError(f"data.batch_size: {config.batch_size} rows cannot be split over "
+                        f"{count} hosts; use a multiple of {count}")
+
+
+Gather = Callable[[np.ndarray], np.ndarray]  # this host's int64 [k] -> every host's [hosts, k]
+
+
+def _counts(splits: list[DocIndex | None], config: DataConfig,
+            tokenizer: TokenizerLike, count: int) -> list[int]:
+    """This host's [batches, documents, labelled tokens] of each split (0s for a missing one)."""
+    local = dataclasses.replace(config, batch_size=config.batch_size // count)
+    out = []
+    for docs in splits:
+        if docs is None or not len(docs.length):
+            out += [0, 0, 0]
+        else:
+            rows = Dataset(docs, tokenizer, local, "", min_batches=1).stats.sequences
+            out += [-(-rows // local.batch_size), len(docs.length), int(docs.targets.sum())]
+    return out
+
+
+def load_datasets(
+    config: DataConfig, tokenizer: TokenizerLike, *, max_positions: int | None = None,
+    shard: tuple[int, int] = (0, 1), gather: Gather | None = None,
+) -> Datasets:
+    """Index the corpus (one streamed tokenization pass) and split it by document.
+
+    With `validation_sources`, those files form the validation split and are removed from the
+    training files; otherwise `validation_fraction` of the documents (at least one) is held out
+    by a seeded draw. `max_positions` (the model's context) is checked against `seq_len`.
+    `shard` = (index, count): this host's part of both splits in a run of `count` hosts, which
+    this host alone reads and tokenizes (see "Hosts" in the `jaxlora.data` docstring); (0, 1),
+    the default, is the whole corpus. With count > 1, `gather` shares a few counts between
+    the hosts (every host's int64 vector, stacked: e.g. JAX's
+    `multihost_utils.process_allgather`), so that all of them step, evaluate and fail alike;
+    `host_datasets` builds every host's part in one process.
+    """
+    if not config.sources:
+        raise DataError("data.sources: no sources given")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard}: expected (index, count) with 0 <= index < count")
+    if count > 1 and gather is None:
+        raise ValueError("load_datasets: a shard of several hosts needs `gather`")
+    _check_hosts(config, count)
+    if max_positions is not None:
+        check_seq_len(config.seq_len, max_positions)
+    train, val = _split_docs(config, tokenizer, shard)
+    if count == 1:
+        return Datasets(Dataset(train, tokenizer, config, "training"),
+                        None if val is None else Dataset(val, tokenizer, config, "validation"))
+    counts = np.asarray(_counts([train, val], config, tokenizer, count), np.int64)
+    return _host_part(train, val, np.asarray(gather(counts)), tokenizer, config, count)
+
+
+def _host_part(train: DocIndex, val: DocIndex | None, counts: np.ndarray,
+               tokenizer: TokenizerLike, config: DataConfig, count: int) -> Datasets:
+    """One host's `Datasets` from its documents and every host's `_counts` ([hosts, 6])."""
+    most, total = counts.max(0), counts.sum(0)
+    local = dataclasses.replace(config, batch_size=config.batch_size // count)
+    out = []
+    for k, (docs, name) in enumerate(((train, "training"), (val, "validation"))):
+        if docs is None:
+            out.append(None)
+            continue
+        _check_split(name, docs, int(total[3 * k + 1]), int(total[3 * k + 2]))
+        out.append(Dataset(docs, tokenizer, local, name, min_batches=max(int(most[3 * k]), 1)))
+    return Datasets(*out)
+
+
+def host_datasets(config: DataConfig, tokenizer: TokenizerLike, count: int) -> list[Datasets]:
+    """Every host's `load_datasets` part of a `count`-host run, built in this one process
+    (for tests and references: each host's part is indexed as that host would index it)."""
+    _check_hosts(config, count)
+    splits = [_split_docs(config, tokenizer, (p, count)) for p in range(count)]
+    counts = np.asarray([_counts(list(s), config, tokenizer, count) for s in splits], np.int64)
+    return [_host_part(*s, counts, tokenizer, config, count) for s in splits]

@@ -1,14 +1,16 @@
 """Files -> documents: JSONL records and plain text, tokenized with their label flags.
 
 A `DocIndex` says where each document lives (file, byte offset, line) and its token length,
-never its text: `index_documents` builds it in one tokenization pass, `read_document` reads one
-document back and `tokenize_document` turns it into (tokens, labels). Record schemas, chat
-rendering and the EOS rules are in the `jaxlora.data` docstring ("Documents and tokens").
+never its text: `index_documents` builds it in one tokenization pass over one host's part of
+the corpus (`host_ranges`), `read_document` reads one document back and `tokenize_document`
+turns it into (tokens, labels). Record schemas, chat rendering, the EOS rules and the hosts'
+parts are in the `jaxlora.data` docstring ("Documents and tokens", "Hosts").
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -16,7 +18,7 @@ import numpy as np
 from jaxlora.data.spec import TokenizerLike
 from jaxlora.errors import DataError
 
-__all__ = ["DocIndex", "index_documents", "read_document", "tokenize_document"]
+__all__ = ["DocIndex", "host_ranges", "index_documents", "read_document", "tokenize_document"]
 
 _TEXT, _PLAIN_JSONL, _PROMPT, _CHAT = 0, 1, 2, 3  # document kinds
 ROLES = ("system", "user", "assistant", "tool")  # chat roles; any other is an error
@@ -121,13 +123,19 @@ def tokenize_document(tok: TokenizerLike, kind: int, payload: Any, where: str):
     return np.asarray(ids, np.int32), np.asarray(labels, bool)
 
 
+def _where(path: str, line: int, offset: int) -> str:
+    """`path:line`, or the line's byte offset where its number is unknown (a host's part of a
+    file that starts after its first line: counting the lines before it would read them)."""
+    return f"{path}:{line}" if line else f"{path}: the line at byte {offset}"
+
+
 class DocIndex(NamedTuple):
     """Index of documents: where each lives and its token length (never the text)."""
 
     files: tuple[str, ...]
     file_idx: np.ndarray  # int32 [n]
     offset: np.ndarray  # int64 [n] byte offset of the JSONL line (0 for text files)
-    line: np.ndarray  # int32 [n] 1-based line number (0 for text files)
+    line: np.ndarray  # int32 [n] 1-based line number (0: a text file, or not counted)
     kind: np.ndarray  # int8 [n]
     length: np.ndarray  # int64 [n] tokens incl. EOS
     targets: np.ndarray  # int64 [n] labelled tokens
@@ -160,32 +168,77 @@ def read_document(docs: DocIndex, i: int) -> tuple[int, Any, str]:
             raw = f.readline()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read any more: {e}") from None
-    where = f"{path}:{int(docs.line[i])}"
+    where = _where(path, int(docs.line[i]), int(docs.offset[i]))
     return (*_parse_record(raw.decode("utf-8", errors="strict"), where), where)
 
 
-def index_documents(files: list[str], tok: TokenizerLike, max_documents: int | None) -> DocIndex:
-    """Read every file once: index its documents and their token lengths."""
+def host_ranges(files: list[str], part: tuple[int, int]) -> list[tuple[str, int, int | None]]:
+    """(path, start, stop) byte ranges of host `index` of `count`'s part of `files`.
+
+    The files, in the order given, are one byte stream cut into `count` equal ranges; a host
+    owns the JSONL lines that start in its range and the plain-text files whose first byte is
+    in it, so it opens only the files its range touches and never reads past the line that
+    straddles its end. Only file sizes are read for the others. (0, 1) is every file whole.
+    """
+    index, count = part
+    if count == 1:
+        return [(path, 0, None) for path in files]
+    try:
+        sizes = [os.path.getsize(path) for path in files]
+    except OSError as e:
+        raise DataError(f"{e.filename}: cannot read: {e.strerror or e}") from None
+    total = sum(sizes)
+    lo, hi = index * total // count, (index + 1) * total // count
+    ranges, base = [], 0
+    for path, size in zip(files, sizes, strict=True):
+        if path.endswith(".jsonl"):
+            a, b = max(lo - base, 0), min(hi - base, size)
+            if a < b:
+                ranges.append((path, a, b))
+        elif lo <= base < hi:
+            ranges.append((path, 0, None))
+        base += size
+    return ranges
+
+
+def _lines(f, start: int, stop: int | None):
+    """(byte offset, raw line) of the lines of binary file `f` that start in [start, stop)."""
+    if start:
+        f.seek(start - 1)
+        f.readline()  # the rest of the line that straddles `start` (just its newline if any)
+    offset = f.tell()
+    while stop is None or offset < stop:
+        raw = f.readline()
+        if not raw:
+            return
+        yield offset, raw
+        offset += len(raw)
+
+
+def index_documents(files: list[str], tok: TokenizerLike, max_documents: int | None,
+                    part: tuple[int, int] = (0, 1)) -> DocIndex:
+    """Read this host's part of the files once (`host_ranges`): index its documents and their
+    token lengths. `max_documents` caps the documents this call indexes."""
     used: list[str] = []
     cols: dict[str, list] = {k: [] for k in ("file_idx", "offset", "line", "kind", "length", "tgt")}
     skipped = empty = n = 0
     notices: list[str] = []
-    for path in files:
+    for path, start, stop in host_ranges(files, part):
         if max_documents is not None and n >= max_documents:
             break
         rows: list[tuple] = []
-        lineno = 0
+        lineno, where = 0, path
         try:
             with open(path, "rb") as f:
                 if path.endswith(".jsonl"):
-                    offset = 0
-                    for lineno, raw in enumerate(f, start=1):
-                        line_off, offset = offset, offset + len(raw)
+                    for k, (line_off, raw) in enumerate(_lines(f, start, stop), start=1):
+                        lineno = 0 if start else k
+                        where = _where(path, lineno, line_off)
                         line = raw.decode("utf-8")  # may raise: the file is skipped
                         if not line.strip():
                             continue
-                        kind, payload = _parse_record(line, f"{path}:{lineno}")
-                        ids, labels = tokenize_document(tok, kind, payload, f"{path}:{lineno}")
+                        kind, payload = _parse_record(line, where)
+                        ids, labels = tokenize_document(tok, kind, payload, where)
                         rows.append((line_off, lineno, kind, len(ids), int(labels.sum())))
                         if max_documents is not None and n + len(rows) >= max_documents:
                             break
@@ -194,9 +247,9 @@ def index_documents(files: list[str], tok: TokenizerLike, max_documents: int | N
                     rows.append((0, 0, _TEXT, len(ids), int(labels.sum())))
         except UnicodeDecodeError as e:
             skipped += 1
-            where = f"{path}:{lineno}" if path.endswith(".jsonl") else path
             at = "of the line" if path.endswith(".jsonl") else "of the file"
-            notices.append(f"{where}: file skipped: invalid UTF-8 at byte {e.start} {at}")
+            what = "file skipped" if not start else "this host's part of the file skipped"
+            notices.append(f"{where}: {what}: invalid UTF-8 at byte {e.start} {at}")
             continue
         except OSError as e:
             raise DataError(f"{path}: cannot read: {e.strerror or e}") from None

@@ -20,7 +20,9 @@ _RULES = (
     "base_shardings", "replicated", "batch_sharding", "put_batch", "check_batch",
     "step_shardings", "device_bytes",
 )
-_DISTRIBUTED = ("ENV_VARS", "AUTO", "named", "distributed_args", "initialize", "is_primary")
+_DISTRIBUTED = (
+    "ENV_VARS", "AUTO", "named", "distributed_args", "initialize", "is_primary", "gather_hosts",
+)
 _LAZY = {**dict.fromkeys(_RULES, "rules"), **dict.fromkeys(_DISTRIBUTED, "distributed")}
 
 __all__ = ["AXES", "BATCH_AXES", "ShardingSpec", "mesh_sizes", *_RULES, *_DISTRIBUTED]

@@ -26,11 +26,13 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from jaxlora.errors import ConfigError
 from jaxlora.sharding.spec import ShardingSpec
 
-__all__ = ["ENV_VARS", "AUTO", "named", "distributed_args", "initialize", "is_primary"]
+__all__ = ["ENV_VARS", "AUTO", "named", "distributed_args", "initialize", "is_primary",
+           "gather_hosts"]
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 """The variables that name a multi-host run (address, process count, this process's id)."""
@@ -100,3 +102,16 @@ def initialize(spec: ShardingSpec, environ: Mapping[str, str] | None = None) -> 
 def is_primary() -> bool:
     """Whether this is process 0: the one that writes run files and logs."""
     return jax.process_index() == 0
+
+
+def gather_hosts(values: np.ndarray) -> np.ndarray:
+    """Every process's `values` (the same shape on each), stacked in process order: [P, ...].
+
+    A collective: every process calls it at the same point (e.g. `jaxlora.data.load_datasets`
+    sharing the hosts' batch counts). One process: `values[None]`, without touching JAX.
+    """
+    if jax.process_count() == 1:
+        return np.asarray(values)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))

@@ -8,6 +8,7 @@ checkpoint's record of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -107,7 +108,8 @@ def make_datasets(cfg: Config, loaded: Loaded) -> data_lib.Datasets:
     """
     datasets = data_lib.load_datasets(cfg.data, loaded.tokenizer,
                                       max_positions=loaded.config.max_position_embeddings,
-                                      shard=(jax.process_index(), jax.process_count()))
+                                      shard=(jax.process_index(), jax.process_count()),
+                                      gather=sharding.gather_hosts)
     for notice in data_notices(datasets):
         log_line(f"jaxlora: {notice}")
     return datasets
@@ -119,23 +121,37 @@ def data_notices(datasets: data_lib.Datasets) -> list[str]:
     return list(dict.fromkeys(n for d in splits for n in d.stats.notices))
 
 
+def _staging(mesh: Any) -> contextlib.AbstractContextManager:
+    """Where a base meant for `mesh` is built: the CPU device when the mesh is an accelerator's
+    (and JAX has a CPU backend), else the default device."""
+    if mesh is None or mesh.devices.flat[0].platform == "cpu":
+        return contextlib.nullcontext()
+    try:
+        return jax.default_device(jax.devices("cpu")[0])
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return contextlib.nullcontext()
+
+
 def setup(cfg: Config, mesh: Any = None) -> Setup:
     """Base, adapters, optimizer and initial state of a config (deterministic in the seeds).
 
-    With a `mesh` (`jaxlora.sharding.make_mesh`), the base and the state are placed on it by
-    the partition rules of `jaxlora.sharding`; without one they stay on the default device.
+    With a `mesh` (`jaxlora.sharding.make_mesh`), the base and the state are built in host
+    memory (on an accelerator mesh: the CPU device, so no accelerator ever holds the whole
+    base) and placed on the mesh by the partition rules of `jaxlora.sharding`; without one
+    they stay on the default device.
     """
     from jaxlora import checkpoint as ckpt_lib
 
-    loaded = load_base(cfg)
-    spec = cfg.lora
-    base = loaded.base
-    if spec.init == "pissa":
-        base, adapters = lora.init_pissa(base, spec)
-    else:
-        adapters = lora.init(jax.random.key(cfg.train.seed), base, spec)
-    tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
-    state = init_state(adapters, tx, cfg.train.seed)
+    with _staging(mesh):
+        loaded = load_base(cfg)
+        spec = cfg.lora
+        base = loaded.base
+        if spec.init == "pissa":
+            base, adapters = lora.init_pissa(base, spec)
+        else:
+            adapters = lora.init(jax.random.key(cfg.train.seed), base, spec)
+        tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
+        state = init_state(adapters, tx, cfg.train.seed)
     # base.json records the [quant] table as the config file writes it
     record = ckpt_lib.base_record(base, name=cfg.model.name, quant=to_dict(cfg)["quant"])
     shardings = None
