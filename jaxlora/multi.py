@@ -36,6 +36,11 @@ __all__ = [
     "MultiLoraWeight",
     "stack_adapters",
     "attach_multi",
+    "member_pairs",
+    "attach_member",
+    "uniform_dropout",
+    "put_member",
+    "unstack",
     "multi_linear",
     "forward",
     "generate_tokens",
@@ -197,6 +202,94 @@ def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array,
             scales=sp.scales, dropouts=sp.dropouts,
         )
     return replace_paths(base, new)
+
+
+def member_pairs(stacked: lora.Adapters, j: Array | int) -> dict[str, tuple[Array, Array]]:
+    """Adapter `j` (a traced index is fine) of `stacked`: ``{path: (a, b)}`` at the padded
+    rank, ``a [*lead, in, r_max]``, ``b [*lead, r_max, *out]``."""
+    out = {}
+    for path, sp in lora.flatten_paths(stacked).items():
+        n_lead = sp.a.ndim - 3
+        out[path] = (jnp.take(sp.a, j, axis=n_lead), jnp.take(sp.b, j, axis=n_lead))
+    return out
+
+
+def attach_member(base: lora.Params, stacked: lora.Adapters, j: Array | int,
+                  pairs: dict[str, tuple[Array, Array]] | None = None,
+                  dropout_key: Array | None = None) -> lora.Params:
+    """Adapter `j` of `stacked` on `base` as plain `lora.LoraWeight`s: every row through it.
+
+    The single-adapter path of `lora.linear` (the folded ``x @ (W + s A B)`` and its custom
+    VJP), for an index `j` that may be traced, as in a scan over a population's members:
+    `LoraWeight.scale` is static, so adapter j's scale multiplies `b` inside the program
+    (``A (s B) = s A B``). `pairs`: adapter j's ``(a, b)`` per path, e.g. the variables a
+    gradient is taken for (default `member_pairs(stacked, j)`). Dropout (with a key) needs
+    one rate per leaf across the adapters (`uniform_dropout`); per-adapter rates are
+    `attach_multi`'s.
+    """
+    flat_base = lora.flatten_paths(base)
+    flat = lora.flatten_paths(stacked)
+    pairs = member_pairs(stacked, j) if pairs is None else pairs
+    keys = None if dropout_key is None else dict(zip(flat, jax.random.split(dropout_key, len(flat)),
+                                                     strict=True))
+    new = {}
+    for path, sp in flat.items():
+        a, b = pairs[path]
+        w = flat_base[path]
+        lead = tuple(sp.a.shape[: sp.a.ndim - 3])
+        rates = set(sp.dropouts) or {0.0}
+        key = None
+        if keys is not None and max(rates) > 0.0:
+            key = jax.random.split(keys[path], lead) if lead else keys[path]
+        if len(rates) > 1 and key is not None:
+            raise ValueError(f"attach_member: {path!r}: the adapters' dropout rates differ "
+                             f"{sp.dropouts}; use attach_multi (per-row rates)")
+        scale = jnp.asarray(sp.scales, b.dtype)[j]
+        new[path] = lora.LoraWeight(w=w, a=a, b=b * scale, key=key, scale=1.0,
+                                    dropout=max(rates) if key is not None else 0.0)
+    return replace_paths(base, new)
+
+
+def uniform_dropout(stacked: lora.Adapters) -> bool:
+    """Whether every leaf's adapters share one dropout rate (what `attach_member` needs)."""
+    return all(len(set(sp.dropouts)) <= 1 for sp in lora.flatten_paths(stacked).values())
+
+
+def put_member(stacked: lora.Adapters, j: Array | int,
+               pairs: dict[str, tuple[Array, Array]]) -> lora.Adapters:
+    """`stacked` with adapter `j`'s ``(a, b)`` replaced by `pairs` (as `member_pairs` gives
+    them); differentiable in `pairs`, `j` may be traced."""
+    new = {}
+    for path, sp in lora.flatten_paths(stacked).items():
+        n_lead = sp.a.ndim - 3
+        a, b = pairs[path]
+        new[path] = dataclasses.replace(sp, a=_put(sp.a, a, j, n_lead),
+                                        b=_put(sp.b, b, j, n_lead))
+    return lora.unflatten_paths(new)
+
+
+def _put(stack: Array, x: Array, j: Array | int, axis: int) -> Array:
+    idx = [0] * stack.ndim
+    idx[axis] = j
+    return jax.lax.dynamic_update_slice(stack, jnp.expand_dims(x, axis).astype(stack.dtype), idx)
+
+
+def unstack(stacked: lora.Adapters, adapters: Sequence[lora.Adapters]) -> tuple[lora.Adapters, ...]:
+    """The trees of `adapters` (their paths, ranks and metadata) filled from the arrays of
+    `stacked` (e.g. gradients of a stack): adapter k's slice at its own rank."""
+    flat_stack = lora.flatten_paths(stacked)
+    out = []
+    for k, ad in enumerate(adapters):
+        flat = {}
+        for path, pair in lora.flatten_paths(ad).items():
+            sp = flat_stack[path]
+            n_lead = sp.a.ndim - 3
+            a = jnp.take(sp.a, k, axis=n_lead)[..., : pair.rank]
+            b = jax.lax.slice_in_dim(jnp.take(sp.b, k, axis=n_lead), 0, pair.rank, axis=n_lead)
+            flat[path] = dataclasses.replace(pair, a=a.astype(pair.a.dtype),
+                                             b=b.astype(pair.b.dtype))
+        out.append(lora.unflatten_paths(flat))
+    return tuple(out)
 
 
 def multi_linear(x: Array, w: MultiLoraWeight, bias: Array | None = None) -> Array:

@@ -114,18 +114,6 @@ def _member_sums(mcfg, base, adapters: Sequence[lora.Adapters], batch: data_lib.
                        (split(hidden), split(batch.targets), split(batch.loss_mask)))
 
 
-def _one_member_sums(mcfg, base, adapters: Sequence[lora.Adapters], batch: data_lib.Batch,
-                     j: Array, key: Array | None, *, compute_dtype, remat: str, chunk: int
-                     ) -> tuple[Array, Array]:
-    """Member `j`'s summed token loss and token count over `batch` (all its rows)."""
-    ids = jnp.full(batch.inputs.shape[0], j, jnp.int32)
-    params = multi.attach_multi(base, multi.stack_adapters(adapters), ids, key)
-    hidden = models.forward(mcfg, params, batch.inputs, segment_ids=batch.segment_ids,
-                            positions=batch.positions, compute_dtype=compute_dtype, remat=remat,
-                            return_hidden=True)
-    return chunked_xent(mcfg, base, None, hidden, batch.targets, batch.loss_mask, chunk)
-
-
 LAYOUTS = ("rows", "members")
 """How a step goes through the members: "rows" runs all members' rows through the model at
 once (the base matmul once for all: the fast layout on accelerators, K times the activation
@@ -148,24 +136,41 @@ def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, **kw):
 
 
 def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, **kw):
+    """One member after another (a scan), each through the single-adapter path of a run alone
+    (`multi.attach_member`: the folded ``x @ (W + s A B)`` and its VJP; members whose dropout
+    rates differ on a leaf go through the per-row path instead). Each member's gradient is
+    taken for its own slice of the stack and added there, so one member's gradient exists
+    at a time beside the [K] accumulator."""
     rows = batch.inputs.shape[0] // (1 if shared else k)
+    stacked = multi.stack_adapters(adapters)
+    per_row = key is not None and not multi.uniform_dropout(stacked)
+
+    def loss(pairs, own, j, sub):
+        if per_row:
+            ids = jnp.full(own.inputs.shape[0], j, jnp.int32)
+            params = multi.attach_multi(base, multi.put_member(stacked, j, pairs), ids, sub)
+        else:
+            params = multi.attach_member(base, stacked, j, pairs, sub)
+        hidden = models.forward(mcfg, params, own.inputs, segment_ids=own.segment_ids,
+                                positions=own.positions, compute_dtype=kw["compute_dtype"],
+                                remat=kw["remat"], return_hidden=True)
+        return chunked_xent(mcfg, base, None, hidden, own.targets, own.loss_mask, kw["chunk"])
 
     def member(carry, j):
         sums, counts, grads = carry
         own = batch if shared else jax.tree.map(
             lambda x: jax.lax.dynamic_slice_in_dim(x, j * rows, rows), batch)
         sub = None if key is None else jax.random.fold_in(key, j)
-
-        def f(ads):
-            return _one_member_sums(mcfg, base, ads, own, j, sub, **kw)
-
-        (s, c), g = jax.value_and_grad(f, has_aux=True)(adapters)
-        return (sums.at[j].set(s), counts.at[j].set(c), jax.tree.map(jnp.add, grads, g)), None
+        (s, c), g = jax.value_and_grad(loss, has_aux=True)(multi.member_pairs(stacked, j),
+                                                            own, j, sub)
+        acc = multi.member_pairs(grads, j)
+        grads = multi.put_member(grads, j, jax.tree.map(jnp.add, acc, g))
+        return (sums.at[j].set(s), counts.at[j].set(c), grads), None
 
     zero = (jnp.zeros(k, jnp.float32), jnp.zeros(k, jnp.float32),
-            jax.tree.map(jnp.zeros_like, adapters))
+            jax.tree.map(jnp.zeros_like, stacked))
     (s, c, g), _ = jax.lax.scan(member, zero, jnp.arange(k))
-    return s, c, g
+    return s, c, multi.unstack(g, adapters)
 
 
 def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data: bool = True,
