@@ -98,9 +98,17 @@ def _child(k: int, steps: int, layout: str | None) -> dict:
     m = jio.load_model("smollm2-135m-instruct", quant=quant.QuantRules(qtype="nf4"))
     members = [population.Member(LoraSpec(rank=8, alpha=16.0),
                                  optim.OptimSpec(lr=1e-4 * (i + 1), schedule="constant"), i)
-               for i in range(k)]
-    state, txs = population.init(m.params, members, steps + 1)
-    step = population.make_step(m.config, txs, remat="attn", layout=layout)
+               for i in range(max(k, 1))]
+    if k == -1:  # one run alone: the single-run step `jaxlora train` uses
+        from jaxlora import lora, train
+
+        tx = optim.make_optimizer(members[0].optim, steps + 1)
+        state = train.init_state(lora.init(jax.random.key(0), m.params, members[0].lora), tx, 0)
+        single = train.make_train_step(m.config, tx, dropout=False, remat="attn")
+        step = lambda s, p, b: single(s, p, b)  # noqa: E731
+    else:
+        state, txs = population.init(m.params, members, steps + 1)
+        step = population.make_step(m.config, txs, remat="attn", layout=layout)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, m.config.vocab_size, size=(1, 4, 257)).astype(np.int32)
     batch = data.Batch(*(jax.numpy.asarray(x) for x in (
@@ -111,29 +119,30 @@ def _child(k: int, steps: int, layout: str | None) -> dict:
     for _ in range(steps):
         t = time.perf_counter()
         state, metrics = step(state, m.params, batch)
-        float(metrics.loss[0])
+        float(jax.numpy.ravel(metrics.loss)[0])
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
-    return {"k": k, "step_s": step_s, "per_member_s": step_s / k,
+    return {"k": k, "step_s": step_s, "per_member_s": step_s / max(k, 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def size_part(sizes: list[int], steps: int, layout: str | None) -> None:
     rows = []
-    for k in sizes:
+    for k in [-1, *sizes]:  # -1: a run alone, for comparison
         out = subprocess.run([sys.executable, __file__, "--child", str(k), "--steps",
                               str(steps), *(["--layout", layout] if layout else [])],
                              check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done K={k}", file=sys.stderr, flush=True)
-    one = rows[0]["per_member_s"] if rows[0]["k"] == 1 else None
+    alone = rows.pop(0)["step_s"]
     print(f"Population step ({layout or 'default'} layout), NF4 SmolLM2-135M, r=8 all linear, "
           f"shared batch 4 x 256, remat attn, median of {steps} steps\n")
-    print("| K | step (s) | per member (s) | tokens/s per member | vs K=1 per member | "
+    print(f"A run alone (`train.make_train_step`, same settings): step {alone:.2f} s\n")
+    print("| K | step (s) | per member (s) | tokens/s per member | per member vs a run alone | "
           "peak RSS (MiB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        rel = f"{r['per_member_s'] / one:.2f}" if one else "-"
+        rel = f"{r['per_member_s'] / alone:.2f}"
         print(f"| {r['k']} | {r['step_s']:.2f} | {r['per_member_s']:.2f} | "
               f"{1024 / r['per_member_s']:.0f} | {rel} | {r['peak_rss_mb']:.0f} |")
 
@@ -148,7 +157,7 @@ def main() -> None:
                     help="population layout (default: members on CPU, rows on accelerators)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
+    if args.child is not None:
         print(json.dumps(_child(args.child, args.steps, args.layout)))
         return
     if "sweep" in args.parts:

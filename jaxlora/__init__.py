@@ -13,7 +13,7 @@ The map of the library, one module per concept:
     io          GGUF / safetensors loading (streaming, quantized on load), tokenizer, PEFT
     data        corpora -> packed, loss-masked, resumable batches
     train       the pure steps, the loop with hooks, run directories
-    sharding    device meshes (data, fsdp, tensor), partition rules, multi-host
+    sharding    device meshes (members, data, fsdp, tensor), partition rules, multi-host
     generate    KV-cache decoding, with or without adapters
     multi       several adapters over one base, one per batch row
     population  K adapters trained at once over one base; what sweeps run

@@ -177,3 +177,96 @@ def test_bad_meshes_and_batches_are_refused_before_anything_runs(cfg, tmp_path):
         train.run(apply_overrides(_on(cfg, MESHES["fsdp=4,tensor=2"]),
                                   [f"output_dir={tmp_path}", "quant.block_size=4096"]))
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+# --------------------------------------------------------------------------------------------
+# Populations on a mesh: members spread over a members axis, the base FSDP-sharded
+# --------------------------------------------------------------------------------------------
+POP_MESHES = {  # name -> (mesh axes, layout)
+    "members=2,data=2,fsdp=2 rows": ((("members", 2), ("data", 2), ("fsdp", 2)), "rows"),
+    "members=4,fsdp=2 rows": ((("members", 4), ("fsdp", 2)), "rows"),
+    "fsdp=8 members": ((("fsdp", 8),), "members"),
+}
+
+
+def _members():
+    from jaxlora import optim, population
+    from jaxlora.lora import LoraSpec
+
+    return [population.Member(LoraSpec(rank=r, alpha=2.0 * r, scaling=s),
+                              optim.OptimSpec(lr=lr, schedule="constant"), seed)
+            for seed, (r, s, lr) in enumerate([(2, "standard", 1e-2), (8, "rslora", 3e-3),
+                                               (4, "standard", 2e-2), (1, "rslora", 5e-3)])]
+
+
+def _population(cfg, mesh_axes, layout):
+    """STEPS population steps of `_members()` on a mesh (None: one device). (losses, state)."""
+    from jaxlora import population
+
+    loaded = train.load_base(cfg)
+    state, txs = population.init(loaded.base, _members(), STEPS)
+    base, mesh = loaded.base, None
+    if mesh_axes is not None:
+        mesh = sharding.make_mesh(sharding.ShardingSpec(mesh=mesh_axes))
+        base = jax.device_put(base, sharding.base_shardings(mesh, base))
+        state = jax.device_put(state, sharding.replicated(mesh, state))
+    step = population.make_step(loaded.config, txs, layout=layout, mesh=mesh)
+    it = train.make_datasets(cfg, loaded).train.iterator()
+    losses = []
+    for _ in range(STEPS):
+        batch = train.step.stack_batches([next(it)])
+        batch = (train.step.device_batch(batch) if mesh is None
+                 else sharding.put_batch(sharding.batch_sharding(mesh), batch))
+        state, m = step(state, base, batch)
+        losses.append(np.asarray(m.loss))
+    return np.stack(losses), state, base
+
+
+@pytest.mark.parametrize("name", POP_MESHES)
+def test_a_population_on_a_mesh_equals_one_device(cfg, name):
+    mesh_axes, layout = POP_MESHES[name]
+    want, ref, _ = _population(cfg, None, layout)
+    got, state, base = _population(cfg, mesh_axes, layout)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    assert want[-1].mean() < want[0].mean()
+    _assert_close_trees([m.adapters for m in state.members], [m.adapters for m in ref.members],
+                        ADAPTER_ATOL)
+    fsdp = dict(mesh_axes).get("fsdp", 1)
+    codes = base["layers"]["attn"]["q_proj"]["kernel"].codes
+    assert codes.addressable_shards[0].data.size * fsdp == codes.size  # the base is split
+
+
+def test_a_population_mesh_that_does_not_fit_is_refused(cfg, tmp_path):
+    from jaxlora import population
+
+    loaded = train.load_base(cfg)
+    _, txs = population.init(loaded.base, _members(), STEPS)
+    three = sharding.make_mesh(sharding.ShardingSpec(mesh=(("members", 3),)), jax.devices()[:3])
+    with pytest.raises(ConfigError, match=r"sharding.mesh.members = 3 does not divide the "
+                                          r"population's 4 members"):
+        population.make_step(loaded.config, txs, mesh=three)
+    two = sharding.make_mesh(sharding.ShardingSpec(mesh=(("members", 2), ("fsdp", 4))))
+    with pytest.raises(ConfigError, match="needs the 'rows' population layout"):
+        population.make_step(loaded.config, txs, layout="members", mesh=two)
+    with pytest.raises(ConfigError, match=r"sharding.mesh.members = 2: a members axis splits a "
+                                          r"population's members"):
+        train.run(apply_overrides(_on(cfg, (("members", 2), ("fsdp", 4))),
+                                  [f"output_dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_population_runs_on_a_members_mesh_like_on_one_device(cfg, tmp_path):
+    from jaxlora import population
+
+    def configs(tag, mesh_axes):
+        base = apply_overrides(cfg, [f"output_dir={tmp_path / tag}", "train.steps=2"])
+        if mesh_axes:
+            base = _on(base, mesh_axes)
+        return [apply_overrides(base, [f"name=m{i}", f"lora.rank={r}", f"optim.lr={lr}"])
+                for i, (r, lr) in enumerate([(2, 1e-2), (4, 3e-3)])]
+
+    one = population.run(configs("one", None))
+    spread = population.run(configs("mesh", (("members", 2), ("fsdp", 4))))
+    for a, b in zip(spread, one, strict=True):
+        np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=RTOL)
+        assert a["steps"] == b["steps"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -92,6 +93,22 @@ def test_a_diverging_member_is_frozen_and_the_others_unchanged(kit, layout):
     assert np.isfinite(with_it.losses[:first_bad, 2]).all()
     frozen = with_it.adapters[2]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(frozen))
+
+
+def test_dropout_of_each_member_in_the_members_layout(kit):
+    loaded, batches = kit
+    plain = MEMBERS[:2]
+    drop = lambda m: m._replace(lora=dataclasses.replace(m.lora, dropout=0.5))  # noqa: E731
+    run = lambda ms: population.train(loaded.config, loaded.base, ms, iter(batches),  # noqa: E731
+                                      steps=STEPS, layout="members").losses
+    without = run(plain)
+    mixed = run([plain[0], drop(plain[1])])  # the rates differ: the per-row path
+    np.testing.assert_allclose(mixed[:, 0], without[:, 0], rtol=1e-5)  # rate 0: untouched
+    assert not np.allclose(mixed[1:, 1], without[1:, 1], rtol=1e-4)  # rate 0.5 acts
+    both = run([drop(m) for m in plain])  # one rate: each member through the folded path
+    assert np.isfinite(both).all()
+    assert not np.allclose(both[1:], without[1:], rtol=1e-4)
+    np.testing.assert_allclose(both[0], without[0], rtol=1e-5)  # B = 0: dropout changes nothing yet
 
 
 def test_refused_members(kit):

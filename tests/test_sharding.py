@@ -33,7 +33,7 @@ def test_on_eight_simulated_devices():
 
 def test_one_device_mesh_and_rules():
     mesh = sharding.make_mesh(sharding.ShardingSpec(), jax.devices()[:1])
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"members": 1, "data": 1, "fsdp": 1, "tensor": 1}
     base = {"layers": {"attn": {"q_proj": {"kernel": quant.quantize(
         jax.numpy.ones((2, 64, 64)), "nf4", batch_dims=1)}}},
         "embed": {"embedding": jax.numpy.ones((10, 64))}}

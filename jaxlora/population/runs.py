@@ -179,19 +179,29 @@ def run(configs: Sequence[Any], run_dirs: Sequence[str | os.PathLike] | None = N
 
 def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict | None:
     """Train the unfinished members; None when they finished, else `{"stopped", "step"}`."""
+    import jax
+
     from jaxlora import checkpoint as ckpt_lib
+    from jaxlora import sharding
     from jaxlora.config import dump_config, to_dict
-    from jaxlora.sharding import ShardingSpec
     from jaxlora.train import assemble, loop, runs
 
     cfg0 = configs[0]
-    if cfg0.sharding != ShardingSpec():
-        raise ConfigError("population: sharding.mesh: populations run on one device for now")
+    if jax.process_count() > 1:
+        raise ConfigError("population: multi-host populations are not supported yet; run the "
+                          "sweep with --population-size 1, or on one host's devices")
+    mesh = sharding.make_mesh(cfg0.sharding)  # bad sizes fail here, before anything loads
+    sharding.check_population(mesh, len(configs))
+    sharding.check_batch(mesh, cfg0.data.batch_size)
     t_start = time.perf_counter()
-    loaded = assemble.load_base(cfg0)
-    members = [Member(c.lora, c.optim, c.train.seed) for c in configs]
-    check_members(loaded.base, members, loaded.config)
-    state, txs = init(loaded.base, members, cfg0.train.steps)
+    with assemble.staging(mesh):
+        loaded = assemble.load_base(cfg0)
+        members = [Member(c.lora, c.optim, c.train.seed) for c in configs]
+        check_members(loaded.base, members, loaded.config)
+        state, txs = init(loaded.base, members, cfg0.train.steps)
+    loaded = loaded._replace(base=jax.device_put(loaded.base, sharding.base_shardings(
+        mesh, loaded.base, cfg0.quant.stacked)))
+    state = jax.device_put(state, sharding.replicated(mesh, state))
     shared = all(c.data == cfg0.data for c in configs)
     first = assemble.make_datasets(cfg0, loaded)
     datasets = [first if shared or i == 0 else assemble.make_datasets(c, loaded)
@@ -222,7 +232,7 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
                 for i, (c, f) in enumerate(zip(configs, files, strict=True))]
         team = [_Member(c, d, s, m, ds, lg) for c, d, s, m, ds, lg in
                 zip(configs, dirs, setups, managers, datasets, logs, strict=True)]
-        out = _train_members(team, state, positions, shared, stop, loaded)
+        out = _train_members(team, state, positions, shared, stop, loaded, mesh)
     if isinstance(out, dict):
         return out
     for mem, member_state, before, after in out:
@@ -236,6 +246,8 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
 
 def _resume(state: PopulationState, managers, resuming, dirs, steps):
     """Restore every member at the newest step all of them have; drop later metrics."""
+    import jax
+
     from jaxlora.train import assemble, runs
 
     latest = [m.latest_step() if r else None for m, r in zip(managers, resuming, strict=True)]
@@ -245,7 +257,8 @@ def _resume(state: PopulationState, managers, resuming, dirs, steps):
         start = min(latest)
         restored = [m.restore(s, step=start) for m, s in zip(managers, state.members,
                                                             strict=True)]
-        state = state._replace(members=tuple(r.state for r in restored))
+        state = jax.device_put(state._replace(members=tuple(r.state for r in restored)),
+                               jax.tree.map(lambda x: x.sharding, state))  # onto the mesh
         positions = [r.data_position for r in restored]
         resumed = [r.metrics for r in restored]
         assemble.log_line(f"jaxlora: population resumed at step {start}")
@@ -266,13 +279,13 @@ def _diverged(run_dir: Path) -> int | None:
     return None
 
 
-def _evaluator(team: list[_Member], shared: bool, loaded: Any, dtype: Any):
+def _evaluator(team: list[_Member], shared: bool, loaded: Any, dtype: Any, mesh: Any):
     """`val(adapters_tuple_or_None) -> [metrics of each member]` over each member's held-out
     batches (the same rows for all when the data is shared)."""
     from jaxlora.train import step as step_lib
 
     cfg0, k = team[0].cfg, len(team)
-    pop_eval = make_eval_step(loaded.config, k, shared=shared, compute_dtype=dtype)
+    pop_eval = make_eval_step(loaded.config, k, shared=shared, compute_dtype=dtype, mesh=mesh)
     base_eval = step_lib.make_eval_step(loaded.config, compute_dtype=dtype)
 
     def val(adapters: tuple | None) -> list[dict[str, float]]:
@@ -302,17 +315,18 @@ def _evaluator(team: list[_Member], shared: bool, loaded: Any, dtype: Any):
 
 
 def _train_members(team: list[_Member], state: PopulationState, positions: list, shared: bool,
-                   stop: Any, loaded: Any):
+                   stop: Any, loaded: Any, mesh: Any):
     """The population's loop: member logs, evaluations and checkpoints as hooks. Returns
     `[(member, final state, val before, val after)]`, or `{"stopped", "step"}` when a signal
     stopped it."""
     from tqdm.auto import tqdm
 
+    from jaxlora import sharding
     from jaxlora.train import assemble, loop
 
     cfg0, k = team[0].cfg, len(team)
     dtype = assemble.compute_dtype(cfg0.model.compute_dtype)
-    val = _evaluator(team, shared, loaded, dtype)
+    val = _evaluator(team, shared, loaded, dtype, mesh)
     iters = ([team[0].datasets.train.iterator(positions[0])] if shared else
              [m.datasets.train.iterator(p) for m, p in zip(team, positions, strict=True)])
     where = lambda i: (iters[0] if shared else iters[i]).state().as_dict()
@@ -351,11 +365,13 @@ def _train_members(team: list[_Member], state: PopulationState, positions: list,
 
     step_fn = make_step(loaded.config, [m.setup.tx for m in team], shared_data=shared,
                         compute_dtype=dtype, remat=cfg0.model.remat,
-                        dropout=any(m.cfg.lora.dropout > 0 for m in team))
+                        dropout=any(m.cfg.lora.dropout > 0 for m in team), mesh=mesh)
     batches = iters[0] if shared else _rows_of(iters)
+    placement = sharding.batch_sharding(mesh) if shared else sharding.population_rows(mesh)
     try:
         info = loop.train_loop(step_fn, state, loaded.base, batches, steps=cfg0.train.steps,
-                               grad_accum=cfg0.train.grad_accum, hooks=[members], stop=stop)
+                               grad_accum=cfg0.train.grad_accum, hooks=[members], stop=stop,
+                               place=functools.partial(sharding.put_batch, placement))
     except loop.NonFiniteStep as e:
         raise ConfigError(f"population: every member diverged by step {e.step + 1}") from None
     bar.close()

@@ -92,9 +92,13 @@ def init(base: lora.Params, members: Sequence[Member], total_steps: int
     return PopulationState(states, jnp.ones(len(members), bool)), txs
 
 
-def _rows(batch: data_lib.Batch, k: int, shared: bool) -> data_lib.Batch:
-    """A `[B*, T]` micro-batch as the `[K*B, T]` rows of the population (tiled if shared)."""
-    return jax.tree.map(lambda x: jnp.tile(x, (k, 1)), batch) if shared else batch
+def _rows(batch: data_lib.Batch, k: int, shared: bool, sharding: Any = None) -> data_lib.Batch:
+    """A `[B*, T]` micro-batch as the `[K*B, T]` rows of the population (tiled if shared),
+    laid out by `sharding` (`jaxlora.sharding.population_rows`) on a mesh."""
+    rows = jax.tree.map(lambda x: jnp.tile(x, (k, 1)), batch) if shared else batch
+    if sharding is not None:
+        rows = jax.lax.with_sharding_constraint(rows, sharding)
+    return rows
 
 
 def _member_sums(mcfg, base, adapters: Sequence[lora.Adapters], batch: data_lib.Batch,
@@ -121,27 +125,30 @@ memory); "members" runs one member after another inside the step (the memory of 
 compute of K runs: the layout for CPUs, where a bigger matmul is not faster per row)."""
 
 
-def default_layout() -> str:
-    """"members" on CPU, "rows" on GPU and TPU."""
+def default_layout(mesh: Any = None) -> str:
+    """"members" on CPU, "rows" on GPU and TPU and on a mesh with a members axis."""
+    if mesh is not None and mesh.shape["members"] > 1:
+        return "rows"
     return "members" if jax.default_backend() == "cpu" else "rows"
 
 
-def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, **kw):
+def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
     def f(ads):
-        s, c = _member_sums(mcfg, base, ads, _rows(batch, k, shared), key, **kw)
+        s, c = _member_sums(mcfg, base, ads, _rows(batch, k, shared, rows), key, **kw)
         return jnp.sum(s), (s, c)
 
     (_, (s, c)), g = jax.value_and_grad(f, has_aux=True)(adapters)
     return s, c, g
 
 
-def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, **kw):
+def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
     """One member after another (a scan), each through the single-adapter path of a run alone
     (`multi.attach_member`: the folded ``x @ (W + s A B)`` and its VJP; members whose dropout
     rates differ on a leaf go through the per-row path instead). Each member's gradient is
     taken for its own slice of the stack and added there, so one member's gradient exists
     at a time beside the [K] accumulator."""
-    rows = batch.inputs.shape[0] // (1 if shared else k)
+    del rows  # one member at a time: its rows are split like a run alone's
+    per = batch.inputs.shape[0] // (1 if shared else k)
     stacked = multi.stack_adapters(adapters)
     per_row = key is not None and not multi.uniform_dropout(stacked)
 
@@ -159,7 +166,7 @@ def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, **kw):
     def member(carry, j):
         sums, counts, grads = carry
         own = batch if shared else jax.tree.map(
-            lambda x: jax.lax.dynamic_slice_in_dim(x, j * rows, rows), batch)
+            lambda x: jax.lax.dynamic_slice_in_dim(x, j * per, per), batch)
         sub = None if key is None else jax.random.fold_in(key, j)
         (s, c), g = jax.value_and_grad(loss, has_aux=True)(multi.member_pairs(stacked, j),
                                                             own, j, sub)
@@ -175,19 +182,30 @@ def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, **kw):
 
 def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data: bool = True,
               compute_dtype: Any = jnp.float32, remat: str = "none", chunk: int = 128,
-              dropout: bool = False, layout: str | None = None) -> Callable:
+              dropout: bool = False, layout: str | None = None, mesh: Any = None) -> Callable:
     """A jitted `step(state, base, batches) -> (state, PopulationMetrics)`, state donated.
 
     `batches` carries a micro-batch axis: `[accum, B, T]` when `shared_data` (every member
     gets those rows), else `[accum, K*B, T]` (member k's rows at `[k*B, (k+1)*B)`). Gradients
     and losses are accumulated per member and divided by the member's own token count, as
     `train.make_train_step` does for one run. `layout`: see `LAYOUTS` (default:
-    `default_layout()`).
+    `default_layout(mesh)`). On a `mesh` (`jaxlora.sharding.make_mesh`; the base and state
+    placed on it by the caller) the "rows" layout splits the population's rows over members x
+    data x fsdp, so each group along ``members`` trains its own members.
     """
     k = len(txs)
-    layout = layout or default_layout()
+    layout = layout or default_layout(mesh)
     if layout not in LAYOUTS:
         raise ValueError(f"population layout must be one of {LAYOUTS}, got {layout!r}")
+    from jaxlora import sharding
+
+    rows = None
+    if mesh is not None:
+        sharding.check_population(mesh, k)
+        if layout == "members" and mesh.shape["members"] > 1:
+            raise ConfigError("sharding.mesh.members > 1 needs the 'rows' population layout "
+                              "(the 'members' layout trains one member after another)")
+        rows = sharding.population_rows(mesh, accum=False)
     grads_of = _grads_by_rows if layout == "rows" else _grads_by_members
 
     def step(state: PopulationState, base, batches: data_lib.Batch):
@@ -200,7 +218,7 @@ def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data:
             sums, counts, grads = carry
             batch, i = xs
             sub = jax.random.fold_in(key, i) if dropout else None
-            s, c, g = grads_of(mcfg, base, adapters, batch, sub, k, shared_data,
+            s, c, g = grads_of(mcfg, base, adapters, batch, sub, k, shared_data, rows,
                                compute_dtype=compute_dtype, remat=remat, chunk=chunk)
             return (sums + s, counts + c, jax.tree.map(jnp.add, grads, g)), None
 
@@ -222,18 +240,25 @@ def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data:
             finite.append(ok)
         finite = jnp.stack(finite)
         metrics = PopulationMetrics(sums / denom, counts, jnp.stack(norms), finite)
-        return PopulationState(tuple(new), state.alive & finite), metrics
+        out = PopulationState(tuple(new), state.alive & finite)
+        if mesh is not None:  # the state stays replicated from step to step
+            out = jax.lax.with_sharding_constraint(out, sharding.replicated(mesh, out))
+        return out, metrics
 
     return jax.jit(step, donate_argnums=(0,))
 
 
 def make_eval_step(mcfg, k: int, *, shared: bool = True, compute_dtype: Any = jnp.float32,
-                   chunk: int = 256) -> Callable:
+                   chunk: int = 256, mesh: Any = None) -> Callable:
     """A jitted `eval(adapters_tuple, base, batch) -> (loss sums [K], counts [K])`: every
-    member on the same held-out rows `[B, T]` (`shared`), or each on its own `[K*B, T]`."""
+    member on the same held-out rows `[B, T]` (`shared`), or each on its own `[K*B, T]`;
+    on a `mesh` the rows are split as `make_step` splits them."""
+    from jaxlora import sharding
+
+    rows = None if mesh is None else sharding.population_rows(mesh, accum=False)
 
     def ev(adapters, base, batch):
-        return _member_sums(mcfg, base, adapters, _rows(batch, k, shared), None,
+        return _member_sums(mcfg, base, adapters, _rows(batch, k, shared, rows), None,
                             compute_dtype=compute_dtype, remat="none", chunk=chunk,
                             differentiable=False)
 

@@ -1,7 +1,7 @@
 """Beyond one device: meshes, partition rules and the multi-host runtime, on `jax.sharding`.
 
     spec = ShardingSpec(mesh=(("data", 2), ("fsdp", 4)))      # the [sharding] table
-    mesh = sharding.make_mesh(spec)                            # (data, fsdp, tensor)
+    mesh = sharding.make_mesh(spec)                            # (members, data, fsdp, tensor)
     shardings = sharding.step_shardings(mesh, state, base)     # what the train step is jitted with
 
 `spec` (the config table; no JAX imported), `rules` (meshes, shardings) and `distributed`
@@ -18,6 +18,7 @@ from jaxlora.sharding.spec import AXES, BATCH_AXES, ShardingSpec, mesh_sizes
 _RULES = (
     "WEIGHT_AXES", "StepShardings", "make_mesh", "weight_shards", "batch_shards",
     "base_shardings", "replicated", "batch_sharding", "put_batch", "check_batch",
+    "population_rows", "check_population",
     "step_shardings", "device_bytes",
 )
 _DISTRIBUTED = (

@@ -9,7 +9,10 @@
   norms and biases that divide nothing stay replicated.
 - The adapters and the optimizer state: replicated (rank-r factors are small: r=16 over every
   linear layer of a 7B model is 40M parameters).
-- Batches ``[accum, B, T]``: rows split over ``data x fsdp``.
+- Batches ``[accum, B, T]``: rows split over ``data x fsdp``. A population's ``[K*B, T]``
+  rows (member-major) over ``members x data x fsdp`` (`population_rows`), so each group of
+  devices along ``members`` holds whole members' rows; the base is split as above (or
+  replicated where fsdp x tensor = 1) and the members' adapters replicated.
 
 The train step is jitted with these shardings (`StepShardings`), so XLA's SPMD partitioner
 inserts the collectives: gathers of the dequantized weight slices for FSDP, reductions over
@@ -44,6 +47,8 @@ __all__ = [
     "batch_sharding",
     "put_batch",
     "check_batch",
+    "population_rows",
+    "check_population",
     "step_shardings",
     "device_bytes",
 ]
@@ -61,7 +66,7 @@ class StepShardings(NamedTuple):
 
 
 def make_mesh(spec: ShardingSpec, devices: list | None = None) -> Mesh:
-    """The `(data, fsdp, tensor)` mesh of `spec` over `devices` (default: every device of
+    """The `(members, data, fsdp, tensor)` mesh of `spec` over `devices` (default: every device of
     every process, in JAX's order, grouped by process).
 
     Grouped by process, each host's devices are one contiguous block of the batch rows, so a
@@ -152,6 +157,27 @@ def check_batch(mesh: Mesh, batch_size: int) -> None:
         raise ConfigError(
             f"data.batch_size: {batch_size} rows cannot be split over data x fsdp = "
             f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {n} devices; use a multiple of {n}")
+
+
+def population_rows(mesh: Mesh, accum: bool = True) -> NamedSharding:
+    """A population's member-major rows, ``[accum, K*B, T]`` (or ``[K*B, T]``), split over
+    members x data x fsdp."""
+    rows = ("members", *BATCH_AXES)
+    return NamedSharding(mesh, P(None, rows) if accum else P(rows))
+
+
+def check_population(mesh: Mesh, k: int | None) -> None:
+    """Raise ConfigError unless the members axis divides `k` members (None: a run alone,
+    which has one member: the axis must be 1)."""
+    m = mesh.shape["members"]
+    if k is None and m > 1:
+        raise ConfigError(
+            f"sharding.mesh.members = {m}: a members axis splits a population's members "
+            "(jaxlora sweep); a run alone has one member")
+    if k is not None and k % m:
+        raise ConfigError(
+            f"sharding.mesh.members = {m} does not divide the population's {k} members; "
+            f"use a population size that is a multiple of {m}")
 
 
 def put_batch(sharding: NamedSharding, batch: Any) -> Any:

@@ -1,8 +1,10 @@
 """The `[sharding]` table: the device mesh and the multi-host runtime (no JAX imported here).
 
-The mesh has three named axes, each of a size that the config gives (or -1: the devices that
+The mesh has four named axes, each of a size that the config gives (or -1: the devices that
 are left):
 
+- ``members``: a population's members are split over it (`jaxlora.population`): each group
+  of devices along it trains K / members of them on their own rows; 1 outside populations.
 - ``data``: batch rows are split over it; parameters are replicated along it.
 - ``fsdp``: batch rows are split over it too, and so are the frozen base's weights (each
   device stores 1/fsdp of every layer: of a QTensor's packed codes and block scales alike),
@@ -28,7 +30,7 @@ from jaxlora.schema import field
 
 __all__ = ["AXES", "BATCH_AXES", "ShardingSpec", "mesh_sizes"]
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("members", "data", "fsdp", "tensor")
 """The mesh axes, in the mesh's order."""
 BATCH_AXES = ("data", "fsdp")
 """The axes batch rows are split over."""
@@ -61,8 +63,8 @@ class ShardingSpec:
 
     mesh: tuple[tuple[str, int], ...] = field(
         (("data", -1),),
-        "Table axis -> size over data, fsdp, tensor; -1 takes the remaining devices "
-        "(absent axes have size 1).",
+        "Table axis -> size over members (populations only), data, fsdp, tensor; -1 takes "
+        "the remaining devices (absent axes have size 1).",
         check=_mesh_check,
     )
     coordinator_address: str = field(

@@ -31,6 +31,7 @@ __all__ = [
     "load_base",
     "make_datasets",
     "data_notices",
+    "staging",
     "setup",
     "checkpoint_manager",
     "learning_rate",
@@ -121,7 +122,7 @@ def data_notices(datasets: data_lib.Datasets) -> list[str]:
     return list(dict.fromkeys(n for d in splits for n in d.stats.notices))
 
 
-def _staging(mesh: Any) -> contextlib.AbstractContextManager:
+def staging(mesh: Any) -> contextlib.AbstractContextManager:
     """Where a base meant for `mesh` is built: the CPU device when the mesh is an accelerator's
     (and JAX has a CPU backend), else the default device."""
     if mesh is None or mesh.devices.flat[0].platform == "cpu":
@@ -142,7 +143,7 @@ def setup(cfg: Config, mesh: Any = None) -> Setup:
     """
     from jaxlora import checkpoint as ckpt_lib
 
-    with _staging(mesh):
+    with staging(mesh):
         loaded = load_base(cfg)
         spec = cfg.lora
         base = loaded.base
@@ -187,7 +188,7 @@ def describe_mesh(mesh: Any, base: Params, adapters: Adapters, opt_state: Any,
     there (from shapes and the partition rules: nothing needs to be placed)."""
     sh = sharding.step_shardings(mesh, (adapters, opt_state), base, stacked)
     mib = lambda tree, shardings: sharding.device_bytes(tree, shardings) / 2**20
-    axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items() if a != "members" or n > 1)
     return (f"mesh {axes} ({mesh.size} {mesh.devices.flat[0].platform} device(s), "
             f"{jax.process_count()} process(es)); per device: base "
             f"{mib(base, sh.base):.1f} MiB, adapters {mib(adapters, sh.state[0]):.2f} MiB, "

@@ -262,6 +262,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
         return json.loads((run_dir / "summary.json").read_text())
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(cfg.sharding)  # bad sizes fail here, before anything loads
+    sharding.check_population(mesh, None)
     sharding.check_batch(mesh, cfg.data.batch_size)
     s = setup(cfg, mesh)
     datasets = make_datasets(cfg, s.loaded)
