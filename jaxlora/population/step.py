@@ -132,6 +132,16 @@ def default_layout(mesh: Any = None) -> str:
     return "members" if jax.default_backend() == "cpu" else "rows"
 
 
+def _sums(mcfg, base, params, batch: data_lib.Batch, *, compute_dtype, remat: str, chunk: int,
+          differentiable: bool = True) -> tuple[Array, Array]:
+    """Summed token loss and token count of `batch` through `params` (adapters attached)."""
+    hidden = models.forward(mcfg, params, batch.inputs, segment_ids=batch.segment_ids,
+                            positions=batch.positions, compute_dtype=compute_dtype, remat=remat,
+                            return_hidden=True)
+    return chunked_xent(mcfg, base, None, hidden, batch.targets, batch.loss_mask, chunk,
+                        differentiable)
+
+
 def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
     def f(ads):
         s, c = _member_sums(mcfg, base, ads, _rows(batch, k, shared, rows), key, **kw)
@@ -158,10 +168,7 @@ def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
             params = multi.attach_multi(base, multi.put_member(stacked, j, pairs), ids, sub)
         else:
             params = multi.attach_member(base, stacked, j, pairs, sub)
-        hidden = models.forward(mcfg, params, own.inputs, segment_ids=own.segment_ids,
-                                positions=own.positions, compute_dtype=kw["compute_dtype"],
-                                remat=kw["remat"], return_hidden=True)
-        return chunked_xent(mcfg, base, None, hidden, own.targets, own.loss_mask, kw["chunk"])
+        return _sums(mcfg, base, params, own, **kw)
 
     def member(carry, j):
         sums, counts, grads = carry
@@ -249,20 +256,32 @@ def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data:
 
 
 def make_eval_step(mcfg, k: int, *, shared: bool = True, compute_dtype: Any = jnp.float32,
-                   chunk: int = 256, mesh: Any = None) -> Callable:
+                   chunk: int = 256, mesh: Any = None, layout: str | None = None) -> Callable:
     """A jitted `eval(adapters_tuple, base, batch) -> (loss sums [K], counts [K])`: every
-    member on the same held-out rows `[B, T]` (`shared`), or each on its own `[K*B, T]`;
-    on a `mesh` the rows are split as `make_step` splits them."""
+    member on the same held-out rows `[B, T]` (`shared`), or each on its own `[K*B, T]`.
+    `layout` as for `make_step`: all members' rows at once (on a `mesh`, split as
+    `make_step` splits them), or one member after another through its own folded path."""
     from jaxlora import sharding
 
+    layout = layout or default_layout(mesh)
     rows = None if mesh is None else sharding.population_rows(mesh, accum=False)
+    kw = dict(compute_dtype=compute_dtype, remat="none", chunk=chunk, differentiable=False)
 
-    def ev(adapters, base, batch):
-        return _member_sums(mcfg, base, adapters, _rows(batch, k, shared, rows), None,
-                            compute_dtype=compute_dtype, remat="none", chunk=chunk,
-                            differentiable=False)
+    def by_rows(adapters, base, batch):
+        return _member_sums(mcfg, base, adapters, _rows(batch, k, shared, rows), None, **kw)
 
-    return jax.jit(ev)
+    def by_members(adapters, base, batch):
+        stacked = multi.stack_adapters(adapters)
+        per = batch.inputs.shape[0] // (1 if shared else k)
+
+        def one(j):
+            own = batch if shared else jax.tree.map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, j * per, per), batch)
+            return _sums(mcfg, base, multi.attach_member(base, stacked, j), own, **kw)
+
+        return jax.lax.map(one, jnp.arange(k))
+
+    return jax.jit(by_rows if layout == "rows" else by_members)
 
 
 @dataclasses.dataclass
