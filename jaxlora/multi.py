@@ -40,7 +40,8 @@ __all__ = [
     "attach_member",
     "uniform_dropout",
     "put_member",
-    "unstack",
+    "padded_pairs",
+    "unpad",
     "multi_linear",
     "forward",
     "generate_tokens",
@@ -274,22 +275,37 @@ def _put(stack: Array, x: Array, j: Array | int, axis: int) -> Array:
     return jax.lax.dynamic_update_slice(stack, jnp.expand_dims(x, axis).astype(stack.dtype), idx)
 
 
-def unstack(stacked: lora.Adapters, adapters: Sequence[lora.Adapters]) -> tuple[lora.Adapters, ...]:
-    """The trees of `adapters` (their paths, ranks and metadata) filled from the arrays of
-    `stacked` (e.g. gradients of a stack): adapter k's slice at its own rank."""
-    flat_stack = lora.flatten_paths(stacked)
-    out = []
-    for k, ad in enumerate(adapters):
-        flat = {}
-        for path, pair in lora.flatten_paths(ad).items():
-            sp = flat_stack[path]
-            n_lead = sp.a.ndim - 3
-            a = jnp.take(sp.a, k, axis=n_lead)[..., : pair.rank]
-            b = jax.lax.slice_in_dim(jnp.take(sp.b, k, axis=n_lead), 0, pair.rank, axis=n_lead)
-            flat[path] = dataclasses.replace(pair, a=a.astype(pair.a.dtype),
-                                             b=b.astype(pair.b.dtype))
-        out.append(lora.unflatten_paths(flat))
-    return tuple(out)
+def padded_pairs(adapter: lora.Adapters, stacked: lora.Adapters) -> dict[str, tuple[Array, Array]]:
+    """One adapter tree as ``{path: (a, b)}`` at the padded rank of `stacked` (a
+    `stack_adapters` tree, or its `jax.eval_shape`), zeros where it targets no such path."""
+    flat = lora.flatten_paths(adapter)
+    out = {}
+    for path, sp in lora.flatten_paths(stacked).items():
+        n_lead = sp.a.ndim - 3
+        a_shape = (*sp.a.shape[:n_lead], *sp.a.shape[n_lead + 1:])
+        b_shape = (*sp.b.shape[:n_lead], *sp.b.shape[n_lead + 1:])
+        p = flat.get(path)
+        if p is None:
+            out[path] = (jnp.zeros(a_shape, sp.a.dtype), jnp.zeros(b_shape, sp.b.dtype))
+            continue
+        pad = sp.a.shape[-1] - p.rank
+        out[path] = (jnp.pad(p.a.astype(sp.a.dtype), [(0, 0)] * (p.a.ndim - 1) + [(0, pad)]),
+                     jax.lax.pad(p.b.astype(sp.b.dtype), jnp.zeros((), sp.b.dtype),
+                                 [(0, pad if ax == n_lead else 0, 0) for ax in range(p.b.ndim)]))
+    return out
+
+
+def unpad(pairs: dict[str, tuple[Array, Array]], adapter: lora.Adapters) -> lora.Adapters:
+    """The inverse of `padded_pairs`: a tree shaped like `adapter` (its paths, ranks and
+    metadata) from padded ``(a, b)`` arrays, e.g. their gradients."""
+    flat = {}
+    for path, p in lora.flatten_paths(adapter).items():
+        a, b = pairs[path]
+        n_lead = a.ndim - 2
+        flat[path] = dataclasses.replace(
+            p, a=a[..., : p.rank].astype(p.a.dtype),
+            b=jax.lax.slice_in_dim(b, 0, p.rank, axis=n_lead).astype(p.b.dtype))
+    return lora.unflatten_paths(flat)
 
 
 def multi_linear(x: Array, w: MultiLoraWeight, bias: Array | None = None) -> Array:

@@ -153,14 +153,16 @@ def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
 
 def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
     """One member after another (a scan), each through the single-adapter path of a run alone
-    (`multi.attach_member`: the folded ``x @ (W + s A B)`` and its VJP; members whose dropout
-    rates differ on a leaf go through the per-row path instead). Each member's gradient is
-    taken for its own slice of the stack and added there, so one member's gradient exists
-    at a time beside the [K] accumulator."""
+    (`multi.attach_member`: the folded ``x @ (W + s A B)`` and its VJP). Member j's adapter
+    is padded to the largest rank for its turn only (a `lax.switch` over the members) and
+    its gradient added to its own, unpadded accumulator, so no [K, r_max] stack of the
+    adapters or of their gradients is formed. (Members whose dropout rates differ on a leaf
+    go through the per-row path over such a stack instead.)"""
     del rows  # one member at a time: its rows are split like a run alone's
     per = batch.inputs.shape[0] // (1 if shared else k)
-    stacked = multi.stack_adapters(adapters)
-    per_row = key is not None and not multi.uniform_dropout(stacked)
+    template = jax.eval_shape(multi.stack_adapters, adapters)  # shapes and scales only
+    per_row = key is not None and not multi.uniform_dropout(template)
+    stacked = multi.stack_adapters(adapters) if per_row else template
 
     def loss(pairs, own, j, sub):
         if per_row:
@@ -170,21 +172,26 @@ def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
             params = multi.attach_member(base, stacked, j, pairs, sub)
         return _sums(mcfg, base, params, own, **kw)
 
+    pad = [lambda i=i: multi.padded_pairs(adapters[i], template) for i in range(k)]
+
+    def add(i):
+        return lambda acc, g: tuple(jax.tree.map(jnp.add, a, multi.unpad(g, ad)) if n == i else a
+                                    for n, (a, ad) in enumerate(zip(acc, adapters, strict=True)))
+
     def member(carry, j):
         sums, counts, grads = carry
         own = batch if shared else jax.tree.map(
             lambda x: jax.lax.dynamic_slice_in_dim(x, j * per, per), batch)
         sub = None if key is None else jax.random.fold_in(key, j)
-        (s, c), g = jax.value_and_grad(loss, has_aux=True)(multi.member_pairs(stacked, j),
-                                                            own, j, sub)
-        acc = multi.member_pairs(grads, j)
-        grads = multi.put_member(grads, j, jax.tree.map(jnp.add, acc, g))
+        pairs = jax.lax.switch(j, pad)
+        (s, c), g = jax.value_and_grad(loss, has_aux=True)(pairs, own, j, sub)
+        grads = jax.lax.switch(j, [add(i) for i in range(k)], grads, g)
         return (sums.at[j].set(s), counts.at[j].set(c), grads), None
 
     zero = (jnp.zeros(k, jnp.float32), jnp.zeros(k, jnp.float32),
-            jax.tree.map(jnp.zeros_like, stacked))
+            jax.tree.map(jnp.zeros_like, adapters))
     (s, c, g), _ = jax.lax.scan(member, zero, jnp.arange(k))
-    return s, c, multi.unstack(g, adapters)
+    return s, c, g
 
 
 def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data: bool = True,
@@ -271,13 +278,15 @@ def make_eval_step(mcfg, k: int, *, shared: bool = True, compute_dtype: Any = jn
         return _member_sums(mcfg, base, adapters, _rows(batch, k, shared, rows), None, **kw)
 
     def by_members(adapters, base, batch):
-        stacked = multi.stack_adapters(adapters)
+        template = jax.eval_shape(multi.stack_adapters, adapters)
+        pad = [lambda i=i: multi.padded_pairs(adapters[i], template) for i in range(k)]
         per = batch.inputs.shape[0] // (1 if shared else k)
 
         def one(j):
             own = batch if shared else jax.tree.map(
                 lambda x: jax.lax.dynamic_slice_in_dim(x, j * per, per), batch)
-            return _sums(mcfg, base, multi.attach_member(base, stacked, j), own, **kw)
+            params = multi.attach_member(base, template, j, jax.lax.switch(j, pad))
+            return _sums(mcfg, base, params, own, **kw)
 
         return jax.lax.map(one, jnp.arange(k))
 
