@@ -286,7 +286,8 @@ def test_unsupported_architecture(tmp_path):
     cfg = tiny_llama()
     path = tmp_path / "m.gguf"
     write_gguf(path, cfg, random_params(cfg), arch="falcon")
-    _err(path, r"m\.gguf: architecture 'falcon' is not supported")
+    _err(path, r"m\.gguf: architecture 'falcon' is not supported "
+         r"\(supported: llama, mistral, qwen2, qwen3, gemma3, gpt2\)")
 
 
 def test_unsupported_tensor_type(tmp_path):
