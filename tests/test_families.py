@@ -241,3 +241,23 @@ def test_peft_round_trip_and_merged_export(tmp_path, name):
     merged = load_model(tmp_path / "merged")
     np.testing.assert_allclose(np.asarray(jforward(merged.config, merged.params, toks)), with_ad,
                                rtol=0, atol=2e-4 * np.abs(with_ad).max())
+
+
+def test_chat_generation_stops_at_gemma_end_of_turn(monkeypatch):
+    from test_tokenizer import tiny_spm_meta
+
+    from jaxlora import generate as gen
+
+    tok = Tokenizer.from_gguf_metadata(tiny_spm_meta(), chat_template=models.gemma.CHAT_TEMPLATE)
+    seen = {}
+
+    def fake(cfg, params, ids, **kw):
+        seen.update(ids=ids, eos=kw["eos_id"])
+        return [[tok.token_to_id("a")]]
+
+    monkeypatch.setattr(gen, "generate_tokens", fake)
+    assert gen.generate(GEMMA3, {}, tok, ["hi"], chat=True) == ["a"]
+    assert seen["eos"] == [1, tok.token_to_id("<end_of_turn>")] == [1, 5]
+    assert seen["ids"][0][:2] == [2, 4]  # <bos><start_of_turn>, written by the template
+    gen.generate(QWEN3, {}, tok, ["hi"])
+    assert seen["eos"] == [1]  # a family without stop tokens: EOS only

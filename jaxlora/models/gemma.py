@@ -108,4 +108,5 @@ FAMILY = Family(
     arch="gemma3", init=init, apply=functools.partial(llama.apply, block=GEMMA_BLOCK),
     tensors=TENSORS, embedding="embed/embedding", can_untie=False, learned_positions=False,
     hf_ignored=r"rotary_emb\.inv_freq$", gguf_norm_shift=1.0, chat_template=CHAT_TEMPLATE,
+    stop_tokens=("<end_of_turn>",),
 )

@@ -74,6 +74,8 @@ class Family:
     gguf_norm_shift: float = 0.0
     # The chat template of checkpoints that carry none (Gemma 3 GGUFs), or None.
     chat_template: str | None = None
+    # Tokens that end a reply besides EOS (Gemma's "<end_of_turn>"): generation stops there.
+    stop_tokens: tuple[str, ...] = ()
 
     def shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Path -> full leaf shape (leading `L` for `layers/` leaves), from `jax.eval_shape`."""
