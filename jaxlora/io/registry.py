@@ -143,9 +143,20 @@ def _assemble(name: str, known: KnownModel) -> Path:
     import importlib
 
     hint = _install_hint(known)
+    target = cache_dir() / known.filename
     try:
         module = importlib.import_module(known.package)
-        return Path(module.assemble(output_path=cache_dir() / known.filename))
+        if target.exists():  # assembled before: the package checks its sha256
+            return Path(module.assemble(output_path=target))
+        # First use: assemble beside the target and rename, so an interrupted or concurrent
+        # first use never leaves a partial file under the final name.
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            module.assemble(output_path=partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
     except ImportError as e:  # the package or one of its chunk packages is not installed
         raise ModelLoadError(
             f"model {name!r}: package {getattr(e, 'name', None) or known.package!r} is missing; {hint}"
@@ -155,10 +166,10 @@ def _assemble(name: str, known: KnownModel) -> Path:
     except (FileExistsError, ValueError) as e:  # sha256 mismatch (the cached or new file)
         raise ModelLoadError(
             f"model {name!r}: {known.filename} fails its sha256 check ({e}); delete "
-            f"{cache_dir() / known.filename} and retry, or reinstall: {hint}"
+            f"{target} and retry, or reinstall: {hint}"
         ) from None
     except OSError as e:
-        raise ModelLoadError(f"model {name!r}: cannot write {cache_dir() / known.filename}: {e}") from None
+        raise ModelLoadError(f"model {name!r}: cannot write {target}: {e}") from None
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:
