@@ -369,7 +369,8 @@ def test_resolve_known_name_and_paths(tmp_path, good_gguf):
     assert resolve(tmp_path / "hf" / "config.json") == tmp_path / "hf"
     with pytest.raises(
         ModelLoadError,
-        match=r"no such file or folder, and not a known model name \(smollm2-135m-instruct\)",
+        match=r"no such file or folder, and not a known model name "
+        r"\(gemma3-270m, smollm2-135m-instruct\)",
     ):
         resolve("smollm3-9b")
     (tmp_path / "x.bin").write_bytes(b"")

@@ -172,6 +172,7 @@ def test_sentencepiece_merges_by_file_order_bytes_and_spaces():
         tok.apply_chat_template([chat[2]])
 
 
+@pytest.mark.slow
 def test_gemma3_ids_match_transformers():
     """The real Gemma 3 270M vocabulary (the gemma3-270m package, installed by `make setup`)."""
     fixture = json.loads(GEMMA_FIXTURE.read_text(encoding="utf-8"))
