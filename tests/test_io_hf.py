@@ -295,12 +295,15 @@ def test_missing_tensor(folder):
 def test_unexpected_tensor(folder):
     f = folder / "model.safetensors"
     st = {k: np.array(v) for k, v in read_safetensors(f).items()}
-    st["model.layers.0.self_attn.q_norm.weight"] = np.ones(16, np.float32)
-    write_safetensors(f, st)
+    write_safetensors(f, {**st, "model.layers.0.self_attn.z_norm.weight": np.ones(16, np.float32)})
     _err(
         folder,
-        r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.q_norm\.weight' for llama",
+        r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.z_norm\.weight' for llama",
     )
+    # a Qwen3 tensor in a Llama checkpoint: named, with the path no Llama config has
+    write_safetensors(f, {**st, "model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)})
+    _err(folder, r"m: tensor 'model\.layers\.0\.self_attn\.q_norm\.weight' "
+                 r"\(layers/attn/q_norm/scale\) is not used by this config \(llama\)")
 
 
 def test_no_tokenizer(folder):

@@ -1,7 +1,14 @@
-"""transformers side of the parity check; run with the scratch venv (see README.md)."""
+"""transformers side of the parity check; run with the scratch venv (see README.md).
+
+    /tmp/scratch/bin/python benchmarks/parity/torch_side.py [OUT]
+
+Loads the GGUF that `jax_side.py` loaded (OUT/cases.json) with transformers in float32 and, for
+each prompt, compares logits and a 40-step greedy loop with transformers' KV cache.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -12,14 +19,10 @@ from transformers import AutoModelForCausalLM
 OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp/jaxlora_parity"
 
 
-def main() -> None:
-    src = open(f"{OUT}/source.txt").read().strip()
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(src), gguf_file=os.path.basename(src), torch_dtype=torch.float32)
-    model.eval()
-    ids = torch.from_numpy(np.load(f"{OUT}/prompt_ids.npy"))[None]
-    jax_logits = np.load(f"{OUT}/jax_logits.npy").astype(np.float64)
-    jax_greedy = np.load(f"{OUT}/jax_greedy.npy").tolist()
+def compare(model, name: str) -> bool:
+    ids = torch.from_numpy(np.load(f"{OUT}/{name}_prompt_ids.npy"))[None]
+    jax_logits = np.load(f"{OUT}/{name}_jax_logits.npy").astype(np.float64)
+    jax_greedy = np.load(f"{OUT}/{name}_jax_greedy.npy").tolist()
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
         ref = out.logits[0].double().numpy()
@@ -32,12 +35,22 @@ def main() -> None:
     rel = np.abs(jax_logits - ref).max() / np.abs(ref).max()
     same = sum(a == b for a, b in zip(greedy, jax_greedy, strict=True))
     first_diff = next((i for i, (a, b) in enumerate(zip(greedy, jax_greedy, strict=True)) if a != b), None)
-    print(f"prompt tokens: {ids.shape[1]}; logits max|diff| = {np.abs(jax_logits - ref).max():.3e}, "
+    print(f"[{name}] prompt tokens: {ids.shape[1]}; logits max|diff| = {np.abs(jax_logits - ref).max():.3e}, "
           f"max|ref| = {np.abs(ref).max():.3f}, relative = {rel:.3e} (limit 1e-4)")
-    print(f"last-position argmax agree: {int(ref[-1].argmax()) == int(jax_logits[-1].argmax())}")
-    print(f"greedy tokens agreeing: {same}/{len(jax_greedy)} (first difference: {first_diff})")
-    print("PASS" if rel <= 1e-4 and same == len(jax_greedy) else "FAIL")
-    sys.exit(0 if rel <= 1e-4 and same == len(jax_greedy) else 1)
+    print(f"[{name}] last-position argmax agree: {int(ref[-1].argmax()) == int(jax_logits[-1].argmax())}")
+    print(f"[{name}] greedy tokens agreeing: {same}/{len(jax_greedy)} (first difference: {first_diff})")
+    return bool(rel <= 1e-4 and same == len(jax_greedy))
+
+
+def main() -> None:
+    info = json.load(open(f"{OUT}/cases.json"))
+    src = info["source"]
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(src), gguf_file=os.path.basename(src), dtype=torch.float32)
+    model.eval()
+    ok = all([compare(model, name) for name in info["cases"]])
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

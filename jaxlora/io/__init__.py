@@ -216,7 +216,8 @@ def load_model(
     name_or_path: str | os.PathLike[str], *, quant: Any = None, dtype: Any = jnp.float32,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a model by name (`smollm2-135m-instruct`, `tiny-llama`), `.gguf` path or HF folder.
+    """Load a model by name (`smollm2-135m-instruct`, `gemma3-270m`, `tiny-llama`), `.gguf`
+    path or HF folder.
 
     Args:
       name_or_path: a key of `KNOWN_MODELS` or `RANDOM_MODELS`, a `.gguf` file or a folder

@@ -11,7 +11,15 @@ The permutation: llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.permute`) rewr
     w.reshape(n_head, 2, out // n_head // 2, in).swapaxes(1, 2).reshape(out, in)
 
 with `n_head = n_kv_heads` for `k_proj`. It applies to the `llama` architecture only (Mistral
-files say `llama` too; Qwen2 and GPT-2 are stored unpermuted). `unpermute_qk` inverts it.
+files say `llama` too; Qwen2, Qwen3, Gemma 3 and GPT-2 are stored unpermuted). `unpermute_qk`
+inverts it.
+
+Gemma 3: llama.cpp stores each norm weight w as w + 1 (the family's `gguf_norm_shift`,
+subtracted on reading). The file gives the window (`gemma3.attention.sliding_window`) and, when
+it has them, the interleave (`...sliding_window_pattern`) and the local RoPE base
+(`...rope.freq_base_swa`); otherwise the values llama.cpp and transformers fix for Gemma 3 (every
+6th layer global, local base 10000). Scores are scaled by head_dim ** -0.5 (the 27B model,
+62 layers, by (d / heads) ** -0.5, as llama.cpp does).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from jaxlora import models
 from jaxlora.errors import ModelLoadError
 from jaxlora.models.config import ModelConfig
 
-__all__ = ["GGUFSource", "GGUFFile", "TensorInfo", "permute_qk", "unpermute_qk", "SUPPORTED_TENSOR_TYPES"]
+__all__ = ["GGUFSource", "GGUFFile", "TensorInfo", "permute_qk", "unpermute_qk", "SUPPORTED_TENSOR_TYPES",
+           "SUPPORTED_ARCHS"]
 
 # Tensor types we accept; the gguf package can dequantize more, but these are the tested ones.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -150,7 +159,9 @@ class GGUFFile:
 
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-_LLAMA_ARCHS = ("llama", "mistral", "qwen2")
+_LLAMA_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = (*_LLAMA_ARCHS, "gemma3", "gpt2")
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_BASE = 6, 10000.0
 
 
 def _dequantize_rows(data: np.ndarray, qtype: Any, dequantize: Any, chunk_bytes: int = 8 << 20) -> np.ndarray:
@@ -185,10 +196,10 @@ class GGUFSource:
                 f"{self.path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
             ) from None
         self.arch = str(self._get("general.architecture", required=True))
-        if self.arch not in (*_LLAMA_ARCHS, "gpt2"):
+        if self.arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(
                 f"{self.path}: architecture {self.arch!r} is not supported "
-                f"(supported: {', '.join((*_LLAMA_ARCHS, 'gpt2'))})"
+                f"(supported: {', '.join(SUPPORTED_ARCHS)})"
             )
         self.config = self._config()
 
@@ -248,11 +259,27 @@ class GGUFSource:
                 "from GGUF; load the Hugging Face folder instead"
             )
         scaling = g("rope.scaling.type")
-        if scaling not in (None, "none"):
+        rope_scaling = None
+        if a == "gemma3" and scaling == "linear":  # Gemma 3 4B+: global layers only
+            rope_scaling = (("factor", f32(g("rope.scaling.factor", req=True))), ("rope_type", "linear"))
+        elif scaling not in (None, "none"):
             raise ModelLoadError(f"{self.path}: {a}.rope.scaling.type = {scaling!r} is not supported")
         head_dim = int(g("attention.key_length", d // n_heads))
+        gemma: dict[str, Any] = {}
+        if a == "gemma3":
+            window = int(g("attention.sliding_window", req=True))
+            period = int(g("attention.sliding_window_pattern", _GEMMA3_PATTERN))
+            gemma = dict(
+                arch="gemma3", sliding_window=window,
+                sliding_layers=ModelConfig.sliding_pattern(n_layers, period),
+                rope_local_theta=f32(g("rope.freq_base_swa", _GEMMA3_LOCAL_BASE)),
+                query_pre_attn_scalar=float(d // n_heads if n_layers == 62 else head_dim),
+                qk_norm=True,
+            )
         return ModelConfig(
-            arch="llama", num_kv_heads=int(g("attention.head_count_kv", n_heads)), head_dim=head_dim,
+            **{"arch": "llama", "qk_norm": "blk.0.attn_q_norm.weight" in names, **gemma},
+            rope_scaling=rope_scaling,
+            num_kv_heads=int(g("attention.head_count_kv", n_heads)), head_dim=head_dim,
             intermediate_size=int(g("feed_forward_length", req=True)),
             rope_theta=f32(g("rope.freq_base", 10000.0)),
             norm_eps=f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -269,7 +296,9 @@ class GGUFSource:
         if "tokenizer.ggml.tokens" not in keys:
             raise ModelLoadError(f"{self.path}: no tokenizer metadata (tokenizer.ggml.tokens)")
         meta = {k: self._get(k) for k in keys}
-        return Tokenizer.from_gguf_metadata(meta, source=str(self.path))
+        meta["general.architecture"] = self.arch
+        return Tokenizer.from_gguf_metadata(meta, source=str(self.path),
+                                            chat_template=models.family(self.config).chat_template)
 
     # --- tensors ------------------------------------------------------------------------
     def tensors(self) -> Iterator[tuple[str, str, int | None, np.ndarray]]:
@@ -309,6 +338,8 @@ class GGUFSource:
                 raise ModelLoadError(
                     f"{self.path}: cannot read tensor {t.name!r} ({qtype.name}, shape {list(t.shape)}): {e}"
                 ) from None
+            if fam.gguf_norm_shift and entry.path.endswith("/scale"):
+                w = w - np.float32(fam.gguf_norm_shift)
             if permuted and entry.rope is not None:
                 n = cfg.num_heads if entry.rope == "q" else cfg.num_kv_heads
                 if w.shape[0] % (2 * n):

@@ -29,6 +29,8 @@ _LLAMA_TYPES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
 _ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -135,6 +137,57 @@ def _first(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
+def _llama_rope(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` (default or Llama 3) of a Llama-family config."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype == "default":
+            scaling = None
+        elif rtype != "llama3":
+            raise ModelLoadError(f"{source}: rope_scaling type {rtype!r} is not supported (only 'llama3')")
+        else:
+            keep = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = tuple(sorted((k, scaling[k]) for k in keep if k in scaling))
+    return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+
+def _gemma3_fields(cfg: dict[str, Any], n_layers: int, source: str) -> dict[str, Any]:
+    """Gemma 3's extra config fields: layer kinds, window, local RoPE base, score scale.
+
+    Both transformers spellings: `layer_types` or the older `sliding_window_pattern`, and
+    `rope_parameters` per layer kind or `rope_theta` / `rope_local_base_freq` / `rope_scaling`.
+    """
+    kinds = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) == 0
+        else "sliding_attention" for i in range(n_layers)]
+    if len(kinds) != n_layers or set(kinds) - {"full_attention", "sliding_attention"}:
+        raise ModelLoadError(f"{source}: layer_types must list full_attention/sliding_attention "
+                             f"for each of the {n_layers} layers")
+    rope = dict(cfg.get("rope_parameters") or {})
+    glob = dict(rope.get("full_attention") or {})
+    local = dict(rope.get("sliding_attention") or {})
+    scaling = cfg.get("rope_scaling") or (glob if glob.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "linear"):
+        raise ModelLoadError(f"{source}: Gemma 3 rope_scaling type "
+                             f"{scaling.get('rope_type')!r} is not supported (only 'linear')")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ModelLoadError(f"{source}: {key} = {cfg[key]} is not supported")
+    return dict(
+        arch="gemma3", qk_norm=True, sliding_window=int(cfg.get("sliding_window") or 4096),
+        sliding_layers=tuple(i for i, k in enumerate(kinds) if k == "sliding_attention"),
+        rope_theta=float(cfg.get("rope_theta", glob.get("rope_theta", 1e6))),
+        rope_local_theta=float(cfg.get("rope_local_base_freq", local.get("rope_theta", 1e4))),
+        rope_scaling=(None if not scaling or scaling.get("rope_type", scaling.get("type")) == "default"
+                      else (("factor", float(scaling["factor"])), ("rope_type", "linear"))),
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+    )
+
+
 def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> tuple[ModelConfig, str]:
     """`(ModelConfig, hf_model_type)` from a transformers `config.json` dict."""
     archs = cfg.get("architectures") or []
@@ -160,28 +213,19 @@ def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> tuple
         )
     try:
         d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        rope = dict(cfg.get("rope_parameters") or {})
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling:
-            rtype = scaling.get("rope_type", scaling.get("type"))
-            if rtype == "default":
-                scaling = None
-            elif rtype != "llama3":
-                raise ModelLoadError(f"{source}: rope_scaling type {rtype!r} is not supported (only 'llama3')")
-            else:
-                keep = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                scaling = tuple(sorted((k, scaling[k]) for k in keep if k in scaling))
+        if kind == "gemma3_text":
+            extra = _gemma3_fields(cfg, int(cfg["num_hidden_layers"]), source)
+        else:
+            extra = {"arch": "llama", "qk_norm": kind == "qwen3", **_llama_rope(cfg, source),
+                     "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
         return ModelConfig(
-            arch="llama", vocab_size=int(cfg["vocab_size"]), hidden_size=d,
+            **extra, vocab_size=int(cfg["vocab_size"]), hidden_size=d,
             num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or d // heads),
             intermediate_size=int(cfg["intermediate_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rope_theta=float(theta), rope_scaling=scaling,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=True if kind == "qwen2" else bool(cfg.get("attention_bias", False)),
             bos_token_id=_first(cfg.get("bos_token_id")), eos_token_id=_first(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path") or kind),
@@ -202,9 +246,12 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
             "tie_word_embeddings": True, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
             "torch_dtype": dtype, "_name_or_path": c.name,
         }
-    kind = "qwen2" if c.attention_bias else "llama"
+    if c.arch == "gemma3":
+        return _gemma3_to_hf(c, dtype)
+    kind = "qwen3" if c.qk_norm else "qwen2" if c.attention_bias else "llama"
+    arch_name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     out = {
-        "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [arch_name[kind]],
         "model_type": kind, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
         "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
@@ -214,10 +261,31 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
         "_name_or_path": c.name,
     }
+    if kind != "qwen2":
+        out["attention_bias"] = c.attention_bias
     if kind == "llama":
-        out["attention_bias"] = False
         out["mlp_bias"] = False
     return out
+
+
+def _gemma3_to_hf(c: ModelConfig, dtype: str) -> dict[str, Any]:
+    kinds = ["sliding_attention" if i in c.sliding_layers else "full_attention"
+             for i in range(c.num_layers)]
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta, "rope_local_base_freq": c.rope_local_theta or c.rope_theta,
+        "rope_scaling": c.rope_scaling_dict, "rms_norm_eps": c.norm_eps,
+        "sliding_window": c.sliding_window, "layer_types": kinds,
+        "query_pre_attn_scalar": c.query_pre_attn_scalar or c.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+        "_name_or_path": c.name,
+    }
 
 
 # --- tensor names ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 def _family(arch: Any) -> Family:
-    """The family record of ``arch`` ("llama" | "gpt2" or a ModelConfig)."""
+    """The family record of ``arch`` ("llama" | "gemma3" | "gpt2" or a ModelConfig)."""
     try:
         return models.family(arch)
     except ValueError:
@@ -99,7 +99,7 @@ def save_peft(
         know whether the scale is rsLoRA. Rank, alpha and dropout are read from the adapters
         themselves (``alpha = scale * r`` or ``scale * sqrt(r)``).
       base_model_name: written as ``base_model_name_or_path``.
-      arch: "llama" | "gpt2" or a ModelConfig.
+      arch: "llama" | "gemma3" | "gpt2" or a ModelConfig.
 
     Returns:
       The folder path.
@@ -314,7 +314,7 @@ def load_peft(
     Args:
       folder: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       base_params: the base Params (Array or QTensor leaves; only shapes are read).
-      arch: "llama" | "gpt2" or a ModelConfig.
+      arch: "llama" | "gemma3" | "gpt2" or a ModelConfig.
       dtype: adapter dtype.
 
     Returns:

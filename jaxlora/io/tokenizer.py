@@ -6,18 +6,27 @@ pre-tokenizer is chosen from `tokenizer.ggml.pre` the way llama.cpp does (`llama
 "smollm" (like "starcoder", "refact", "command-r") first isolates every digit, then applies the
 GPT-2 split regex, which is exactly what SmolLM2's own `tokenizer.json` does
 (`Digits(individual_digits=True)` then `ByteLevel`).
+
+SentencePiece vocabularies (`tokenizer.ggml.model == "llama"`) are read for Gemma files, the
+way transformers builds Gemma's tokenizer from a GGUF (`gemma_tokenizer` in its GGUF
+integration): a BPE with byte fallback over the vocabulary, spaces written as "▁" by the
+normalizer, no prefix space; the file lists no merges, so they are recovered from the
+vocabulary (every split of a token into two tokens), best first in the order the tokens appear
+in the file (Gemma's scores do not follow its merge order); a token of spaces only is stored as
+real spaces and is renamed to as many "▁". Control tokens are special, user-defined ones
+(Gemma's runs of newlines, `[multimodal]`) are matched whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from jaxlora.errors import ModelLoadError
 
@@ -66,6 +75,70 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(steps)
 
 
+def _byte_level_backend(meta: Mapping[str, Any], source: str) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """A byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and its vocabulary as spelled."""
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    merges = []
+    for m in meta.get("tokenizer.ggml.merges", []):
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ModelLoadError(f"{source}: bad merge {m!r} in tokenizer.ggml.merges")
+        merges.append((a, b))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                              byte_fallback=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    backend.decoder = decoders.ByteLevel()
+    return backend, tokens
+
+
+def sentencepiece_merges(vocab: Mapping[str, int], rank: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges a merge-less vocabulary implies, best first.
+
+    Every split of a token into two vocabulary tokens is a merge; merges are ordered by the
+    merged token's `rank` (lower first), then by the longer left piece. This is the order of
+    transformers' `generate_merges` with Gemma's file-order scores.
+    """
+    found = []
+    for token, r in rank.items():
+        for i in range(len(token) - 1, 0, -1):  # longer left piece first
+            left, right = token[:i], token[i:]
+            if left in vocab and right in vocab:
+                found.append((r, left, right))
+    found.sort(key=lambda m: m[0])  # stable: keeps the longer-left-first order within a token
+    return [(left, right) for _, left, right in found]
+
+
+def _sentencepiece_backend(meta: Mapping[str, Any], source: str) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """Gemma's SentencePiece BPE (see the module docstring) and its vocabulary as spelled."""
+    arch = str(meta.get("general.architecture", ""))
+    if not arch.startswith("gemma"):
+        raise ModelLoadError(
+            f"{source}: tokenizer.ggml.model = 'llama' (SentencePiece) is supported for Gemma "
+            f"files only, this one is {arch!r}"
+        )
+    spelled = list(meta["tokenizer.ggml.tokens"])
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in spelled]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None else "<unk>"
+    bpe = models.BPE(vocab=vocab, merges=sentencepiece_merges(vocab, vocab), fuse_unk=True,
+                     unk_token=unk, byte_fallback=True)
+    backend = tokenizers.Tokenizer(bpe)
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, spelled
+
+
+# tokenizer.ggml.model -> builder of (backend, the vocabulary as the file spells it).
+_GGUF_MODELS: dict[str, Callable[[Mapping[str, Any], str], tuple[tokenizers.Tokenizer, list[str]]]] = {
+    "gpt2": _byte_level_backend,
+    "llama": _sentencepiece_backend,
+}
+
+
 def _raise_exception(message: str) -> None:
     raise ValueError(message)
 
@@ -102,27 +175,23 @@ class Tokenizer:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, source: str = "<gguf>") -> Tokenizer:
-        """Build from GGUF `tokenizer.ggml.*` metadata (values already decoded to Python)."""
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, source: str = "<gguf>",
+                           chat_template: str | None = None) -> Tokenizer:
+        """Build from GGUF `tokenizer.ggml.*` metadata (values already decoded to Python).
+
+        `general.architecture` may be in `meta` too (it picks the SentencePiece variant);
+        `chat_template` is used when the metadata has none.
+        """
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        build = _GGUF_MODELS.get(kind) if isinstance(kind, str) else None
+        if build is None:
             raise ModelLoadError(
-                f"{source}: tokenizer.ggml.model = {kind!r} is not supported (only byte-level BPE 'gpt2')"
+                f"{source}: tokenizer.ggml.model = {kind!r} is not supported "
+                f"(supported: {', '.join(repr(k) for k in _GGUF_MODELS)})"
             )
-        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-        merges_raw: list[str] = list(meta.get("tokenizer.ggml.merges", []))
+        backend, tokens = build(meta, source)
         types: list[int] = list(meta.get("tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens)))
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        merges = []
-        for m in merges_raw:
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise ModelLoadError(f"{source}: bad merge {m!r} in tokenizer.ggml.merges")
-            merges.append((a, b))
-        bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-        backend = tokenizers.Tokenizer(bpe)
-        backend.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
-        backend.decoder = decoders.ByteLevel()
+        vocab = backend.get_vocab(with_added_tokens=False)
         special = [
             AddedToken(t, special=True, normalized=False)
             for t, ty in zip(tokens, types, strict=False)
@@ -131,7 +200,7 @@ class Tokenizer:
         user = [
             AddedToken(t, special=False, normalized=False)
             for t, ty in zip(tokens, types, strict=False)
-            if ty == _TOKEN_USER_DEFINED
+            if ty == _TOKEN_USER_DEFINED and t in vocab
         ]
         if special:
             backend.add_special_tokens(special)
@@ -147,7 +216,7 @@ class Tokenizer:
             bos_id=_id("tokenizer.ggml.bos_token_id"),
             eos_id=_id("tokenizer.ggml.eos_token_id"),
             pad_id=_id("tokenizer.ggml.padding_token_id"),
-            chat_template=meta.get("tokenizer.chat_template"),
+            chat_template=meta.get("tokenizer.chat_template") or chat_template,
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
             add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         )

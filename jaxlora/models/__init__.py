@@ -1,8 +1,8 @@
-"""Decoder-only language models (Llama family, GPT-2) and their functional entry points.
+"""Decoder-only language models (Llama family, Gemma 3, GPT-2) and their functional entry points.
 
 Each architecture is declared once, as a `Family` record (`record.py`; `llama.FAMILY`,
-`gpt2.FAMILY`): its initializer, the parameter shapes derived from it, the checkpoint names of
-every parameter path, the paths the LM head reads. `family(cfg)` returns it; the loaders, the
+`gemma.FAMILY`, `gpt2.FAMILY`): its initializer, the parameter shapes derived from it, the
+checkpoint names of every parameter path, the paths the LM head reads. `family(cfg)` returns it; the loaders, the
 exports and the loss read it. `init_params` returns a plain nested dict with exactly the paths
 of docs/DESIGN.md (every leaf under `layers/` stacked on a leading layer axis). Everything after
 that is pure functions over that dict (`forward`, `logits`, `decode_step`), so parameter leaves
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import lora
-from jaxlora.models import common, gpt2, llama, record
+from jaxlora.models import common, gemma, gpt2, llama, record
 from jaxlora.models.common import KVCache
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.record import Family, TensorNames
@@ -51,11 +51,11 @@ __all__ = [
 Array = jax.Array
 Params = lora.Params
 
-FAMILIES: dict[str, Family] = {f.arch: f for f in (llama.FAMILY, gpt2.FAMILY)}
+FAMILIES: dict[str, Family] = {f.arch: f for f in (llama.FAMILY, gemma.FAMILY, gpt2.FAMILY)}
 
 
 def family(cfg: ModelConfig | str) -> Family:
-    """The record of `cfg`'s architecture (or of an arch name: "llama" | "gpt2")."""
+    """The record of `cfg`'s architecture (or of an arch name: "llama" | "gemma3" | "gpt2")."""
     arch = getattr(cfg, "arch", cfg)
     fam = FAMILIES.get(arch) if isinstance(arch, str) else None
     if fam is None:
@@ -195,5 +195,5 @@ def decode_step(cfg: ModelConfig, params: Params, tokens: Array, positions: Arra
     mask = common.new_token_mask(b, t, None, token_valid)
     hidden, (k, v) = fam.apply(cfg, params, tokens, positions, mask, cache,
                                 compute_dtype=compute_dtype)
-    cache = common.write_cache(cache, k, v, token_valid)
+    cache = common.write_cache(cache, k, v, token_valid, positions)
     return _head(cfg, params, hidden[:, -1]), cache

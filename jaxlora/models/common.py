@@ -1,4 +1,4 @@
-"""Pieces shared by the Llama and GPT-2 models: norms, RoPE, attention, KV cache, layer scan.
+"""Pieces shared by the model families: norms, RoPE, attention masks, KV cache, layer scan.
 
 Everything here is a pure function of arrays (no NNX, no LoRA, no quantization): the model
 files pass whatever parameter leaf they hold to `jaxlora.lora.linear` / `embed` / `attend`,
@@ -8,6 +8,11 @@ Attention takes the keys/values of the *new* tokens plus, optionally, a prealloc
 of earlier tokens. The cache is read but never written inside a layer; the layer returns its
 new keys/values and the caller writes all layers into the cache with one
 `dynamic_update_slice` after the layer scan (in place inside a decode `while_loop`).
+
+Sliding-window (local) attention (Beltagy et al. 2020, "Longformer"; Gemma 3 interleaves it
+with global layers) is a narrower mask: `window_mask` keeps the keys whose position is less than
+`window` behind the query's. The cache records each slot's position, so the same mask holds in
+the KV-cache decoding path.
 
 RoPE follows the Hugging Face "rotate_half" layout (first half / second half of each head),
 with Llama 3 frequency scaling (Meta, "The Llama 3 Herd of Models", 2024).
@@ -33,6 +38,8 @@ __all__ = [
     "apply_rope",
     "attention",
     "new_token_mask",
+    "cache_mask",
+    "window_mask",
     "positions_from_segments",
     "run_layers",
     "run_cached_layers",
@@ -52,12 +59,14 @@ class KVCache(NamedTuple):
 
     k, v:  [L, B, S, n_kv, head_dim]  keys/values of slots 0..S-1
     valid: [B, S] bool                 slot holds a real (non-padding) token
+    positions: [B, S] int32            the position of each slot's token (for sliding windows)
     index: int32 scalar                next slot to write (shared by all rows)
     """
 
     k: Array
     v: Array
     valid: Array
+    positions: Array
     index: Array
 
 
@@ -67,28 +76,36 @@ def init_cache(num_layers: int, batch: int, size: int, num_kv_heads: int, head_d
     shape = (num_layers, batch, size, num_kv_heads, head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-        valid=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
+        valid=jnp.zeros((batch, size), bool), positions=jnp.zeros((batch, size), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
     )
 
 
-def write_cache(cache: KVCache, k_new: Array, v_new: Array, token_valid: Array) -> KVCache:
-    """Write new keys/values `[L, B, T, n_kv, hd]` at slots index..index+T-1 of every row."""
+def write_cache(cache: KVCache, k_new: Array, v_new: Array, token_valid: Array,
+                positions: Array) -> KVCache:
+    """Write new keys/values `[L, B, T, n_kv, hd]` (and their valid flags and positions
+    `[B, T]`) at slots index..index+T-1 of every row."""
     i = cache.index
     zero = jnp.zeros((), jnp.int32)
     k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (zero, zero, i, zero, zero))
     v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (zero, zero, i, zero, zero))
     valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (zero, i))
-    return KVCache(k, v, valid, i + k_new.shape[2])
+    pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (zero, i))
+    return KVCache(k, v, valid, pos, i + k_new.shape[2])
 
 
 # ----------------------------------------------------------------------------- norms
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm (Zhang & Sennrich 2019), computed in float32, returned in x's dtype."""
+def rms_norm(x: Array, scale: Array, eps: float, offset: float = 0.0) -> Array:
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32, returned in x's dtype.
+
+    The normalized x is multiplied by `offset + scale`: Gemma stores its norm weights as the
+    difference from 1 (`offset=1.0`, so zero-initialized weights are the identity).
+    """
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
@@ -173,14 +190,31 @@ def new_token_mask(batch: int, t: int, segment_ids: Array | None = None,
     return mask
 
 
+def cache_mask(cache: KVCache, t: int) -> Array:
+    """Which cache slots `[B, T, S]` each of `t` new tokens may see: the valid ones."""
+    b, s = cache.valid.shape
+    return jnp.broadcast_to(cache.valid[:, None, :], (b, t, s))
+
+
+def window_mask(mask: Array, q_pos: Array, k_pos: Array, window: int) -> Array:
+    """`mask [B, T, S]` narrowed to keys less than `window` positions behind the query.
+
+    q_pos: [B, T], k_pos: [B, S] ints. A query at position i keeps key j only when
+    i - j < window (itself and the window - 1 before it), as Hugging Face and llama.cpp do.
+    """
+    return mask & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array,
-              cache: tuple[Array, Array, Array] | None = None) -> Array:
+              cache: tuple[Array, Array, Array] | None = None,
+              scale: float | None = None) -> Array:
     """Grouped-query softmax attention (Vaswani et al. 2017; GQA: Ainslie et al. 2023).
 
     Args:
       q: [B, T, H, hd] queries (already rotated); k, v: [B, T, KV, hd] for the new tokens.
       mask: [B, T, T] bool, which new keys each new query may see.
       cache: optional (k_cache [B, S, KV, hd], v_cache, mask_cache [B, T, S]) of earlier tokens.
+      scale: the scores' factor (default 1 / sqrt(hd)).
     Returns:
       [B, T, H * hd] in q's dtype. Scores and softmax are float32.
     """
@@ -195,7 +229,8 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
     # The g query heads that share a key/value head are stacked along the query axis, so each
     # KV head is one [G*T, hd] x [hd, S] matmul with the batch axes leading (faster on CPU
     # than a 5-D einsum with the heads between the token axes).
-    q = (q * (1.0 / math.sqrt(hd))).astype(q.dtype).reshape(b, t, kv, g, hd)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    q = (q * scale).astype(q.dtype).reshape(b, t, kv, g, hd)
     q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)  # row g*T + t
     s = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32)
     s = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], s, _MASK_VALUE)  # [B, KV, G*T, S]
@@ -261,17 +296,18 @@ def run_layers(block: Callable, x: Array, layers: Any, xs_extra: Any = None, *,
 
 
 def run_cached_layers(block: Callable, x: Array, layers: Any, cache: KVCache | None, *,
-                      remat: str = "none", scan: bool = True) -> tuple[Array, Any]:
+                      xs: Any = None, remat: str = "none",
+                      scan: bool = True) -> tuple[Array, Any]:
     """`run_layers` for decoder blocks that may read a KV cache.
 
-    `block(x, layer_params, layer_cache) -> (x, (k, v))` where `layer_cache` is None or
-    `(k_cache, v_cache, mask [B, T, S])` of that layer. Returns the final x and, with a cache,
-    the new keys/values stacked on L (None without one).
+    `block(x, layer_params, layer_kv, layer_xs) -> (x, (k, v))` where `layer_kv` is None or
+    `(k_cache, v_cache)` of that layer (`[B, S, KV, hd]`; the mask is the caller's, from
+    `cache_mask`) and `layer_xs` is the layer's slice of `xs` (per-layer flags, leading axis
+    L, or None). Returns the final x and, with a cache, the new keys/values stacked on L (None
+    without one).
     """
     if cache is None:
-        return run_layers(lambda h, lp, _: (block(h, lp, None)[0], None), x, layers, None,
+        return run_layers(lambda h, lp, e: (block(h, lp, None, e)[0], None), x, layers, xs,
                           remat=remat, scan=scan)
-    mask = jnp.broadcast_to(cache.valid[:, None, :],
-                            (x.shape[0], x.shape[1], cache.valid.shape[1]))
-    return run_layers(lambda h, lp, kv: block(h, lp, (*kv, mask)), x, layers,
-                      (cache.k, cache.v), remat=remat, scan=scan)
+    return run_layers(lambda h, lp, e: block(h, lp, e[0], e[1]), x, layers,
+                      ((cache.k, cache.v), xs), remat=remat, scan=scan)

