@@ -288,8 +288,8 @@ def test_sharding_mesh_table_is_the_sharding_spec(tmp_path):
     p = write(tmp_path, '[sharding]\nmesh = { fsdp = 4, data = 2 }\n')
     spec = load_config(p).sharding
     assert spec == ShardingSpec(mesh=(("fsdp", 4), ("data", 2)))
-    assert mesh_sizes(spec, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert mesh_sizes(ShardingSpec(), 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh_sizes(spec, 8) == {"members": 1, "data": 2, "fsdp": 4, "tensor": 1}
+    assert mesh_sizes(ShardingSpec(), 8) == {"members": 1, "data": 8, "fsdp": 1, "tensor": 1}
     assert mesh_sizes(ShardingSpec(mesh=(("fsdp", -1), ("tensor", 2))), 8)["fsdp"] == 4
     with pytest.raises(ConfigError, match=r"sharding.mesh: \{fsdp=4, data=2\} needs 8 devices, but there are 4"):
         mesh_sizes(spec, 4)

@@ -48,7 +48,7 @@ def test_one_device_mesh_and_rules():
 def test_batch_rows_must_split_over_the_batch_axes(rows, ok):
     devices = jax.devices()[:1] * 4  # shapes only: a mesh object of 4 "devices"
     mesh = jax.sharding.Mesh(
-        __import__("numpy").asarray(devices, dtype=object).reshape(2, 2, 1), sharding.AXES)
+        __import__("numpy").asarray(devices, dtype=object).reshape(1, 2, 2, 1), sharding.AXES)
     if ok:
         sharding.check_batch(mesh, rows)
     else:
