@@ -370,8 +370,12 @@ def _check_config(cfg: Config, src: str) -> None:
     """Checks that involve more than one field."""
     if not cfg.name.strip() or cfg.name in (".", "..") or "\\" in cfg.name:
         raise ConfigError(f"{src}: name: {cfg.name!r} is not usable as a run directory name")
-    if cfg.optim.warmup_steps > cfg.train.steps:
+    decays = cfg.optim.schedule != "constant"  # a decay needs at least one step after warmup
+    if cfg.optim.warmup_steps > cfg.train.steps - decays:
         raise ConfigError(
+            f"{src}: optim.warmup_steps: {cfg.optim.warmup_steps} leaves no step for the "
+            f"{cfg.optim.schedule} decay of train.steps ({cfg.train.steps}); it must be less"
+            if decays else
             f"{src}: optim.warmup_steps: {cfg.optim.warmup_steps} is more than "
             f"train.steps ({cfg.train.steps})"
         )

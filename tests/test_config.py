@@ -198,6 +198,11 @@ BAD_CASES = [
         (),
         ["optim.warmup_steps", "train.steps"],
     ),
+    (  # the default cosine decay needs a step after warmup (optax's schedule refuses none)
+        "[optim]\nwarmup_steps = 10\n[train]\nsteps = 10\n",
+        (),
+        ["optim.warmup_steps", "cosine decay", "train.steps (10)"],
+    ),
     ("[data]\nsources = 3\n", (), ["data.sources", "list of strings"]),
     ('[data]\nsources = ["a", 3]\n', (), ["data.sources[1]"]),
     ("[sharding]\nmesh = { data = -1, fsdp = -1 }\n", (), ["sharding.mesh", "at most one"]),
@@ -344,3 +349,15 @@ def test_remat_policies_are_the_models():
     from jaxlora.models.common import REMAT_POLICIES as MODELS
 
     assert REMAT_POLICIES == MODELS
+
+
+def test_warmup_may_fill_a_run_without_decay(tmp_path):
+    """A constant schedule's warmup may take every step; the schedule then builds (the
+    decaying schedules' limit is one step less, refused above)."""
+    from jaxlora import optim
+
+    cfg = load_config(write(tmp_path, '[optim]\nschedule = "constant"\nwarmup_steps = 10\n'
+                                      "[train]\nsteps = 10\n"))
+    lr = optim.make_schedule(cfg.optim.lr, "constant", cfg.optim.warmup_steps, cfg.train.steps)
+    assert float(lr(5)) == pytest.approx(cfg.optim.lr / 2, rel=1e-6)
+    assert float(lr(10)) == pytest.approx(cfg.optim.lr, rel=1e-6)
