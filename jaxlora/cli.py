@@ -74,15 +74,15 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
     print(f"run directory        {run_dir}")
     print(f"held-out loss        {f(s.get('val_loss_before'))} -> {f(s.get('val_loss'))} "
           f"(perplexity {f(s.get('val_ppl'), '.2f')})")
+    for sample in s.get("samples", []):
+        print(f"\nprompt:\n{sample['prompt']}\n--- before fine-tuning ---\n{sample['base']}\n"
+              f"--- after fine-tuning ----\n{sample['adapted']}\n")
     print(f"train loss (last)    {f(s.get('train_loss'))}")
     print(f"adapters             {s['adapter_params']:,} params, "
           f"{s['adapter_bytes'] / 2**20:.2f} MiB (base {s['base_bytes'] / 2**20:.1f} MiB, "
           f"{s['qtype']})")
     print(f"throughput           {f(s.get('tokens_per_s'), '.0f')} tokens/s, peak RSS "
           f"{f(s.get('peak_rss_mb'), '.0f')} MiB, wall {f(s.get('wall_s'), '.0f')} s")
-    for sample in s.get("samples", []):
-        print(f"\nprompt: {sample['prompt']}\n--- before ---\n{sample['base']}\n"
-              f"--- after ----\n{sample['adapted']}")
 
 
 class _Population:

@@ -128,6 +128,8 @@ class EvalSection:
     every: int = field(50, "Evaluate validation loss every N steps (0 = only at the end).", ge=0)
     batches: int = field(20, "At most this many validation batches per evaluation.", ge=1)
     samples: tuple[str, ...] = field((), "Prompts answered with and without the adapter at the end.")
+    chat: bool = field(False, "Wrap each sample prompt in the model's chat template (false: the "
+                              "prompt is text to continue, like the training data).")
     max_new_tokens: int = field(64, "Tokens generated per sample prompt.", ge=1)
     temperature: float = field(0.0, "Sampling temperature of the samples (0 = greedy).", ge=0)
 

@@ -315,7 +315,7 @@ def test_sweep_four_runs_then_skip(tmp_path, capsys):
     md = (folder / "results.md").read_text()
     rows = [line for line in md.splitlines()[2:] if line.startswith("| ")]
     assert len(rows) == 4 and all("| done |" in r for r in rows), md
-    names = [r.split("|")[1].strip() for r in rows]
+    names = [r.split("|")[-3].strip() for r in rows]  # the run column, before the error
     assert len(set(names)) == 4 and all((folder / n / "summary.json").is_file() for n in names)
     vals = [json.loads((folder / n / "summary.json").read_text())["val_loss"] for n in names]
     assert len(set(vals)) == 4  # every run trained its own adapters

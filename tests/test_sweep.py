@@ -45,6 +45,8 @@ class FakeRun:
         with (run_dir / "metrics.jsonl").open("w") as fh:
             for step in range(0, cfg.train.steps + 1, 2):
                 fh.write(json.dumps({"step": step, "loss": val + 1.0 / (step + 1)}) + "\n")
+            for step in (0, cfg.train.steps):
+                fh.write(json.dumps({"step": step, "val_loss": val + 1.0 / (step + 1)}) + "\n")
             fh.write('{"step": 99, "lo')  # a line cut short by an interrupt is ignored
         return {
             "train_loss": val - 0.1,
@@ -52,6 +54,7 @@ class FakeRun:
             "tokens_per_s": 100.0 * cfg.lora.rank,
             "adapter_bytes": 1000 * cfg.lora.rank,
             "not_scalar": [1, 2],
+            "name": cfg.name, "model": "/site-packages/x/model.gguf", "qtype": "nf4",
         }
 
 
@@ -199,20 +202,26 @@ def test_sweep_end_to_end(tmp_path):
     assert [r.status for r in res.runs] == ["done"] * 4
     rows = read_csv(res.csv_path)
     assert [r["run"] for r in rows] == names
-    assert list(rows[0])[:4] == ["run", "status", "lora.rank", "lora.scaling"]
+    assert list(rows[0])[:3] == ["lora.rank", "lora.scaling", "val_loss"]  # axes, then metrics
+    assert list(rows[0])[-3:] == ["status", "run", "error"]
+    header = list(rows[0])
+    assert len(header) == len(set(header))
+    assert not {"name", "model", "qtype"} & set(header)  # the run's name once; no model path
     assert {"train_loss", "val_loss", "tokens_per_s", "adapter_bytes", "wall_s"} <= set(rows[0])
     assert "not_scalar" not in rows[0]  # non-scalar metrics are dropped
     by_name = {r["run"]: r for r in rows}
     assert float(by_name["rank-16_scaling-rslora"]["val_loss"]) == pytest.approx(3.0 - 0.8 - 0.1)
     md = res.md_path.read_text().splitlines()
-    assert md[0].startswith("| run | status | lora.rank | lora.scaling | train_loss | val_loss")
+    assert md[0].startswith("| lora.rank | lora.scaling | val_loss |")
     assert len(md) == 2 + 4 and all(any(n in line for line in md) for n in names)
     for run in res.runs:
         status = json.loads((run.run_dir / STATUS_FILE).read_text())
         assert status["status"] == "done"
-    # plots: val_loss vs rank (one line per scaling) and the loss curves, valid PNGs
+    # plots: the metrics against each axis (numeric rank, categorical scaling) and the loss
+    # curves, valid PNGs
     plot_names = sorted(x.name for x in res.plots)
-    assert plot_names == ["loss_curves.png", "val_loss_vs_lora_rank.png"]
+    assert plot_names == ["loss_curves.png", "metrics_vs_lora_rank.png",
+                          "metrics_vs_lora_scaling.png"]
     for plot in res.plots:
         data = plot.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
@@ -291,7 +300,7 @@ def test_run_fn_returning_none_uses_summary_json(tmp_path):
     assert [r.metrics["val_loss"] for r in res.runs] == [0.1, 0.2]
     assert all("nested" not in r.metrics for r in res.runs)
     # one numeric axis and no other: a single line, still plotted
-    assert [x.name for x in res.plots] == ["val_loss_vs_lora_rank.png"]
+    assert [x.name for x in res.plots] == ["metrics_vs_lora_rank.png"]
 
 
 def test_overrides_apply_to_every_run_but_not_to_swept_keys(tmp_path):
@@ -320,3 +329,13 @@ def test_peak_rss_is_each_runs_own(tmp_path):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs: the peak cannot be reset")
     assert first - second > 300, (first, second)
+
+
+def test_loss_curves_read_training_and_held_out_points(tmp_path):
+    from jaxlora.sweep.results import _read_curves
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 0, "val_loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+                 '{"step": 4, "loss": 2.0, "lr": 1e-3}\n{"step": 4, "val_loss": 2.25}\n{"st')
+    assert _read_curves(p) == ([(2, 2.5), (4, 2.0)], [(0, 3.0), (4, 2.25)])
+    assert _read_curves(tmp_path / "missing.jsonl") == ([], [])

@@ -202,6 +202,8 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
     loaded = loaded._replace(base=jax.device_put(loaded.base, sharding.base_shardings(
         mesh, loaded.base, cfg0.quant.stacked)))
     state = jax.device_put(state, sharding.replicated(mesh, state))
+    for c in configs:
+        runs.check_samples(c, loaded)
     shared = all(c.data == cfg0.data for c in configs)
     first = assemble.make_datasets(cfg0, loaded)
     datasets = [first if shared or i == 0 else assemble.make_datasets(c, loaded)

@@ -15,7 +15,15 @@ from typing import Any
 
 __all__ = ["RunResult", "format_value", "write_results", "plot_results"]
 
-_METRIC_ORDER = ("train_loss", "val_loss", "tokens_per_s", "peak_rss_mb", "adapter_bytes", "wall_s")
+_METRIC_ORDER = ("val_loss", "val_loss_before", "train_loss", "val_ppl", "tokens_per_s",
+                 "peak_rss_mb", "adapter_params", "adapter_bytes", "base_bytes", "wall_s")
+_NOT_METRICS = ("name", "model", "qtype")
+"""Summary keys the table leaves out: the run's name (its own column), the model's path and
+qtype (in each run's config.toml; a swept `quant.qtype` is a column of its own)."""
+_PLOTTED = {"val_loss": "held-out loss", "train_loss": "training loss (last step)",
+            "tokens_per_s": "throughput (tokens/s)", "peak_rss_mb": "peak RSS (MiB)",
+            "wall_s": "wall time (s)", "adapter_bytes": "adapter size (bytes)"}
+"""The metrics plotted against each axis, with their axis labels."""
 
 
 @dataclasses.dataclass
@@ -47,18 +55,19 @@ def format_value(value: Any) -> str:
 def _metric_keys(runs: Sequence[RunResult]) -> list[str]:
     keys: list[str] = [k for k in _METRIC_ORDER if any(k in r.metrics for r in runs)]
     for r in runs:
-        keys += [k for k in r.metrics if k not in keys]
+        keys += [k for k in r.metrics if k not in keys and k not in _NOT_METRICS]
     return keys
 
 
 def write_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> tuple[Path, Path]:
-    """``results.csv`` and ``results.md``: one row per run, swept values then metrics."""
+    """``results.csv`` and ``results.md``: one row per run, the swept values first, then the
+    metrics, then the run's status, name and error."""
     metrics = _metric_keys(runs)
-    header = ["run", "status", *axes, *metrics, "error"]
+    header = [*axes, *metrics, "status", "run", "error"]
     rows = []
     for r in runs:
-        rows.append([r.name, r.status, *(r.overrides.get(a, "") for a in axes),
-                     *(r.metrics.get(m, "") for m in metrics), r.error or ""])
+        rows.append([*(r.overrides.get(a, "") for a in axes),
+                     *(r.metrics.get(m, "") for m in metrics), r.status, r.name, r.error or ""])
     csv_path, md_path = folder / "results.csv", folder / "results.md"
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -79,70 +88,86 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def plot_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> list[Path]:
-    """PNG plots of a sweep; returns the paths written (possibly none).
-
-    * ``<metric>_vs_<axis>.png``: val_loss (else train_loss) against the first numeric axis
-      with more than one value, one line per combination of the other axes' values.
-    * ``loss_curves.png``: each run's training loss from its ``metrics.jsonl`` lines that
-      hold ``step`` and ``loss``.
-    """
+def _axis_plot(folder: Path, done: Sequence[RunResult], axes: Sequence[str], x_axis: str,
+               metrics: Sequence[str]) -> Path:
+    """``metrics_vs_<axis>.png``: a panel per metric against `x_axis` (numeric, or categories
+    in sweep order), one line per combination of the other axes' values."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    written: list[Path] = []
-    done = [r for r in runs if r.status == "done"]
-    metric = next((m for m in ("val_loss", "train_loss") if any(_is_num(r.metrics.get(m)) for r in done)), None)
-    x_axis = next(
-        (a for a in axes
-         if len({format_value(r.overrides.get(a)) for r in done}) > 1
-         and all(_is_num(r.overrides.get(a)) for r in done)),
-        None,
-    )
-    if metric and x_axis:
-        others = [a for a in axes if a != x_axis]
+    values = [r.overrides.get(x_axis) for r in done]
+    numeric = all(_is_num(v) for v in values)
+    cats = list(dict.fromkeys(format_value(v) for v in values))
+    pos = (lambda v: v) if numeric else (lambda v: cats.index(format_value(v)))
+    others = [a for a in axes if a != x_axis]
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
         lines: dict[str, list[tuple[float, float]]] = {}
         for r in done:
             if _is_num(r.metrics.get(metric)):
-                label = ", ".join(f"{a.rsplit('.', 1)[-1]}={format_value(r.overrides.get(a))}" for a in others)
-                lines.setdefault(label or metric, []).append((r.overrides[x_axis], r.metrics[metric]))
-        fig = Figure(figsize=(6, 4), dpi=100)
-        ax = fig.add_subplot()
+                label = ", ".join(f"{a}={format_value(r.overrides.get(a))}" for a in others)
+                lines.setdefault(label, []).append((pos(r.overrides[x_axis]), r.metrics[metric]))
         for label, pts in lines.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        xs = [r.overrides[x_axis] for r in done]
-        if min(xs) > 0 and max(xs) / min(xs) >= 16:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+        if numeric and min(values) > 0 and max(values) / min(values) >= 16:
             ax.set_xscale("log", base=2)
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats)
         ax.set_xlabel(x_axis)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs {x_axis}")
+        ax.set_ylabel(_PLOTTED[metric])
         ax.grid(True, alpha=0.3)
-        if len(lines) > 1 or others:
-            ax.legend(fontsize=8)
-        path = folder / f"{metric}_vs_{x_axis.replace('.', '_')}.png"
-        FigureCanvasAgg(fig).print_png(str(path))
-        written.append(path)
+        if i == 0 and others:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"sweep metrics against {x_axis}")
+    path = folder / f"metrics_vs_{x_axis.replace('.', '_')}.png"
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
 
-    curves = {r.name: c for r in runs if (c := _read_curve(r.run_dir / "metrics.jsonl"))}
+
+def plot_results(folder: Path, runs: Sequence[RunResult], axes: Sequence[str]) -> list[Path]:
+    """PNG plots of a sweep; returns the paths written (possibly none).
+
+    * ``metrics_vs_<axis>.png`` for every axis with more than one value among the finished
+      runs: a panel per metric (held-out and training loss, throughput, peak memory, wall
+      time, adapter size), one line per combination of the other axes' values.
+    * ``loss_curves.png``: each run's training loss and, beside it, its held-out loss over the
+      steps, from its ``metrics.jsonl``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [r for r in runs if r.status == "done"]
+    metrics = [m for m in _PLOTTED if any(_is_num(r.metrics.get(m)) for r in done)]
+    written = [_axis_plot(folder, done, axes, a, metrics) for a in axes
+               if metrics and len({format_value(r.overrides.get(a)) for r in done}) > 1]
+    curves = {r.name: c for r in runs if (c := _read_curves(r.run_dir / "metrics.jsonl"))[0]}
     if curves:
-        fig = Figure(figsize=(7, 4), dpi=100)
-        ax = fig.add_subplot()
-        for name, pts in curves.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title("loss curves")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
+        fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+        panels = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+        for name, (train, held) in curves.items():
+            line, = panels[0].plot(*zip(*train, strict=True), label=name, linewidth=1)
+            if held:
+                panels[1].plot(*zip(*held, strict=True), marker=".", color=line.get_color(),
+                               label=name, linewidth=1)
+        for ax, what in zip(panels, ("training loss", "held-out loss"), strict=True):
+            ax.set_xlabel("step")
+            ax.set_ylabel(what)
+            ax.set_title(what)
+            ax.grid(True, alpha=0.3)
+        panels[0].legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
         path = folder / "loss_curves.png"
         FigureCanvasAgg(fig).print_png(str(path))
         written.append(path)
     return written
 
 
-def _read_curve(path: Path) -> list[tuple[float, float]]:
-    pts = []
+def _read_curves(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(training loss, held-out loss) points ``(step, value)`` of a metrics.jsonl."""
+    train, held = [], []
     try:
         with path.open() as fh:
             for line in fh:
@@ -150,8 +175,11 @@ def _read_curve(path: Path) -> list[tuple[float, float]]:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by an interrupt
-                if isinstance(rec, dict) and _is_num(rec.get("step")) and _is_num(rec.get("loss")):
-                    pts.append((rec["step"], rec["loss"]))
+                if not isinstance(rec, dict) or not _is_num(rec.get("step")):
+                    continue
+                for key, pts in (("loss", train), ("val_loss", held)):
+                    if _is_num(rec.get(key)):
+                        pts.append((rec["step"], rec[key]))
     except OSError:
-        return []
-    return sorted(pts)
+        pass
+    return sorted(train), sorted(held)

@@ -265,6 +265,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     sharding.check_population(mesh, None)
     sharding.check_batch(mesh, cfg.data.batch_size)
     s = setup(cfg, mesh)
+    check_samples(cfg, s.loaded)
     datasets = make_datasets(cfg, s.loaded)
     primary = sharding.is_primary()
     if jax.process_count() > 1:  # every host has checked the directory before one writes
@@ -404,12 +405,20 @@ def _samples(cfg: Config, loaded: Loaded, base: Params, adapters: Adapters
 
     prompts = list(cfg.eval.samples)
     kw = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-              chat=loaded.tokenizer.chat_template is not None)
+              chat=cfg.eval.chat)
     before = generate.generate(loaded.config, base, loaded.tokenizer, prompts, **kw)
     after = generate.generate(loaded.config, base, loaded.tokenizer, prompts, adapters=adapters,
                               **kw)
     return [{"prompt": p, "base": b, "adapted": a}
             for p, b, a in zip(prompts, before, after, strict=True)]
+
+
+def check_samples(cfg: Config, loaded: Loaded) -> None:
+    """Refuse chat-formatted samples for a tokenizer without a chat template (before training,
+    not after it)."""
+    if cfg.eval.samples and cfg.eval.chat and loaded.tokenizer.chat_template is None:
+        raise ConfigError(f"eval.chat: {loaded.source} has no chat template; set eval.chat = "
+                          "false to continue the sample prompts as plain text")
 
 
 def _samples_text(samples: list[dict[str, str]]) -> str:
