@@ -108,11 +108,19 @@ def _train_run(cfg: Any, run_dir: Any) -> dict[str, Any]:
     return train.run(cfg, run_dir)
 
 
+def _check_run(cfg: Any) -> None:
+    """`jaxlora.train.assemble.check_targets` (JAX is imported once every config parsed)."""
+    from jaxlora.train import assemble
+
+    assemble.check_targets(cfg)
+
+
 def cmd_sweep(args) -> int:
     from jaxlora import sweep
 
     result = sweep.run_sweep(args.sweep, _train_run, out_dir=args.out, overrides=args.set or (),
-                             population=_Population(), population_size=args.population_size)
+                             population=_Population(), population_size=args.population_size,
+                             check=_check_run)
     print(f"results: {result.md_path}")
     failed = [r for r in result.runs if r.status != "done"]
     return 1 if failed else 0

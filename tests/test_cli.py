@@ -326,6 +326,18 @@ def test_sweep_four_runs_then_skip(tmp_path, capsys):
     assert {n: listing(folder / n) for n in names} == before
 
 
+def test_sweep_with_a_rank_wider_than_a_layer_stops_before_training(tmp_path, capsys):
+    """The check reads the model's shapes only: the whole sweep is refused, naming the run,
+    the narrow layers and the largest rank, before any run directory exists."""
+    write_tiny_config(tmp_path, "tiny", steps=2)
+    sw = _sweep(tmp_path, '[grid]\n"lora.rank" = [8, 48]\n')
+    rc, out, err = run_cli(capsys, "sweep", sw)
+    assert rc == 2 and "Traceback" not in err  # a config error
+    line = err.strip()
+    assert "\n" not in line and "rank-48" in line and "k_proj" in line and "is 32" in line
+    assert not (tmp_path / "runs").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # config printing and run failures (exit 1, one line)
 # --------------------------------------------------------------------------------------------

@@ -104,3 +104,22 @@ def test_leaf_geometry_is_what_init_builds():
     assert up == ((2,), 64, (128,), 4, 16.0 / math.sqrt(4))
     with pytest.raises(ValueError, match="exceeds min"):
         lora.leaf_geometry("lm_head/kernel", (64, 3), spec)
+
+
+def test_check_ranks_names_every_narrow_layer_and_the_largest_rank():
+    """tiny-llama: k/v project 64 -> 32, the rest are at least 64 wide. Rank 48 fits q, o and
+    the MLP but not k/v; the error names exactly those two and the limit (32), and a
+    rank_pattern cap or an exclusion makes the same spec valid."""
+    from jaxlora import io, models, paths
+
+    shapes = models.param_shapes(io.model_config("tiny-llama"))
+    tree = paths.unflatten_paths({p: jax.ShapeDtypeStruct(s, "float32") for p, s in shapes.items()})
+    with pytest.raises(ValueError) as info:
+        lora.check_ranks(tree, LoraSpec(rank=48))
+    msg = str(info.value)
+    assert "\n" not in msg and "2 targeted layer(s)" in msg and "is 32" in msg
+    assert "layers/attn/k_proj/kernel (rank 48 > 32)" in msg
+    assert "layers/attn/v_proj/kernel (rank 48 > 32)" in msg and "q_proj" not in msg
+    lora.check_ranks(tree, LoraSpec(rank=48, rank_pattern={"k_proj|v_proj": 32}))
+    lora.check_ranks(tree, LoraSpec(rank=48, exclude=("k_proj", "v_proj")))
+    lora.check_ranks(tree, LoraSpec(rank=32))  # the limit itself fits

@@ -42,8 +42,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "register_linear", "embed", "attend", "check_fit",
         ),
         "jaxlora.lora.spec": (
-            "LoraSpec", "Targets", "LeafGeometry", "resolve_targets", "leaf_geometry",
-            "lora_scale",
+            "LoraSpec", "Targets", "LeafGeometry", "resolve_targets", "check_ranks",
+            "leaf_geometry", "lora_scale",
         ),
         "jaxlora.lora.adapters": ("Summary", "init", "init_pissa", "merge", "unmerge", "summary"),
         "jaxlora.paths": ("flatten_paths", "unflatten_paths"),

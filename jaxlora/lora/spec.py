@@ -27,7 +27,8 @@ from jaxlora.paths import flatten_paths
 if TYPE_CHECKING:  # this module imports no JAX: configs hold a LoraSpec
     from jaxlora.lora.primitive import Params
 
-__all__ = ["Targets", "LoraSpec", "lora_scale", "resolve_targets", "LeafGeometry", "leaf_geometry"]
+__all__ = ["Targets", "LoraSpec", "lora_scale", "resolve_targets", "check_ranks", "LeafGeometry",
+           "leaf_geometry"]
 
 Targets = str | tuple[str, ...]
 """A regex over leaf paths, a tuple of module names (path components) or ``"all-linear"``."""
@@ -263,3 +264,29 @@ def leaf_geometry(path: str, shape: tuple[int, ...], spec: LoraSpec) -> LeafGeom
             f"LoRA rank {r} for {path!r} exceeds min(in, out) = min({d_in}, {d_out}) of {shape}"
         )
     return LeafGeometry(lead, d_in, out, r, lora_scale(alpha, r, spec.scaling))
+
+
+def check_ranks(base: Params, spec: LoraSpec) -> None:
+    """Refuse, before anything is built, every targeted leaf whose rank exceeds ``min(in,
+    out)``, naming each one and the largest rank all the targets allow.
+
+    `base` needs only the leaves' ``.shape`` (a model's `param_shapes`, nothing loaded).
+
+    Raises:
+      ValueError: one line; it suggests a lower rank, a `rank_pattern` cap or an exclusion.
+    """
+    flat = flatten_paths(base)
+    bad, limit = [], None
+    for path in resolve_targets(base, spec):
+        shape = tuple(flat[path].shape)
+        n = _n_lead(spec, path)
+        most = min(shape[n], int(np.prod(shape[n + 1 :])))
+        limit = most if limit is None else min(limit, most)
+        r = int(_first_match(spec.rank_pattern, path, spec.rank))
+        if r > most:
+            bad.append(f"{path} (rank {r} > {most})")
+    if bad:
+        raise ValueError(
+            f"lora.rank: {len(bad)} targeted layer(s) are narrower than their rank: "
+            f"{', '.join(bad)}; the largest rank every target allows is {limit}: lower "
+            "lora.rank, cap those layers with lora.rank_pattern, or exclude them")

@@ -193,6 +193,8 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
     mesh = sharding.make_mesh(cfg0.sharding)  # bad sizes fail here, before anything loads
     sharding.check_population(mesh, len(configs))
     sharding.check_batch(mesh, cfg0.data.batch_size)
+    for c in configs:
+        assemble.check_targets(c)
     t_start = time.perf_counter()
     with assemble.staging(mesh):
         loaded = assemble.load_base(cfg0)

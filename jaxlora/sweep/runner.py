@@ -63,6 +63,7 @@ def run_sweep(
     log: Callable[[str], None] | None = print,
     population: Any = None,
     population_size: int | None = None,
+    check: Callable[[Any], None] | None = None,
 ) -> SweepResult:
     """Run every run of a sweep that has not finished yet, then write results and plots.
 
@@ -81,6 +82,8 @@ def run_sweep(
         member into its own run directory. None: one run at a time.
       population_size: members per population (default: the sweep file's
         ``population_size``, else as many as the memory estimate allows; 1 = one at a time).
+      check: called with every run's config before any run starts (e.g.
+        `jaxlora.train.assemble.check_targets`); its error ends the sweep before it trains.
     Returns:
       SweepResult with every run's status and metrics and the paths written.
 
@@ -92,6 +95,8 @@ def run_sweep(
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     specs = expand(sweep, out_dir=out_dir, overrides=overrides)
+    for spec in specs if check is not None else ():
+        check(spec.config)
     folder = sweep_dir(sweep, out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)

@@ -21,6 +21,7 @@ import optax
 from jaxlora import data as data_lib
 from jaxlora import lora, models, optim, quant, sharding
 from jaxlora.config import Config, to_dict
+from jaxlora.paths import unflatten_paths
 from jaxlora.train.step import TrainState, init_state
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "DTYPES",
     "compute_dtype",
     "load_base",
+    "check_targets",
     "make_datasets",
     "data_notices",
     "staging",
@@ -92,6 +94,20 @@ def load_base(cfg: Config) -> Loaded:
                            dtype=DTYPES[cfg.model.param_dtype], seed=cfg.train.seed)
     return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source,
                   quant.report(loaded.params))
+
+
+def check_targets(cfg: Config) -> None:
+    """Check the config's adapters against the model's shapes, from its header alone (before
+    anything loads): every target exists and no rank exceeds its layer (ConfigError)."""
+    from jaxlora import io
+    from jaxlora.errors import ConfigError
+
+    shapes = models.param_shapes(io.model_config(cfg.model.name))
+    tree = unflatten_paths({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
+    try:
+        lora.check_ranks(tree, cfg.lora)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.name}: {e}") from None
 
 
 def learning_rate(cfg: Config, step: int) -> float:

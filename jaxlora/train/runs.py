@@ -30,6 +30,7 @@ from jaxlora.train import loop
 from jaxlora.train.assemble import (
     Loaded,
     Setup,
+    check_targets,
     checkpoint_manager,
     compute_dtype,
     data_notices,
@@ -264,6 +265,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     mesh = sharding.make_mesh(cfg.sharding)  # bad sizes fail here, before anything loads
     sharding.check_population(mesh, None)
     sharding.check_batch(mesh, cfg.data.batch_size)
+    check_targets(cfg)
     s = setup(cfg, mesh)
     check_samples(cfg, s.loaded)
     datasets = make_datasets(cfg, s.loaded)
