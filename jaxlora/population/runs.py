@@ -39,7 +39,7 @@ __all__ = [
 # Which runs can share one population
 # --------------------------------------------------------------------------------------------
 MEMBER_KEYS = ("name", "output_dir", "lora", "optim", "train.seed", "train.log_every",
-               "train.progress", "data.seed", "eval.samples", "eval.max_new_tokens",
+               "train.progress", "train.tensorboard", "data.seed", "eval.samples", "eval.max_new_tokens",
                "eval.temperature", "checkpoint")
 """Config keys (and sections) a member may set for itself; every other key is the
 population's: the base (model, quant), the batch shape (data), the step (train.steps,
@@ -227,12 +227,16 @@ def _run_members(configs: list, dirs: list[Path], resuming: list[bool]) -> dict 
               + ", ".join(c.name for c in configs))
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(d / "metrics.jsonl", "a")) for d in dirs]
+        start = int(state.members[0].step) or -1  # the resumed checkpoint's step, or none
+        sinks = [stack.enter_context(loop.tensorboard(d / "tensorboard", c.train.tensorboard,
+                                                      start))
+                 for c, d in zip(configs, dirs, strict=True)]
         for mgr in managers:
             stack.enter_context(mgr)
         stop = stack.enter_context(loop.StopSignals())
         logs = [loop.MetricsLog(f, log_every=c.train.log_every, steps=c.train.steps,
                                 lr=functools.partial(assemble.learning_rate, c), t_start=t_start,
-                                window=resumed[i])
+                                window=resumed[i], sinks=sinks[i])
                 for i, (c, f) in enumerate(zip(configs, files, strict=True))]
         team = [_Member(c, d, s, m, ds, lg) for c, d, s, m, ds, lg in
                 zip(configs, dirs, setups, managers, datasets, logs, strict=True)]

@@ -13,10 +13,12 @@ can save it before reporting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import jax
@@ -32,6 +34,7 @@ __all__ = [
     "StopSignals",
     "train_loop",
     "MetricsLog",
+    "tensorboard",
     "eval_hook",
     "checkpoint_hook",
 ]
@@ -127,8 +130,10 @@ class MetricsLog:
     """
 
     def __init__(self, file: IO[str], *, log_every: int, steps: int, lr: Callable[[int], float],
-                 t_start: float, progress: Any = None, window: Mapping[str, float] | None = None):
+                 t_start: float, progress: Any = None, window: Mapping[str, float] | None = None,
+                 sinks: Sequence[Callable[[dict[str, Any]], None]] = ()):
         self.file, self.log_every, self.steps, self.lr = file, log_every, steps, lr
+        self.sinks = tuple(sinks)  # also given every record (e.g. `tensorboard`)
         self.t_start, self.progress = t_start, progress
         self.window = _window_from(window or {})
         self.t_window = time.perf_counter()
@@ -138,6 +143,8 @@ class MetricsLog:
     def emit(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        for sink in self.sinks:
+            sink(record)
 
     def __call__(self, info: StepInfo) -> None:
         self.window.append((float(info.metrics.loss), info.tokens))
@@ -163,6 +170,36 @@ class MetricsLog:
             out[f"log_window/{i:05d}/loss"] = loss
             out[f"log_window/{i:05d}/tokens"] = tokens
         return out
+
+
+@contextlib.contextmanager
+def tensorboard(folder: Path, enabled: bool, resumed_at: int = -1) -> Iterator[list]:
+    """``[sink]`` writing each metrics record's numbers as TensorBoard scalars (tensorboardX
+    event files in `folder`, tag = the record's key, step = its ``step``), or ``[]`` when not
+    `enabled`. A run resumed at a checkpoint of step `resumed_at` first purges the events an
+    interrupted run wrote after it, as `metrics.jsonl` drops its later records."""
+    if not enabled:
+        yield []
+        return
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        from jaxlora.errors import ConfigError
+
+        raise ConfigError("train.tensorboard: needs tensorboardX (pip install "
+                          "'jaxlora[tensorboard]')") from None
+    writer = SummaryWriter(str(folder), purge_step=resumed_at + 1 if resumed_at >= 0 else None)
+
+    def sink(record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, record["step"])
+        writer.flush()
+
+    try:
+        yield [sink]
+    finally:
+        writer.close()
 
 
 def _window_from(metrics: Mapping[str, float]) -> list[tuple[float, float]]:

@@ -291,16 +291,21 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     if primary:
         truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= cfg.train.steps)
     metrics = run_dir / "metrics.jsonl" if primary else os.devnull  # one writer
-    with open(metrics, "a") as mf, loop.StopSignals() as stop, manager:
-        out = _train(cfg, s, datasets, manager, state, position, resumed, mf, stop, t_start)
+    tensorboard = loop.tensorboard(run_dir / "tensorboard", cfg.train.tensorboard and primary,
+                                   start)
+    with open(metrics, "a") as mf, tensorboard as sinks, loop.StopSignals() as stop, manager:
+        out = _train(cfg, s, datasets, manager, state, position, resumed, (mf, sinks), stop,
+                     t_start)
     if "stopped" in out:
         return out
     return finish_run(cfg, s, run_dir, out, summ, t_start, len(data_notices(datasets)))
 
 
-def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, mf, stop,
+def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, outputs, stop,
            t_start) -> dict[str, Any]:
-    """The loop of `run` with its hooks: logs, evaluations, checkpoints, stop signals."""
+    """The loop of `run` with its hooks: logs (`outputs`: the metrics.jsonl file and the other
+    sinks of its records), evaluations, checkpoints, stop signals."""
+    mf, sinks = outputs
     from tqdm.auto import tqdm
 
     dtype = compute_dtype(cfg.model.compute_dtype)
@@ -323,7 +328,7 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, m
                desc=cfg.name, unit="step", dynamic_ncols=True, file=sys.stderr)
     log = loop.MetricsLog(mf, log_every=cfg.train.log_every, steps=cfg.train.steps,
                           lr=lambda step: learning_rate(cfg, step), t_start=t_start, progress=bar,
-                          window=resumed)
+                          window=resumed, sinks=sinks)
     before = val_metrics(None)  # the base's held-out loss (summary: val_loss_before)
     if start == 0 and before:
         log.emit({"step": 0, **before})
