@@ -24,6 +24,14 @@ from jaxlora.paths import flatten_paths
 K, N = 128, 192  # N = 3 tiles of 64 (the quant block): not a power of two
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls_in_float32():
+    """Full-precision float32 dots, so the comparisons mean the same on a GPU (where XLA's
+    default is TF32) as on CPU."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def with_kernel(tree, mode: str):
     """The tree with every QTensor's matmul mode set to ``mode``."""
     return jax.tree.map(
@@ -198,7 +206,8 @@ def test_pallas_mode_refuses_what_the_kernel_cannot_take(qtype, shape, batch_dim
         jax.jit(lora.linear)(rnd("xr", (3, K)), q)
 
 
-def test_auto_is_the_xla_path_off_gpu():
+def test_auto_is_the_xla_path_off_gpu(monkeypatch):
+    monkeypatch.setattr(dispatch, "_platform", lambda: "cpu")  # as on CPU (also on a GPU)
     q = quant.quantize(rnd("wa", (K, N)), "nf4", 64)
     assert q.kernel == "auto"
     assert n_pallas_calls(lora.linear, rnd("xa", (3, K)), q) == 0
@@ -227,6 +236,24 @@ def test_auto_on_gpu_follows_one_cached_measurement_per_shape(monkeypatch):
         assert n_pallas_calls(lora.linear, x, q) == expected
         assert n_pallas_calls(lora.linear, x + 1, q) == expected  # same shape: cached
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int4"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("m, k, n", [(8192, 576, 192), (21, 1536, 576), (4096, 2048, 8192)])
+def test_kernels_lower_through_triton_for_gpu(qtype, dtype, m, k, n):
+    """The same kernel bodies, lowered for CUDA on this machine by Pallas' Triton backend
+    (power-of-two loads, supported primitives): forward and dx become Triton custom calls."""
+    t = nf4_matmul.tiles_for(m, k, n, qtype, 64, interpret=False)
+    args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((k, n // 64), jnp.float32))
+
+    def y_and_dx(x, codes, scales):
+        y, back = jax.vjp(lambda x_: nf4_matmul.qmatmul(x_, codes, scales, t), x)
+        return y, back(y)[0]
+
+    text = jax.jit(y_and_dx).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
 
 
 def test_quant_kernel_config_key(tmp_path):
