@@ -277,3 +277,22 @@ def test_models_param_shapes_fit_the_kernel_tiles():
         if path.startswith("layers/") and path.endswith("kernel"):
             _, k, *out = shape
             assert nf4_matmul.tiles_for(256, k, int(np.prod(out)), "nf4", 64, True), path
+
+
+def test_gpu_suite_script_parses_and_names_existing_scripts():
+    """`bash -n` of benchmarks/gpu_suite.sh, and every script or test file it runs exists.
+
+    Its dry mode (``GPU_SUITE_DRY=1``: every command on CPU at tiny sizes) takes minutes on
+    two cores, so it is run by hand (README), not here.
+    """
+    import re
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "gpu_suite.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"(?:benchmarks|tests)/[\w/]+\.py", script.read_text()))
+    assert {"benchmarks/bench_train.py", "benchmarks/bench_population.py",
+            "tests/test_kernels.py"} <= named
+    assert all((repo / p).is_file() for p in named)

@@ -45,7 +45,7 @@ __all__ = ["Tiles", "tiles_for", "decode_tile", "qmatmul"]
 
 Array = jax.Array
 
-_MAX_BM = 64  # rows of x per program
+_MAX_BM = 128  # rows of x per program (each program decodes its W strip once: fewer, larger)
 _MAX_BN = 128  # output columns per program (a multiple of the quant block)
 _MAX_BK = 64  # reduction tile
 _MIN_DOT = 16  # Triton's smallest dot dimension
@@ -62,6 +62,7 @@ class Tiles:
       qtype: "nf4" | "fp4" | "int4" (a 16-entry code table).
       block_size: elements per absmax scale.
       interpret: run in Pallas interpret mode (any backend but GPU).
+      warps: Triton warps per program (8 for a 128 x 128 accumulator, else 4).
     """
 
     bm: int
@@ -70,6 +71,7 @@ class Tiles:
     qtype: str
     block_size: int
     interpret: bool
+    warps: int = 4
 
 
 def _pow2_tile(n: int, cap: int, floor: int) -> int | None:
@@ -86,18 +88,18 @@ def tiles_for(m: int, k: int, n: int, qtype: str, block_size: int,
               interpret: bool) -> Tiles | None:
     """Tiles for ``x [m, k] @ W [k, n]``, or None when the kernel cannot take the shape.
 
-    The kernel needs a 4-bit format, ``n`` a multiple of a power-of-two tile that is itself a
-    multiple of ``block_size`` (so that scale blocks never straddle rows of ``W``) and ``k`` a
-    multiple of a power-of-two tile of at least 16 (Triton's smallest dot).
+    The kernel needs a 4-bit format, ``n`` a multiple of a power-of-two tile of at most 128
+    that is itself a multiple of ``block_size`` (so that scale blocks never straddle rows of
+    ``W``) and ``k`` a multiple of a power-of-two tile of at least 16 (Triton's smallest dot).
     """
     if qtype not in TABLES:
         return None
-    bn = _pow2_tile(n, max(_MAX_BN, block_size), block_size)
+    bn = _pow2_tile(n, _MAX_BN, block_size)  # None for blocks over 128 elements too
     bk = _pow2_tile(k, _MAX_BK, _MIN_DOT)
-    if bn is None or bk is None or bn > 256:
+    if bn is None or bk is None:
         return None
     bm = max(_MIN_DOT, min(_MAX_BM, pl.next_power_of_2(max(m, 1))))
-    return Tiles(bm, bn, bk, qtype, block_size, interpret)
+    return Tiles(bm, bn, bk, qtype, block_size, interpret, 8 if bm * bn >= 128 * 128 else 4)
 
 
 def _lookup(idx: Array, table: np.ndarray) -> Array:
@@ -157,9 +159,6 @@ def _dx_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, t: Tiles):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-_COMPILER = plt.CompilerParams(num_warps=4, num_stages=3)
-
-
 def _forward(x: Array, codes: Array, scales: Array, t: Tiles) -> Array:
     """``x [M, K] @ W [K, N]`` with ``M`` a multiple of ``t.bm``."""
     m, k = x.shape
@@ -176,7 +175,7 @@ def _forward(x: Array, codes: Array, scales: Array, t: Tiles) -> Array:
         ],
         out_specs=pl.BlockSpec((t.bm, t.bn), lambda i, j: (i, j)),
         interpret=t.interpret,
-        compiler_params=_COMPILER,
+        compiler_params=plt.CompilerParams(num_warps=t.warps, num_stages=3),
         name="qmatmul_fwd",
     )(x, codes, scales)
 
@@ -196,7 +195,7 @@ def _input_grad(dy: Array, codes: Array, scales: Array, t: Tiles) -> Array:
         ],
         out_specs=pl.BlockSpec((t.bm, t.bk), lambda i, j: (i, j)),
         interpret=t.interpret,
-        compiler_params=_COMPILER,
+        compiler_params=plt.CompilerParams(num_warps=t.warps, num_stages=3),
         name="qmatmul_dx",
     )(dy, codes, scales)
 

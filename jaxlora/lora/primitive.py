@@ -17,7 +17,10 @@ What each path forms (the memory promises of QLoRA, arXiv 2305.14314):
   weight gradient only when a float base is itself differentiated (symbolic zeros tell).
 * With dropout the low-rank path runs apart, through ``[..., r]``, and never forms ``A @ B``;
   the base contraction of a QTensor is rematerialized (dequantized again in the backward).
-* A bare QTensor base is the same rematerialized contraction.
+* A bare QTensor base is the same rematerialized contraction, or, where its ``kernel`` mode
+  selects it (`jaxlora.kernels.choose`), the fused Pallas dequantize-matmul, whose custom VJP
+  decodes the codes tile by tile again for ``dx``; a `LoraWeight` over such a base is not
+  folded (its adapter runs apart, through ``[..., r]``).
 
 Either way the adapter gradients come from rank-``r`` contractions only: no ``[in, out]``
 weight gradient is formed unless the base itself is differentiated.
