@@ -270,6 +270,23 @@ def test_quant_kernel_config_key(tmp_path):
         quant.quantize(rnd("t", (K, N)), kernel="fast")
 
 
+def test_the_matmul_path_is_not_part_of_a_run_or_its_base_record():
+    """A run may resume on another machine with another ``quant.kernel``; the qtype (the
+    control) still makes it another run and another base."""
+    from jaxlora.checkpoint import base_record
+    from jaxlora.config import Config
+    from jaxlora.train.runs import same_run
+
+    def cfg(**q):
+        return Config(quant=quant.QuantRules(**q))
+
+    assert same_run(cfg(kernel="xla"), cfg(kernel="pallas"))
+    assert not same_run(cfg(qtype="nf4"), cfg(qtype="fp4"))
+    base = {"w": rnd("b", (4, 4))}
+    assert base_record(base, quant={"qtype": "nf4", "kernel": "pallas"})["quant"] == {
+        "qtype": "nf4"}
+
+
 def test_models_param_shapes_fit_the_kernel_tiles():
     """SmolLM2's projections (576 / 192 / 1536 wide) all have kernel tiles (block 64)."""
     cfg = models.ModelConfig.smollm2_135m()
