@@ -7,10 +7,11 @@ A `QTensor` carries its ``kernel`` mode (static, from ``quant.kernel``; `MODES`)
   interpret mode, which is slow and meant for tests. A weight the kernel cannot take (int8,
   a stacked leaf used unscanned, a width that is no multiple of a power-of-two tile of the
   quant block) is refused with a one-line error, never silently sent to XLA.
-- ``"auto"`` (the default): XLA except on GPU, where the first trace of each product shape
-  times the kernel against the XLA path (forward and input gradient, on random data of that
-  shape) and keeps the faster; the answers are cached for the process (`auto_choices`), like
-  XLA's own autotuning results.
+- ``"auto"`` (the default): XLA except on a single GPU, where the first trace of each product
+  shape times the kernel against the XLA path (forward and input gradient, on random data of
+  that shape) and keeps the faster; the answers are cached for the process (`auto_choices`),
+  like XLA's own autotuning results. With several devices it stays on XLA: a Pallas call is
+  not partitioned by XLA's sharding propagation, so on a mesh its operands would be gathered.
 
 `choose` is called at trace time by `jaxlora.lora.primitive` for every QTensor contraction
 ``x [..., K] . W [K, *out]``; `apply` then runs the kernel on the QTensor's arrays.
@@ -39,8 +40,9 @@ _AUTO: dict[tuple, tuple[bool, float, float]] = {}  # shape key -> (kernel?, ker
 
 
 def _platform() -> str:
-    """The backend the program is traced for ("cpu", "gpu", "tpu")."""
-    return jax.default_backend()
+    """The backend the program is traced for ("cpu", "gpu", "tpu"); "gpu" only for one GPU."""
+    backend = jax.default_backend()
+    return "gpu-mesh" if backend == "gpu" and jax.device_count() > 1 else backend
 
 
 def _geometry(q, x_shape: tuple[int, ...]) -> tuple[int, int, int] | None:

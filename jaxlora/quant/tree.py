@@ -81,7 +81,8 @@ class QuantRules:
     kernel: str = schema.field(
         "auto", "How matmuls meet the quantized weights: xla (dequantize, then XLA's dot), "
         "pallas (the fused Pallas dequantize-matmul; interpret mode off GPU), or auto (the "
-        "kernel on GPU where a one-time measurement per shape finds it faster, else xla).",
+        "kernel on a single GPU where a one-time measurement per shape finds it faster, else "
+        "xla).",
         choices=MODES,
     )
     stacked: str = schema.field(
