@@ -40,7 +40,8 @@ _AUTO: dict[tuple, tuple[bool, float, float]] = {}  # shape key -> (kernel?, ker
 
 
 def _platform() -> str:
-    """The backend the program is traced for ("cpu", "gpu", "tpu"); "gpu" only for one GPU."""
+    """The backend the program is traced for ("cpu", "gpu", "tpu"), or "gpu-mesh" when there
+    are several GPUs (where "auto" keeps XLA)."""
     backend = jax.default_backend()
     return "gpu-mesh" if backend == "gpu" and jax.device_count() > 1 else backend
 
