@@ -10,6 +10,8 @@ time, and the step time per member against the population size.
 
     .venv/bin/python benchmarks/bench_population.py                 # both parts, 30 steps
     .venv/bin/python benchmarks/bench_population.py --steps 10 --sizes 1,2,4,8
+    python3 benchmarks/bench_population.py --parts sizes --sizes 16 --dtype bfloat16  # GPU
+        # (--model tiny-llama --batch 1 --seq 32: the GPU suite's dry run)
 """
 
 from __future__ import annotations
@@ -87,15 +89,17 @@ def sweep_part(steps: int) -> None:
           f"{rows[8][1] / rows[1][1]:.2f}\n", flush=True)
 
 
-def _child(k: int, steps: int, layout: str | None) -> dict:
+def _child(k: int, steps: int, layout: str | None, model: str = "smollm2-135m-instruct",
+           rows: int = 4, seq: int = 256, dtype: str = "float32") -> dict:
     import jax
     import numpy as np
 
-    from jaxlora import data, optim, population, quant
+    from jaxlora import data, memory, optim, population, quant
     from jaxlora import io as jio
     from jaxlora.lora import LoraSpec
 
-    m = jio.load_model("smollm2-135m-instruct", quant=quant.QuantRules(qtype="nf4"))
+    compute = jax.numpy.dtype(dtype)
+    m = jio.load_model(model, quant=quant.QuantRules(qtype="nf4"), dtype=compute)
     members = [population.Member(LoraSpec(rank=8, alpha=16.0),
                                  optim.OptimSpec(lr=1e-4 * (i + 1), schedule="constant"), i)
                for i in range(max(k, 1))]
@@ -104,16 +108,19 @@ def _child(k: int, steps: int, layout: str | None) -> dict:
 
         tx = optim.make_optimizer(members[0].optim, steps + 1)
         state = train.init_state(lora.init(jax.random.key(0), m.params, members[0].lora), tx, 0)
-        single = train.make_train_step(m.config, tx, dropout=False, remat="attn")
+        single = train.make_train_step(m.config, tx, dropout=False, remat="attn",
+                                       compute_dtype=compute)
         step = lambda s, p, b: single(s, p, b)  # noqa: E731
     else:
         state, txs = population.init(m.params, members, steps + 1)
-        step = population.make_step(m.config, txs, remat="attn", layout=layout)
+        step = population.make_step(m.config, txs, remat="attn", layout=layout,
+                                    compute_dtype=compute)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, m.config.vocab_size, size=(1, 4, 257)).astype(np.int32)
+    tokens = rng.integers(0, m.config.vocab_size, size=(1, rows, seq + 1)).astype(np.int32)
+    shape = (1, rows, seq)
     batch = data.Batch(*(jax.numpy.asarray(x) for x in (
-        tokens[..., :-1], tokens[..., 1:], np.ones((1, 4, 256), np.float32),
-        np.ones((1, 4, 256), np.int32), np.broadcast_to(np.arange(256, dtype=np.int32), (1, 4, 256)))))
+        tokens[..., :-1], tokens[..., 1:], np.ones(shape, np.float32), np.ones(shape, np.int32),
+        np.broadcast_to(np.arange(seq, dtype=np.int32), shape))))
     state, metrics = step(state, m.params, batch)  # compile + first step
     times = []
     for _ in range(steps):
@@ -123,28 +130,39 @@ def _child(k: int, steps: int, layout: str | None) -> dict:
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     return {"k": k, "step_s": step_s, "per_member_s": step_s / max(k, 1),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "device_peak_mb": memory.device_peak_mb()}
 
 
-def size_part(sizes: list[int], steps: int, layout: str | None) -> None:
+def size_part(sizes: list[int], steps: int, layout: str | None, args) -> None:
     rows = []
+    shape = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+             "--dtype", args.dtype]
     for k in [-1, *sizes]:  # -1: a run alone, for comparison
         out = subprocess.run([sys.executable, __file__, "--child", str(k), "--steps",
-                              str(steps), *(["--layout", layout] if layout else [])],
+                              str(steps), *(["--layout", layout] if layout else []), *shape],
                              check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done K={k}", file=sys.stderr, flush=True)
-    alone = rows.pop(0)["step_s"]
-    print(f"Population step ({layout or 'default'} layout), NF4 SmolLM2-135M, r=8 all linear, "
-          f"shared batch 4 x 256, remat attn, median of {steps} steps\n")
-    print(f"A run alone (`train.make_train_step`, same settings): step {alone:.2f} s\n")
+    alone = rows.pop(0)
+    tokens = args.batch * args.seq
+    print(f"Population step ({layout or 'default'} layout), NF4 {args.model}, r=8 all linear, "
+          f"shared batch {args.batch} x {args.seq}, {args.dtype}, remat attn, median of "
+          f"{steps} steps\n")
+    print(f"A run alone (`train.make_train_step`, same settings): step {alone['step_s']:.3f} s, "
+          f"device peak {_mb(alone['device_peak_mb'])} MiB\n")
     print("| K | step (s) | per member (s) | tokens/s per member | per member vs a run alone | "
-          "peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
+          "peak RSS (MiB) | device peak (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        rel = f"{r['per_member_s'] / alone:.2f}"
-        print(f"| {r['k']} | {r['step_s']:.2f} | {r['per_member_s']:.2f} | "
-              f"{1024 / r['per_member_s']:.0f} | {rel} | {r['peak_rss_mb']:.0f} |")
+        rel = f"{r['per_member_s'] / alone['step_s']:.2f}"
+        print(f"| {r['k']} | {r['step_s']:.3f} | {r['per_member_s']:.3f} | "
+              f"{tokens / r['per_member_s']:.0f} | {rel} | {r['peak_rss_mb']:.0f} | "
+              f"{_mb(r['device_peak_mb'])} |")
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def main() -> None:
@@ -155,15 +173,21 @@ def main() -> None:
     ap.add_argument("--parts", default="sweep,sizes")
     ap.add_argument("--layout", choices=("rows", "members"), default=None,
                     help="population layout (default: members on CPU, rows on accelerators)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="sizes part: the model")
+    ap.add_argument("--batch", type=int, default=4, help="sizes part: rows of the shared batch")
+    ap.add_argument("--seq", type=int, default=256, help="sizes part: tokens per row")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="sizes part: compute dtype (and of the float leaves)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.steps, args.layout)))
+        print(json.dumps(_child(args.child, args.steps, args.layout, args.model, args.batch,
+                                args.seq, args.dtype)))
         return
     if "sweep" in args.parts:
         sweep_part(args.steps)
     if "sizes" in args.parts:
-        size_part([int(x) for x in args.sizes.split(",")], args.size_steps, args.layout)
+        size_part([int(x) for x in args.sizes.split(",")], args.size_steps, args.layout, args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Training-step throughput and memory on SmolLM2-135M (or `--model gemma3-270m`): LoRA, QLoRA
-(NF4) and full fine-tuning.
+"""Training-step throughput and memory on SmolLM2-135M (or `--model gemma3-270m`, or a random
+1B-shaped Llama built in memory, `--model llama-1b`): LoRA, QLoRA (NF4) and full fine-tuning.
 
 Each variant runs in a fresh subprocess (so peak RSS is its own), one after another in this
 run (with --rounds several times, each beside its PEFT peer), on a random token batch of
-4 x 256 with r=8 adapters on all seven linear kinds, float32 compute. Reported: median step
-time over the timed steps after a warm-up (compile) step, tokens/s, peak RSS, and the step's
-model FLOPs per second against the float32 matmul rate measured in the same run.
+4 x 256 with r=8 adapters on all seven linear kinds, float32 compute (`--dtype bfloat16`: the
+base and the compute in bfloat16). Reported: median step time over the timed steps after a
+warm-up (compile) step, tokens/s, peak RSS, the accelerator's peak memory (`memory_stats`,
+where the backend has it), and the step's model FLOPs per second against the matmul rate of
+the compute dtype measured in the same run (on GPU that ratio is the MFU). Variant
+``qlora`` matmuls its NF4 base as `--kernel` says (`quant.kernel`, default auto);
+``qlora-xla`` and ``qlora-pallas`` fix the path (`jaxlora.kernels`).
 
     .venv/bin/python benchmarks/bench_train.py            # all variants
     .venv/bin/python benchmarks/bench_train.py --steps 3  # fewer timed steps
@@ -18,6 +22,8 @@ model FLOPs per second against the float32 matmul rate measured in the same run.
     .venv/bin/python benchmarks/bench_train.py --variants lora,qlora --rounds 3 --against TREE
         # also on another checkout's jaxlora (git worktree add TREE REV), interleaved: before
         # and after a change, side by side
+    python3 benchmarks/bench_train.py --model llama-1b --dtype bfloat16 --batch 8 --seq 1024 \
+        --variants lora,qlora,qlora-xla   # on a GPU (benchmarks/gpu_suite.sh)
 """
 
 from __future__ import annotations
@@ -35,17 +41,28 @@ import time
 from jaxlora.models.common import REMAT_POLICIES
 
 VARIANTS = ("lora", "qlora", "full")
+KERNEL_VARIANTS = {"qlora-xla": "xla", "qlora-pallas": "pallas"}  # qlora with a fixed path
 N_PARAMS = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once), for the peers
 SMOLLM2 = "smollm2-135m-instruct"
+# Random models built in memory: a Llama-3.2-1B shape (32k vocabulary) and a tiny copy of it
+# for dry runs of the GPU suite on CPU.
+IN_MEMORY = {
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32,
+                     num_kv_heads=8, head_dim=64, intermediate_size=8192),
+    "llama-1b-tiny": dict(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=32, intermediate_size=256),
+}
 
 
-def matmul_gflops(repeats: int = 10) -> float:
-    """float32 [1024, 2048] @ [2048, 2048] under jit (the baselines' reference shape)."""
+def matmul_gflops(repeats: int = 10, dtype: str = "float32",
+                  shape: tuple[int, int, int] = (1024, 2048, 2048)) -> float:
+    """``[m, k] @ [k, n]`` in ``dtype`` under jit (default: the baselines' float32 shape)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (1024, 2048), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (2048, 2048), jnp.float32)
+    m, k, n = shape
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     times = []
@@ -54,21 +71,37 @@ def matmul_gflops(repeats: int = 10) -> float:
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t)
     times.sort()
-    return 2 * 1024 * 2048 * 2048 / times[len(times) // 2] / 1e9
+    return 2 * m * k * n / times[len(times) // 2] / 1e9
+
+
+def _load(model: str, rules, dtype):
+    """(model config, base params): a registry model, or one of `IN_MEMORY` (random, seed 0)."""
+    import jax
+
+    from jaxlora import io, models, quant
+
+    if model not in IN_MEMORY:
+        loaded = io.load_model(model, quant=rules, dtype=dtype)
+        return loaded.config, loaded.params
+    cfg = models.ModelConfig(arch="llama", name=model, tie_embeddings=True,
+                             max_position_embeddings=8192, rope_theta=500000.0,
+                             **IN_MEMORY[model])
+    params = models.init_params(cfg, jax.random.key(0), dtype)
+    return cfg, (quant.quantize_tree(params, rules)[0] if rules is not None else params)
 
 
 def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str,
-           model: str) -> dict:
+           model: str, dtype: str = "float32", kernel: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxlora import data, io, lora, memory, models, quant, train
+    from jaxlora import data, kernels, lora, memory, models, quant, train
 
-    rules = quant.QuantRules(qtype="nf4" if variant == "qlora" else "none")
-    loaded = io.load_model(model, quant=rules if variant == "qlora" else None)
-    cfg, base = loaded.config, loaded.params
+    quantized = variant == "qlora" or variant in KERNEL_VARIANTS
+    rules = quant.QuantRules(qtype="nf4", kernel=KERNEL_VARIANTS.get(variant, kernel))
+    cfg, base = _load(model, rules if quantized else None, jnp.dtype(dtype))
     n_params = sum(math.prod(s) for s in models.param_shapes(cfg).values())  # tied: once
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(1, batch, seq + 1)).astype(np.int32)
@@ -85,7 +118,8 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
 
         def loss(params, batch):
             one = jax.tree.map(lambda x: x[0], batch)
-            total, count = train.loss_and_count(None, params, one, mcfg=cfg, remat=remat)
+            total, count = train.loss_and_count(None, params, one, mcfg=cfg, remat=remat,
+                                                compute_dtype=jnp.dtype(dtype))
             return total / count
 
         @jax.jit
@@ -103,7 +137,8 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
         spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, targets="all-linear")
         adapters = lora.init(jax.random.key(0), base, spec)
         state = train.init_state(adapters, tx, 0)
-        step_fn = train.compile_step(train.make_train_step(cfg, tx, remat=remat, dropout=False),
+        step_fn = train.compile_step(train.make_train_step(cfg, tx, remat=remat, dropout=False,
+                                                           compute_dtype=jnp.dtype(dtype)),
                                      state, base, b)  # as `jaxlora train` does
 
         def run_step():
@@ -127,7 +162,9 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     return {
         "variant": variant, "step_s": step_s, "compile_s": compile_s,
         "tokens_per_s": n_tokens / step_s, "peak_rss_mb": memory.peak_rss_mb(),
-        "model_gflops": flops / step_s / 1e9, "trainable": trainable,
+        "device_peak_mb": memory.device_peak_mb(), "model_gflops": flops / step_s / 1e9,
+        "trainable": trainable,
+        "kernel_choices": kernels.auto_choices() if quantized else [],
     }
 
 
@@ -139,7 +176,8 @@ def _jaxlora_child(args, variant: str, tree: str | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
          "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
-         "--remat", args.remat, "--model", args.model],
+         "--remat", args.remat, "--model", args.model, "--dtype", args.dtype,
+         "--kernel", args.kernel],
         check=True, capture_output=True, text=True, env=env,
     )
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -188,15 +226,25 @@ def main() -> None:
     ap.add_argument("--against", metavar="TREE",
                     help="another checkout of the repo (e.g. the commit before a change): every "
                          "variant also runs on its jaxlora, interleaved in the same rounds")
-    ap.add_argument("--model", default=SMOLLM2, help="the model (peers: SmolLM2 only)")
+    ap.add_argument("--model", default=SMOLLM2,
+                    help=f"the model (peers: SmolLM2 only); in memory: {', '.join(IN_MEMORY)}")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="float base leaves and compute dtype")
+    ap.add_argument("--kernel", default="auto", choices=("auto", "xla", "pallas"),
+                    help="quant.kernel of variant qlora (the NF4 base's matmul path)")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.steps, args.batch, args.seq, args.rank,
-                                args.remat, args.model)))
+                                args.remat, args.model, args.dtype, args.kernel)))
         return
 
-    peak = matmul_gflops()
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"  # there, a shape big enough to reach peak rate
+    peak = matmul_gflops(dtype=args.dtype, shape=(8192, 8192, 8192) if on_gpu else
+                         (1024, 2048, 2048))
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as hf_dir:
         if args.peers:  # the same weights for the peers, as an HF folder written by jaxlora
@@ -217,16 +265,27 @@ def main() -> None:
     rows = [_merge_rounds(r) for r in runs.values()]
     by = {r["variant"]: r for r in rows}
     print(f"{args.model}, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
-          f"float32, remat {args.remat}, median of {args.steps} steps, median of {args.rounds} "
-          f"interleaved round(s); float32 matmul rate {peak:.0f} GFLOP/s\n")
-    print("| variant | step (s) | tokens/s | peak RSS (MiB) | model GFLOP/s | of matmul rate | "
-          "compile (s) | step (s) per round |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.dtype}, remat {args.remat}, median of {args.steps} steps, median of "
+          f"{args.rounds} interleaved round(s); {args.dtype} matmul rate {peak:.0f} GFLOP/s "
+          f"on {jax.devices()[0].device_kind}\n")
+    print("| variant | step (s) | tokens/s | peak RSS (MiB) | device peak (MiB) | model GFLOP/s "
+          "| of matmul rate | compile (s) | step (s) per round |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['model_gflops']:.0f} | "
+        dev = "-" if r.get("device_peak_mb") is None else f"{r['device_peak_mb']:.0f}"
+        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {dev} | {r['model_gflops']:.0f} | "
               f"{100 * r['model_gflops'] / peak:.0f}% | {r['compile_s']:.0f} | "
               f"{', '.join(map(str, r['rounds']))} |")
+    for r in rows:
+        for c in r.get("kernel_choices", []):
+            print(f"{r['variant']} kernel auto: [{c['m']}, {c['k']}] x [{c['k']}, {c['n']}] "
+                  f"{c['dtype']}: pallas {1e3 * c['kernel_s']:.3f} ms, xla "
+                  f"{1e3 * c['xla_s']:.3f} ms -> {'pallas' if c['kernel'] else 'xla'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"matmul_gflops": peak, "dtype": args.dtype, "model": args.model,
+                       "rows": rows}, f, indent=1)
     for name in ("lora", "qlora"):
         if name in by and f"peft-{name}" in by:
             print(f"jaxlora / PEFT {name} tokens/s: "
@@ -236,8 +295,9 @@ def main() -> None:
         if other is not None and name in by:
             print(f"{name} step time, this tree / {other['variant']}: "
                   f"{by[name]['step_s'] / other['step_s']:.3f}")
-    if "lora" in by and "qlora" in by:
-        print(f"\nQLoRA / LoRA step time: {by['qlora']['step_s'] / by['lora']['step_s']:.3f}")
+    for q in ("qlora", *KERNEL_VARIANTS):
+        if "lora" in by and q in by:
+            print(f"\n{q} / lora step time: {by[q]['step_s'] / by['lora']['step_s']:.3f}")
 
 
 if __name__ == "__main__":

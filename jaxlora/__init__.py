@@ -7,6 +7,7 @@
 The map of the library, one module per concept:
 
     quant       QTensor, NF4/FP4/INT4/INT8 codecs, double quantization, the size report
+    kernels     the fused 4-bit dequantize-matmul (Pallas, Triton on GPU) and its dispatch
     lora        LoraSpec and target selection; the linear primitive; init / merge; NNX binding
     optim       optax optimizers that act on the adapters only
     models      the model families (Llama, GPT-2): one record each; forward and logits
@@ -31,8 +32,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _MODULES = (
-    "checkpoint", "config", "data", "errors", "export", "generate", "io", "lora", "memory",
-    "models", "multi", "optim", "paths", "population", "quant", "sharding", "sweep", "train",
+    "checkpoint", "config", "data", "errors", "export", "generate", "io", "kernels", "lora",
+    "memory", "models", "multi", "optim", "paths", "population", "quant", "sharding", "sweep", "train",
 )
 # The few names a notebook reaches for, and the module that defines each.
 _NAMES = {

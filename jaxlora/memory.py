@@ -12,12 +12,21 @@ from __future__ import annotations
 import ctypes
 import resource
 
-__all__ = ["peak_rss_mb", "return_freed_memory"]
+__all__ = ["peak_rss_mb", "device_peak_mb", "return_freed_memory"]
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def device_peak_mb() -> float | None:
+    """Peak memory in use on the first accelerator so far (MiB; ``memory_stats()``), or None
+    where the backend does not report it (XLA:CPU)."""
+    import jax
+
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
 
 
 def return_freed_memory() -> None:

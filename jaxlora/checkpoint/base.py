@@ -62,12 +62,14 @@ def base_record(
       base: the base Params tree (float arrays and/or QTensors).
       name: model name or path it was loaded from (e.g. ``smollm2-135m-instruct``).
       quant: quantization settings used on load (e.g. ``{"qtype": "nf4", ...}``), or None.
+        Its ``kernel`` key (the matmul path, `jaxlora.kernels`) is left out: it does not change
+        the base, and a run may resume on another machine with another path.
       include_bytes: hash the bytes (True) or only paths/shapes/dtypes (False, fast).
     """
     return {
         "format": FORMAT_VERSION,
         "name": name,
-        "quant": dict(quant) if quant is not None else None,
+        "quant": {k: v for k, v in quant.items() if k != "kernel"} if quant is not None else None,
         "fingerprint": fingerprint(base, include_bytes=include_bytes),
         "leaves": {p: [list(s), d] for p, s, d, _ in leaf_table(base)},
     }

@@ -84,7 +84,8 @@ def _rules_hook(rules: Any, dtype: Any) -> QuantHook | None:
     # costs ~45 s of op dispatch for SmolLM2, jitted ~1 s of compiles.
     fn = jax.jit(
         lambda x, batch_dims: q.quantize(
-            x, rules.qtype, rules.block_size, rules.double_quant, batch_dims=batch_dims
+            x, rules.qtype, rules.block_size, rules.double_quant, batch_dims=batch_dims,
+            kernel=rules.kernel,
         ),
         static_argnums=1,
     )

@@ -95,6 +95,7 @@ def _requantize_like(x: Array, like: Any) -> Any:
         block_size=like.block_size,
         double_quant=like.double_quant,
         batch_dims=len(like.batch_shape),
+        kernel=like.kernel,
     )
 
 

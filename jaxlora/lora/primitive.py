@@ -17,7 +17,10 @@ What each path forms (the memory promises of QLoRA, arXiv 2305.14314):
   weight gradient only when a float base is itself differentiated (symbolic zeros tell).
 * With dropout the low-rank path runs apart, through ``[..., r]``, and never forms ``A @ B``;
   the base contraction of a QTensor is rematerialized (dequantized again in the backward).
-* A bare QTensor base is the same rematerialized contraction.
+* A bare QTensor base is the same rematerialized contraction, or, where its ``kernel`` mode
+  selects it (`jaxlora.kernels.choose`), the fused Pallas dequantize-matmul, whose custom VJP
+  decodes the codes tile by tile again for ``dx``; a `LoraWeight` over such a base is not
+  folded (its adapter runs apart, through ``[..., r]``).
 
 Either way the adapter gradients come from rank-``r`` contractions only: no ``[in, out]``
 weight gradient is formed unless the base itself is differentiated.
@@ -36,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import custom_derivatives
 
-from jaxlora import quant
+from jaxlora import kernels, quant
 from jaxlora.paths import flatten_paths, replace_paths
 
 __all__ = [
@@ -326,9 +329,19 @@ def _dequant_contract(how: Any, x: Array, q: Any) -> Array:
 _dequant_contract_remat = jax.checkpoint(_dequant_contract, static_argnums=(0,))
 
 
+def _kernel_tiles(how: Any, x: Array, w: Any) -> Any:
+    """The fused kernel's tiles when ``x . w`` runs through it (`jaxlora.kernels.choose`)."""
+    if not isinstance(w, quant.QTensor) or how is not _LINEAR:
+        return None
+    return kernels.choose(w, x, functools.partial(_dequant_contract_remat, _LINEAR))
+
+
 def _base(how: Any, x: Array, w: Any) -> Array:
     """``x . W`` for a float or QTensor base weight."""
     if isinstance(w, quant.QTensor):
+        tiles = _kernel_tiles(how, x, w)
+        if tiles is not None:  # decodes the codes per tile, forward and dx (no dense W)
+            return kernels.apply(x, w, tiles)
         return _dequant_contract_remat(how, x, w)
     return how.apply(x, jnp.asarray(w).astype(x.dtype))
 
@@ -338,7 +351,8 @@ def _project(how: Any, x: Array, w: Any) -> Array:
     if not isinstance(w, LoraWeight):
         return _base(how, x, w)
     a, b = w.a.astype(x.dtype), w.b.astype(x.dtype)
-    if w.key is None or w.dropout <= 0.0:
+    # A kernel base is never folded: W + sAB would be a dense weight again.
+    if (w.key is None or w.dropout <= 0.0) and _kernel_tiles(how, x, w.w) is None:
         return _merged_lora(x, w.w, a, b, w.scale, how)
     y = _base(how, x, w.w)  # [..., *out]
     return y + how.low_rank(_dropout(x, w.dropout, w.key), a, b, w.scale)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.kernels import MODES
 from jaxlora.quant.codes import BYTE_TABLES, DYNAMIC_CODE, DYNAMIC_LUT, QTYPES, TABLES
 
 __all__ = [
@@ -71,7 +72,8 @@ class QTensor:
       nested_absmax: double quant only, ``float32 [*batch, ceil(nblocks/256)]``, else None.
       offset: double quant only, ``float32 [*batch]`` (the mean absmax), else None.
     Static: ``item_shape`` (shape of one slice), ``orig_dtype`` (numpy dtype name), ``qtype``,
-    ``block_size``, ``double_quant``.
+    ``block_size``, ``double_quant``, and ``kernel``: how a matmul meets it (one of
+    `jaxlora.kernels.MODES`; a static field, so changing it retraces a jitted step).
     """
 
     codes: Array
@@ -83,6 +85,7 @@ class QTensor:
     qtype: str = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
     double_quant: bool = dataclasses.field(metadata=dict(static=True))
+    kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -126,7 +129,7 @@ class QTensor:
 jax.tree_util.register_dataclass(
     QTensor,
     data_fields=["codes", "absmax", "nested_absmax", "offset"],
-    meta_fields=["item_shape", "orig_dtype", "qtype", "block_size", "double_quant"],
+    meta_fields=["item_shape", "orig_dtype", "qtype", "block_size", "double_quant", "kernel"],
 )
 
 
@@ -279,6 +282,7 @@ def quantize(
     *,
     batch_dims: int = 0,
     name: str | None = None,
+    kernel: str = "auto",
 ) -> QTensor:
     """Quantize ``x [*batch, *item]`` block-wise; each leading ``batch`` slice independently.
 
@@ -292,6 +296,7 @@ def quantize(
       batch_dims: number of leading stacked axes (e.g. 1 for ``[L, in, out]`` kernels).
         Quantizing the stack equals quantizing each slice and stacking.
       name: the tensor's name/path, used in error messages.
+      kernel: how matmuls meet the result, one of `jaxlora.kernels.MODES` (``quant.kernel``).
     Returns:
       A `QTensor` with ``shape == x.shape`` and ``dtype == x.dtype``.
     Raises:
@@ -300,15 +305,19 @@ def quantize(
     """
     where = f"quantize {name!r}" if name else "quantize"
     check_args(qtype, block_size, where)
+    if kernel not in MODES:
+        raise ValueError(f"{where}: unknown kernel {kernel!r}; expected one of {MODES}")
     _check_input(x, batch_dims, where)
     if math.prod(np.shape(x)[batch_dims:]) == 0:
         raise ValueError(f"{where}: cannot quantize an empty tensor of shape {np.shape(x)}")
-    return _quantize_impl(jnp.asarray(x), qtype, int(block_size), bool(double_quant), batch_dims)
+    return _quantize_impl(
+        jnp.asarray(x), qtype, int(block_size), bool(double_quant), batch_dims, kernel
+    )
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _quantize_impl(
-    x: Array, qtype: str, block_size: int, double_quant: bool, batch_dims: int
+    x: Array, qtype: str, block_size: int, double_quant: bool, batch_dims: int, kernel: str
 ) -> QTensor:
     """The jitted codec behind `quantize` (one compiled program per shape and format)."""
     orig_dtype = jnp.dtype(x.dtype).name
@@ -341,6 +350,7 @@ def _quantize_impl(
         qtype,
         int(block_size),
         bool(double_quant),
+        kernel,
     )
 
 

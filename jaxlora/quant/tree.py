@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora import schema
+from jaxlora.kernels import MODES
 from jaxlora.paths import flatten_paths, iter_paths, unflatten_paths
 from jaxlora.quant.codes import QTYPES
 
@@ -76,6 +77,13 @@ class QuantRules:
         r"(^|/)(embed|embedding|wte|wpe|lm_head)(/|$)|norm|(^|/)ln_|(^|/)bias$|scale$",
         "Regex over parameter paths kept in float even if included (embeddings, head, norms).",
         regex=True,
+    )
+    kernel: str = schema.field(
+        "auto", "How matmuls meet the quantized weights: xla (dequantize, then XLA's dot), "
+        "pallas (the fused Pallas dequantize-matmul; interpret mode off GPU), or auto (the "
+        "kernel on a single GPU where a one-time measurement per shape finds it faster, else "
+        "xla).",
+        choices=MODES,
     )
     stacked: str = schema.field(
         r"^layers/", "Regex of stacked leaves (leading layer axis), quantized per layer.",
@@ -237,6 +245,7 @@ def quantize_tree(params: Params, rules: QuantRules = QuantRules()) -> tuple[Par
                 rules.double_quant,
                 batch_dims=batch_dims,
                 name=path,
+                kernel=rules.kernel,
             )
         out[path] = leaf
     tree = unflatten_paths(out)

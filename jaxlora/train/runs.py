@@ -190,11 +190,13 @@ def _is_temporary(p: Path) -> bool:
 
 
 def same_run(a: Config, b: Config) -> bool:
-    """Equal up to settings that do not change what a run computes: the progress bar, and the
-    device mesh (a run may resume on another machine; its checkpoints restore onto any mesh)."""
+    """Equal up to settings that do not change what a run computes: the progress bar, the
+    device mesh and the quantized matmul path ``quant.kernel`` (a run may resume on another
+    machine; its checkpoints restore onto any mesh)."""
     def norm(c: Config) -> Config:
         return dataclasses.replace(c, train=dataclasses.replace(c.train, progress=True),
-                                   sharding=sharding.ShardingSpec())
+                                   sharding=sharding.ShardingSpec(),
+                                   quant=dataclasses.replace(c.quant, kernel="auto"))
 
     return norm(a) == norm(b)
 
