@@ -13,7 +13,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -110,24 +110,27 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             for e in entries}
 
 
-def iter_safetensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Each tensor of a safetensors file in turn, read into a buffer of its own (name, array).
+def iter_safetensors(path: str | os.PathLike[str]
+                     ) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Each tensor of a safetensors file in turn, as `(name, read)`: `read()` reads it from
+    the file into a buffer of its own.
 
-    What loading streams through: the caller drops each array before the next is read, so
-    host memory holds one tensor at a time. (Views of a memory map would keep every page they
-    touched resident until the whole map is dropped, and the RSS counts those pages: a
-    multi-GB shard would count whole.)
+    What loading streams through: only the caller holds a tensor, and drops it before reading
+    the next, so host memory holds one tensor at a time. (Views of a memory map would keep
+    every page they touched resident until the whole map is dropped, and the RSS counts those
+    pages: a multi-GB shard would count whole.)
     """
     path = Path(path)
-    entries = _entries(path)
     with open(path, "rb") as f:
-        for e in entries:
-            f.seek(e.offset)
-            buf = np.empty(e.shape, e.dtype)
-            if f.readinto(buf.reshape(-1).view(np.uint8)) != e.nbytes:
-                raise ModelLoadError(f"{path}: tensor {e.name!r}: file ended early (truncated?)")
-            yield e.name, buf
-            del buf  # before the next tensor's buffer exists
+        for e in _entries(path):
+            def read(e: _Entry = e) -> np.ndarray:
+                f.seek(e.offset)
+                buf = np.empty(e.shape, e.dtype)
+                if f.readinto(buf.reshape(-1).view(np.uint8)) != e.nbytes:
+                    raise ModelLoadError(f"{path}: tensor {e.name!r}: file ended early (truncated?)")
+                return buf
+
+            yield e.name, read
 
 
 def write_safetensors(
@@ -394,7 +397,7 @@ class HFSource:
         table, ignored, prefix = _rows(fam), re.compile(fam.hf_ignored), fam.hf_prefix
         tied_copy = fam.head_copy[0] if self.config.tie_embeddings else None
         for file in self.files:
-            for name, arr in iter_safetensors(file):
+            for name, read in iter_safetensors(file):
                 key = name[len(prefix):] if prefix and name.startswith(prefix) else name
                 if ignored.search(key) or key == tied_copy:
                     continue  # a buffer, or a stored copy of the tied embedding
@@ -403,21 +406,21 @@ class HFSource:
                 if hit is None:
                     raise ModelLoadError(f"{file}: unexpected tensor {name!r} for {self.model_type}")
                 m, path, transpose = hit
-                if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-                    raise ModelLoadError(f"{file}: tensor {name!r} has non-float dtype {arr.dtype}")
-                try:
-                    w = np.asarray(arr, dtype=np.float32)
+                raw = read()
+                if not np.issubdtype(raw.dtype, np.floating) and raw.dtype.name != "bfloat16":
+                    raise ModelLoadError(f"{file}: tensor {name!r} has non-float dtype {raw.dtype}")
+                if transpose and raw.ndim != 2:
+                    raise ModelLoadError(f"{file}: tensor {name!r} should be 2-D, has shape {list(raw.shape)}")
+                try:  # converted and transposed in one pass, into one contiguous float32 copy
+                    w = np.ascontiguousarray(raw.T if transpose else raw, dtype=np.float32)
                 except Exception as e:
                     raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from None
-                if transpose:
-                    if w.ndim != 2:
-                        raise ModelLoadError(f"{file}: tensor {name!r} should be 2-D, has shape {list(w.shape)}")
-                    w = w.T
+                del raw
                 layer = int(m.group(1)) if m.groups() else None
                 if layer is not None and layer >= self.config.num_layers:
                     raise ModelLoadError(f"{file}: tensor {name!r}: layer {layer} >= num_hidden_layers {self.config.num_layers}")
                 yield name, path, layer, w
-                del arr, w  # one tensor at a time: not alive while the next one is read
+                del w  # one tensor at a time: not alive while the next one is read
 
 
 # --- writing --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlora import lora, memory, optim, quant, sharding
+from jaxlora import lora, memory, optim, plan, quant, sharding
 from jaxlora.config import Config, ModelSection, dump_config, load_config
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.train import loop
@@ -264,6 +264,7 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     mesh = sharding.make_mesh(cfg.sharding)  # bad sizes fail here, before anything loads
     sharding.check_population(mesh, None)
     sharding.check_batch(mesh, cfg.data.batch_size)
+    log_line("jaxlora: " + plan.format_plan(plan.plan(cfg), cfg.model.remat))  # nothing loaded
     s = setup(cfg, mesh)
     datasets = make_datasets(cfg, s.loaded)
     primary = sharding.is_primary()
