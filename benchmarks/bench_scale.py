@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -111,7 +112,7 @@ def _child(folder: str, steps: int, batch: int, seq: int, rank: int, remat: str)
     import jax
     import jax.numpy as jnp
 
-    from jaxlora import data, io, lora, memory, optim, quant, train
+    from jaxlora import data, io, lora, memory, models, optim, quant, train
 
     jnp.zeros(1).block_until_ready()
     rss_start = _vm("VmRSS")
@@ -122,7 +123,8 @@ def _child(folder: str, steps: int, batch: int, seq: int, rank: int, remat: str)
     load_peak, loaded_rss = memory.peak_rss_mb(), _vm("VmRSS")
     rep = quant.report(m.params)
     cfg = m.config
-    layer_float = 4 * sum(x.size for x in jax.tree.leaves(m.params["layers"])) / cfg.num_layers
+    layer_float = 4 * sum(math.prod(s[1:]) for p, s in models.param_shapes(cfg).items()
+                          if p.startswith("layers/"))  # one layer's parameters in float32
 
     spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, targets="all-linear")
     tx = optim.make_optimizer(optim.OptimSpec(), total_steps=steps)
