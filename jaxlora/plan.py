@@ -208,7 +208,8 @@ def plan(cfg: Any, population: int = 1, *, mcfg: Any = None, platform: str | Non
     # recomputing a block whose k and v are kept ("attn") holds the probabilities alone
     full += scores if cfg.model.remat != "attn" else mcfg.num_heads * seq * c
     weight_shards = sizes["fsdp"] * sizes["tensor"]
-    largest = max(math.prod(s) for s in models.param_shapes(mcfg).values())
+    largest = max(math.prod(s[1:] if p.startswith("layers/") else s)  # tensors as read
+                  for p, s in models.param_shapes(mcfg).items())
     is_q = lambda x: isinstance(x, quant.QTensor)
     stacked = max((_nbytes(q) for q in jax.tree.leaves(base, is_leaf=is_q) if is_q(q)), default=0)
     ad = _nbytes(adapters)
