@@ -49,7 +49,7 @@ __all__ = ["RUNTIME_BYTES", "COMPILE_BYTES", "Plan", "plan", "format_plan"]
 
 RUNTIME_BYTES = 430 * 2**20
 """The fixed host memory of a training process on CPU: Python, jaxlib, the XLA CPU runtime, the
-loader's and the step's compiled programs. Measured (2-core x86-64, jax 0.8): a tiny-llama run
+loader's and the step's compiled programs. Measured (2-core x86-64, jax 0.10.2): a tiny-llama run
 holds 199 MiB after the imports, 347 MiB once set up and 383 MiB after its steps; SmolLM2 runs
 peak at 410-450 MiB above XLA's argument and temporary bytes of their compiled step (the CPU
 runtime's own buffers of an execution); `benchmarks/bench_plan.py`."""
