@@ -264,7 +264,8 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     mesh = sharding.make_mesh(cfg.sharding)  # bad sizes fail here, before anything loads
     sharding.check_population(mesh, None)
     sharding.check_batch(mesh, cfg.data.batch_size)
-    log_line("jaxlora: " + plan.format_plan(plan.plan(cfg), cfg.model.remat))  # nothing loaded
+    for line in plan.format_plan(plan.plan(cfg), cfg.model.remat).splitlines():  # nothing loaded
+        log_line(f"jaxlora: {line}")
     s = setup(cfg, mesh)
     datasets = make_datasets(cfg, s.loaded)
     primary = sharding.is_primary()
