@@ -1,4 +1,4 @@
-"""The `jaxlora` command: train, sweep, eval, generate, export, info, config.
+"""The `jaxlora` command: train, sweep, eval, generate, export, plan, info, config.
 
 Exit status: 0 on success, 2 on a usage or config error, 1 when a run fails. User mistakes
 and failures of the operating system (a path that cannot be read or written, a file where a
@@ -162,6 +162,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    cfg = _config(args)  # before importing JAX
+    from jaxlora import plan
+
+    p = plan.plan(cfg, args.population_size, platform=args.platform, devices=args.devices)
+    print(plan.format_plan(p, cfg.model.remat))
+    return 0
+
+
 def cmd_config(args) -> int:
     from jaxlora.config import describe, dump_config
 
@@ -229,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="merged weights dtype")
     x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("plan", help="predict a run's peak memory from its config (nothing loaded)",
+                       description="The memory planner: the peak host RSS (CPU) or accelerator "
+                       "memory of a training run, term by term, from the config and the model "
+                       "file's header alone.")
+    m.add_argument("config", help="TOML config")
+    m.add_argument("--population-size", type=_positive_int, default=1, metavar="K",
+                   help="K runs of this config trained at once as a population (default 1)")
+    m.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default=None,
+                   help="plan for this platform (default: this machine's JAX backend)")
+    m.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                   help="the mesh spans N devices (default: this machine's)")
+    _add_set(m)
+    m.set_defaults(fn=cmd_plan)
 
     i = sub.add_parser("info", help="summary of a model or a run directory")
     i.add_argument("target", help="model name, GGUF file, HF folder or run directory")

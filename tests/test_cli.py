@@ -23,7 +23,7 @@ from conftest import write_tiny_config
 from jaxlora import cli, generate, lora, train
 from jaxlora.config import field_paths
 
-SUBCOMMANDS = ["train", "sweep", "eval", "generate", "export", "info", "config"]
+SUBCOMMANDS = ["train", "sweep", "eval", "generate", "export", "plan", "info", "config"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

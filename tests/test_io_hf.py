@@ -339,3 +339,25 @@ def test_save_hf_dequantizes_qtensors(tmp_path):
     got = load_model(tmp_path).params["layers"]["attn"]["q_proj"]["kernel"]
     want = quant.dequantize(qparams["layers"]["attn"]["q_proj"]["kernel"], jnp.float32)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_iter_safetensors_reads_each_tensor_into_its_own_buffer(tmp_path):
+    from jaxlora.io.hf import iter_safetensors
+
+    f = tmp_path / "t.safetensors"
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16)}
+    write_safetensors(f, tensors)
+    got = {}
+    for name, read in iter_safetensors(f):
+        arr = read()
+        assert not isinstance(arr, np.memmap) and arr.flags.owndata  # no view of a map
+        got[name] = arr
+    assert got.keys() == tensors.keys()
+    for name, arr in tensors.items():
+        np.testing.assert_array_equal(got[name], arr)
+        np.testing.assert_array_equal(got[name], read_safetensors(f)[name])
+    data = f.read_bytes()
+    f.write_bytes(data[:-4])  # cut into b's bytes
+    with pytest.raises(ModelLoadError, match=r"t\.safetensors: tensor 'b'"):
+        for _, read in iter_safetensors(f):
+            read()

@@ -1,7 +1,8 @@
 """Hugging Face model folders: `config.json` + `*.safetensors` (+ `tokenizer.json`), both ways.
 
-Reading streams one tensor at a time from memory-mapped safetensors files (a small reader of the
-format, so BF16 works without torch and a truncated file gives a clear error). Torch `Linear`
+Reading streams one tensor at a time from the safetensors files, each shard of a sharded folder
+(`model.safetensors.index.json`) in turn (a small reader of the format, so BF16 works without
+torch and a truncated file gives a clear error). Torch `Linear`
 weights `[out, in]` are transposed to kernels `[in, out]`; GPT-2's `Conv1D` weights are already
 `[in, out]` and are kept. `save_hf` writes the inverse, so transformers can load the folder.
 """
@@ -12,7 +13,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +24,8 @@ from jaxlora.errors import ModelLoadError
 from jaxlora.models import Family, ModelConfig
 from jaxlora.paths import flatten_paths
 
-__all__ = ["HFSource", "save_hf", "config_from_hf", "config_to_hf", "read_safetensors", "write_safetensors"]
+__all__ = ["HFSource", "save_hf", "config_from_hf", "config_to_hf", "read_safetensors", "iter_safetensors",
+           "write_safetensors"]
 
 _LLAMA_TYPES = {
     "LlamaForCausalLM": "llama",
@@ -53,9 +55,18 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 # --- safetensors ----------------------------------------------------------------------------
-def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Memory-mapped, read-only views of every tensor in a safetensors file (name -> array)."""
-    path = Path(path)
+class _Entry(NamedTuple):
+    """One tensor of a safetensors file: where its bytes are in the file, and what they are."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+
+def _entries(path: Path) -> list[_Entry]:
+    """The checked header of a safetensors file: every tensor's dtype, shape and byte range."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -70,8 +81,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     header.pop("__metadata__", None)
     base = 8 + n
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
-    out = {}
+    out = []
     for name, info in header.items():
         try:
             dt = _ST_DTYPES[info["dtype"]]
@@ -85,8 +95,42 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 f"{path}: tensor {name!r}: data offsets {start}..{end} do not fit its shape "
                 f"{list(shape)} {info['dtype']} or the file size {size} (truncated?)"
             )
-        out[name] = data[base + start : base + end].view(dt).reshape(shape)
+        out.append(_Entry(name, dt, shape, base + start, end - start))
     return out
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Memory-mapped, read-only views of every tensor in a safetensors file (name -> array)."""
+    path = Path(path)
+    entries = _entries(path)
+    if not any(e.nbytes for e in entries):
+        return {e.name: np.zeros(e.shape, e.dtype) for e in entries}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return {e.name: data[e.offset : e.offset + e.nbytes].view(e.dtype).reshape(e.shape)
+            for e in entries}
+
+
+def iter_safetensors(path: str | os.PathLike[str]
+                     ) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Each tensor of a safetensors file in turn, as `(name, read)`: `read()` reads it from
+    the file into a buffer of its own.
+
+    What loading streams through: only the caller holds a tensor, and drops it before reading
+    the next, so host memory holds one tensor at a time. (Views of a memory map would keep
+    every page they touched resident until the whole map is dropped, and the RSS counts those
+    pages: a multi-GB shard would count whole.)
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        for e in _entries(path):
+            def read(e: _Entry = e) -> np.ndarray:
+                f.seek(e.offset)
+                buf = np.empty(e.shape, e.dtype)
+                if f.readinto(buf.reshape(-1).view(np.uint8)) != e.nbytes:
+                    raise ModelLoadError(f"{path}: tensor {e.name!r}: file ended early (truncated?)")
+                return buf
+
+            yield e.name, read
 
 
 def write_safetensors(
@@ -353,7 +397,7 @@ class HFSource:
         table, ignored, prefix = _rows(fam), re.compile(fam.hf_ignored), fam.hf_prefix
         tied_copy = fam.head_copy[0] if self.config.tie_embeddings else None
         for file in self.files:
-            for name, arr in read_safetensors(file).items():
+            for name, read in iter_safetensors(file):
                 key = name[len(prefix):] if prefix and name.startswith(prefix) else name
                 if ignored.search(key) or key == tied_copy:
                     continue  # a buffer, or a stored copy of the tied embedding
@@ -362,20 +406,21 @@ class HFSource:
                 if hit is None:
                     raise ModelLoadError(f"{file}: unexpected tensor {name!r} for {self.model_type}")
                 m, path, transpose = hit
-                if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-                    raise ModelLoadError(f"{file}: tensor {name!r} has non-float dtype {arr.dtype}")
-                try:
-                    w = np.asarray(arr, dtype=np.float32)
+                raw = read()
+                if not np.issubdtype(raw.dtype, np.floating) and raw.dtype.name != "bfloat16":
+                    raise ModelLoadError(f"{file}: tensor {name!r} has non-float dtype {raw.dtype}")
+                if transpose and raw.ndim != 2:
+                    raise ModelLoadError(f"{file}: tensor {name!r} should be 2-D, has shape {list(raw.shape)}")
+                try:  # converted and transposed in one pass, into one contiguous float32 copy
+                    w = np.ascontiguousarray(raw.T if transpose else raw, dtype=np.float32)
                 except Exception as e:
                     raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from None
-                if transpose:
-                    if w.ndim != 2:
-                        raise ModelLoadError(f"{file}: tensor {name!r} should be 2-D, has shape {list(w.shape)}")
-                    w = w.T
+                del raw
                 layer = int(m.group(1)) if m.groups() else None
                 if layer is not None and layer >= self.config.num_layers:
                     raise ModelLoadError(f"{file}: tensor {name!r}: layer {layer} >= num_hidden_layers {self.config.num_layers}")
                 yield name, path, layer, w
+                del w  # one tensor at a time: not alive while the next one is read
 
 
 # --- writing --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import data as data_lib
-from jaxlora import lora, memory, models
+from jaxlora import lora, memory
 from jaxlora.errors import ConfigError
 from jaxlora.population.step import (
     Member,
@@ -85,39 +85,15 @@ def check_shared(configs: Sequence[Any]) -> None:
 
 
 def estimate_bytes(cfg: Any, mcfg: Any, k: int, layout: str | None = None) -> int:
-    """Rough peak memory of a population of `k` members of `cfg` (host RSS on CPU).
+    """Peak memory of a population of `k` members of `cfg` (host RSS on CPU), nothing loaded.
 
-    Base: its stored bytes (from the shapes and quantization rules, nothing loaded). Per
-    member: adapters, gradients and two Adam moments (16 bytes per float32 parameter).
-    Activations: the B*T rows of one member (layout "members") or of all k ("rows") through
-    every block as the remat policy keeps them, and the logits chunk. It is an estimate for
-    choosing and refusing sizes, not a measurement.
+    The memory planner's prediction (`jaxlora.plan.plan`): the shared base once; per member
+    adapters, gradients and optimizer state; the activations of one member's rows (layout
+    "members") or of all k ("rows") as the remat policy keeps them, and the logits chunk.
     """
-    from jaxlora import quant
-    from jaxlora.population.step import default_layout
+    from jaxlora import plan
 
-    shapes = models.param_shapes(mcfg)
-    base = 0
-    for path, shape in shapes.items():
-        n = int(np.prod(shape))
-        b = quant.select(cfg.quant, path, len(shape)) if cfg.quant.qtype != "none" else None
-        if b is None:
-            base += 4 * n
-        else:
-            bits = 8 if cfg.quant.qtype == "int8" else 4
-            base += n * bits // 8 + 4 * n // cfg.quant.block_size  # codes + block scales
-    d, layers = mcfg.hidden_size, mcfg.num_layers
-    kv = mcfg.num_kv_heads * mcfg.head_dim
-    # every linear layer adapted (an upper bound for narrower targets), float32 A and B
-    lora_params = sum(int(np.prod(sh[:-2])) * (sh[-2] + sh[-1]) * cfg.lora.rank
-                      for p, sh in shapes.items() if p.startswith("layers/") and p.endswith("kernel"))
-    per_member = 16 * lora_params  # adapters, gradients, Adam's two moments
-    rows = (k if (layout or default_layout()) == "rows" else 1) * cfg.data.batch_size * cfg.data.seq_len
-    kept = {"none": 8 * d + 3 * mcfg.intermediate_size + 2 * kv, "dots": 6 * d + 2 * kv,
-            "attn": d + 2 * kv, "full": d}[cfg.model.remat]
-    act = 4 * rows * (layers * kept + 12 * d + 2 * mcfg.intermediate_size)
-    logits = 4 * 128 * mcfg.vocab_size * 3
-    return base + k * per_member + act + logits
+    return plan.plan(cfg, k, mcfg=mcfg, layout=layout).peak
 
 
 # --------------------------------------------------------------------------------------------

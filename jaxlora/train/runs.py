@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlora import lora, memory, optim, quant, sharding
+from jaxlora import lora, memory, optim, plan, quant, sharding
 from jaxlora.config import Config, ModelSection, dump_config, load_config
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.train import loop
@@ -268,6 +268,8 @@ def run(cfg: Config, run_dir: str | os.PathLike | None = None) -> dict[str, Any]
     sharding.check_population(mesh, None)
     sharding.check_batch(mesh, cfg.data.batch_size)
     check_targets(cfg)
+    for line in plan.format_plan(plan.plan(cfg), cfg.model.remat).splitlines():  # nothing loaded
+        log_line(f"jaxlora: {line}")
     s = setup(cfg, mesh)
     check_samples(cfg, s.loaded)
     datasets = make_datasets(cfg, s.loaded)
