@@ -39,13 +39,15 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     {
         "jaxlora.lora.primitive": (
             "Params", "Adapters", "LoraPair", "LoraWeight", "attach", "linear",
-            "register_linear", "embed", "attend", "check_fit",
+            "register_linear", "embed", "attend", "check_fit", "column_norm",
         ),
         "jaxlora.lora.spec": (
-            "LoraSpec", "Targets", "LeafGeometry", "resolve_targets", "leaf_geometry",
+            "LoraSpec", "Targets", "METHODS", "LeafGeometry", "resolve_targets", "leaf_geometry",
             "lora_scale",
         ),
-        "jaxlora.lora.adapters": ("Summary", "init", "init_pissa", "merge", "unmerge", "summary"),
+        "jaxlora.lora.adapters": (
+            "Summary", "init", "init_pissa", "merge", "unmerge", "dora_norms", "summary",
+        ),
         "jaxlora.paths": ("flatten_paths", "unflatten_paths"),
         "jaxlora.lora.nnx": ("nnx_params", "nnx_bind"),
     },
