@@ -115,7 +115,7 @@ def test_merge_and_unmerge_are_exact(quantized):
     def outputs(tree):
         ys = []
         for layer in range(L):
-            leaf = lambda t: jax.tree.map(lambda v: v[layer], t)  # noqa: E731
+            leaf = lambda t, i=layer: jax.tree.map(lambda v: v[i], t)  # noqa: E731
             ys.append(lora.linear(x, leaf(tree["layers"]["mlp"]["up_proj"]["kernel"])))
         return f64(jnp.stack(ys))
 

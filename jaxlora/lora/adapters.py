@@ -111,9 +111,10 @@ def _norms(ws: dict[str, Any], pairs: dict[str, LoraPair]) -> dict[str, Array]:
         if not lead:
             out[p] = dora_norm(w, pair.a, pair.b, pair.scale)
             continue
-        flat = lambda t: t.reshape(-1, *t.shape[len(lead):])  # noqa: E731 - [prod(lead), ...]
-        layers = jax.tree.map(flat, (w, pair.a, pair.b))
-        n = jax.lax.map(lambda t: dora_norm(*t, pair.scale), layers)  # [prod(lead), *out]
+        k = len(lead)
+        layers = jax.tree.map(lambda t, k=k: t.reshape(-1, *t.shape[k:]),
+                              (w, pair.a, pair.b))  # [prod(lead), ...]
+        n = jax.lax.map(lambda t, s=pair.scale: dora_norm(*t, s), layers)  # [prod(lead), *out]
         out[p] = n.reshape(*lead, *n.shape[1:])
     return out
 
