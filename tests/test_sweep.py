@@ -320,3 +320,38 @@ def test_peak_rss_is_each_runs_own(tmp_path):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs: the peak cannot be reset")
     assert first - second > 300, (first, second)
+
+
+def test_methods_mix_in_populations_where_they_can(tmp_path):
+    """LoRA, rsLoRA and LoRA+ share a population; DoRA runs form their own; PiSSA and LoftQ
+    (they change the base) train alone."""
+    p = make_sweep(tmp_path, """
+[zip]
+"lora.method" = ["lora", "lora", "lora", "dora", "dora", "lora", "lora"]
+"lora.scaling" = ["standard", "rslora", "standard", "standard", "rslora", "standard", "standard"]
+"optim.lora_plus_ratio" = [1.0, 1.0, 16.0, 1.0, 1.0, 1.0, 1.0]
+"lora.init" = ["kaiming", "kaiming", "kaiming", "kaiming", "kaiming", "pissa", "loftq"]
+""")
+
+    class FakePopulation:
+        groups: list[list[str]] = []
+
+        @staticmethod
+        def group_key(cfg):
+            return "one base"
+
+        @staticmethod
+        def plan_size(cfg, size):
+            return 8
+
+        def run(self, configs, dirs):
+            self.groups.append(sorted((c.lora.method, c.optim.lora_plus_ratio) for c in configs))
+            return [{"val_loss": 1.0} for _ in configs]
+
+    alone = FakeRun()
+    pop = FakePopulation()
+    res = run_sweep(p, alone, out_dir=tmp_path / "out", log=None, population=pop)
+    assert all(r.status == "done" for r in res.runs) and len(res.runs) == 7
+    assert sorted(pop.groups) == [[("dora", 1.0), ("dora", 1.0)],
+                                  [("lora", 1.0), ("lora", 1.0), ("lora", 16.0)]]
+    assert len(alone.calls) == 2 and all("init-pissa" in c or "init-loftq" in c for c in alone.calls)
