@@ -172,3 +172,28 @@ def test_dora_magnitude_is_trained_and_labelled():
 
     g = jax.grad(loss)(ad)["layers"]["attn"]["q_proj"]["kernel"]
     assert float(jnp.abs(g.m[0]).sum()) > 0 and float(jnp.abs(g.m[1]).sum()) == 0
+
+
+@pytest.mark.slow
+def test_a_dora_run_trains_checkpoints_and_exports(tmp_path):
+    """`jaxlora train` of a DoRA config end to end: the magnitudes train, come back from the
+    checkpoint, and export as PEFT (use_dora) and merged."""
+    import json
+
+    from conftest import write_tiny_config
+
+    from jaxlora import export, train
+    from jaxlora.config import load_config
+
+    cfg = load_config(write_tiny_config(tmp_path, steps=2), {"lora.method": "dora"})
+    s = train.run(cfg)
+    assert s["val_loss"] < s["val_loss_before"]
+    opened = train.open_run(cfg.run_dir)
+    start = lora.init(jax.random.key(cfg.train.seed), opened.base, cfg.lora)
+    m0 = lora.flatten_paths(start)["layers/mlp/up_proj/kernel"].m
+    m = lora.flatten_paths(opened.adapters)["layers/mlp/up_proj/kernel"].m
+    assert float(jnp.abs(m - m0).max()) > 0  # the magnitude was trained and restored
+    export.export(cfg.run_dir, "peft", tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"]
+    export.export(cfg.run_dir, "merged", tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
