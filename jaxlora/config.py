@@ -374,6 +374,11 @@ def _check_config(cfg: Config, src: str) -> None:
     """Checks that involve more than one field."""
     if not cfg.name.strip() or cfg.name in (".", "..") or "\\" in cfg.name:
         raise ConfigError(f"{src}: name: {cfg.name!r} is not usable as a run directory name")
+    if cfg.lora.init == "loftq" and cfg.quant.qtype == "none":
+        raise ConfigError(
+            f"{src}: lora.init: 'loftq' initializes a quantized base, but quant.qtype is 'none' "
+            "(set quant.qtype, e.g. 'nf4', or choose another lora.init)"
+        )
     decays = cfg.optim.schedule != "constant"  # a decay needs at least one step after warmup
     if cfg.optim.warmup_steps > cfg.train.steps - decays:
         raise ConfigError(

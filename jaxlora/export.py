@@ -121,7 +121,8 @@ def export(
 
     Raises:
       CheckpointError: unknown format, ``out`` not empty, no or damaged checkpoint, a base that
-        differs from the run's, or a PiSSA run exported as PEFT (its base is the residual).
+        differs from the run's, or a PiSSA / LoftQ run exported as PEFT (its base is not the
+        checkpoint's).
     """
     if fmt not in FORMATS:
         raise CheckpointError(f"export: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
@@ -137,10 +138,10 @@ def export(
         pieces = RunPieces(o.loaded.config, o.base, o.adapters, o.loaded.tokenizer, o.spec,
                            o.config.model.name, o.step)
     if fmt == "peft":
-        if pieces.spec.init == "pissa":
-            raise CheckpointError(
-                "export: a PiSSA run's adapters only fit its residual base; export it 'merged'"
-            )
+        if pieces.spec.init in ("pissa", "loftq"):
+            what = {"pissa": "PiSSA run's adapters only fit its residual base",
+                    "loftq": "LoftQ run's adapters only fit its LoftQ-quantized base"}
+            raise CheckpointError(f"export: a {what[pieces.spec.init]}; export it 'merged'")
         from jaxlora.io.peft import save_peft
 
         with atomic_dir(out) as tmp:

@@ -14,6 +14,10 @@ Adapters of different ranks are zero-padded to the largest rank (zero columns of
 of B add nothing) and their scales kept per adapter; an adapter that does not target a leaf
 gets zeros there. ``ids[i] = -1`` selects the plain base model for row ``i``.
 
+DoRA adapters (`lora.LoraPair.m`) stack too, for `attach_member` (every row through one
+adapter): their pairs are ``(a, b, m)``. Every adapter of such a leaf must be DoRA (an absent
+one would need the base's norms as its magnitude), and the per-row path refuses them.
+
 How it plugs into the model: `attach_multi` puts a `MultiLoraWeight` at each adapted leaf and
 the model code calls ``lora.linear`` on it as on any leaf; this module registers
 `multi_linear` for that type with ``lora.register_linear``.
@@ -58,12 +62,14 @@ class StackedLoraPair:
       a: ``[*lead, N, in, r_max]``; b: ``[*lead, N, r_max, *out]``.
       scales: static, one per adapter (0.0 where an adapter does not target this leaf).
       dropouts: static, each adapter's dropout rate (used only when a key is attached).
+      m: None, or the DoRA magnitudes ``[*lead, N, *out]`` (every adapter of the leaf DoRA).
     """
 
     a: Array
     b: Array
     scales: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
     dropouts: tuple[float, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    m: Array | None = None
 
     @property
     def num_adapters(self) -> int:
@@ -71,7 +77,7 @@ class StackedLoraPair:
 
 
 jax.tree_util.register_dataclass(
-    StackedLoraPair, data_fields=["a", "b"], meta_fields=["scales", "dropouts"]
+    StackedLoraPair, data_fields=["a", "b", "m"], meta_fields=["scales", "dropouts"]
 )
 
 
@@ -138,6 +144,11 @@ def stack_adapters(adapters: Sequence[lora.Adapters]) -> lora.Adapters:
         out_axes = ref.b.shape[n_lead + 1 :]
         r_max = max(p.rank for p in present)
         dtype = jnp.result_type(*[p.a.dtype for p in present], *[p.b.dtype for p in present])
+        dora = [i for i, f in enumerate(flats) if path in f and f[path].m is not None]
+        if dora and len(dora) != len(flats):
+            plain = next(i for i in range(len(flats)) if i not in dora)
+            raise ValueError(f"stack_adapters: {path!r}: adapter {dora[0]} is DoRA, adapter "
+                             f"{plain} is not (or does not target it); DoRA stacks only with DoRA")
         a_list, b_list, scales, dropouts = [], [], [], []
         for i, f in enumerate(flats):
             p = f.get(path)
@@ -164,6 +175,7 @@ def stack_adapters(adapters: Sequence[lora.Adapters]) -> lora.Adapters:
             b=jnp.stack(b_list, axis=n_lead),  # [*lead, N, r, *out]
             scales=tuple(scales),
             dropouts=tuple(dropouts),
+            m=jnp.stack([f[path].m.astype(dtype) for f in flats], axis=n_lead) if dora else None,
         )
     return lora.unflatten_paths(out)
 
@@ -190,6 +202,9 @@ def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array,
     for path, sp in flat.items():
         if path not in flat_base:
             raise ValueError(f"attach_multi: adapter path {path!r} is not in the base params")
+        if sp.m is not None:
+            raise ValueError(f"attach_multi: {path!r} holds DoRA adapters; the per-row path has "
+                             "no DoRA (use attach_member, one adapter for every row)")
         w = flat_base[path]
         n_lead = sp.a.ndim - 3
         lead = tuple(sp.a.shape[:n_lead])
@@ -205,13 +220,15 @@ def attach_multi(base: lora.Params, stacked: lora.Adapters, ids: Array,
     return replace_paths(base, new)
 
 
-def member_pairs(stacked: lora.Adapters, j: Array | int) -> dict[str, tuple[Array, Array]]:
+def member_pairs(stacked: lora.Adapters, j: Array | int) -> dict[str, tuple[Array, ...]]:
     """Adapter `j` (a traced index is fine) of `stacked`: ``{path: (a, b)}`` at the padded
-    rank, ``a [*lead, in, r_max]``, ``b [*lead, r_max, *out]``."""
+    rank, ``a [*lead, in, r_max]``, ``b [*lead, r_max, *out]`` (DoRA: ``(a, b, m)``,
+    ``m [*lead, *out]``)."""
     out = {}
     for path, sp in lora.flatten_paths(stacked).items():
         n_lead = sp.a.ndim - 3
-        out[path] = (jnp.take(sp.a, j, axis=n_lead), jnp.take(sp.b, j, axis=n_lead))
+        arrays = (sp.a, sp.b) if sp.m is None else (sp.a, sp.b, sp.m)
+        out[path] = tuple(jnp.take(x, j, axis=n_lead) for x in arrays)
     return out
 
 
@@ -235,7 +252,7 @@ def attach_member(base: lora.Params, stacked: lora.Adapters, j: Array | int,
                                                      strict=True))
     new = {}
     for path, sp in flat.items():
-        a, b = pairs[path]
+        a, b, *m = pairs[path]
         w = flat_base[path]
         lead = tuple(sp.a.shape[: sp.a.ndim - 3])
         rates = set(sp.dropouts) or {0.0}
@@ -247,7 +264,8 @@ def attach_member(base: lora.Params, stacked: lora.Adapters, j: Array | int,
                              f"{sp.dropouts}; use attach_multi (per-row rates)")
         scale = jnp.asarray(sp.scales, b.dtype)[j]
         new[path] = lora.LoraWeight(w=w, a=a, b=b * scale, key=key, scale=1.0,
-                                    dropout=max(rates) if key is not None else 0.0)
+                                    dropout=max(rates) if key is not None else 0.0,
+                                    m=m[0] if m else None)
     return replace_paths(base, new)
 
 
@@ -263,9 +281,10 @@ def put_member(stacked: lora.Adapters, j: Array | int,
     new = {}
     for path, sp in lora.flatten_paths(stacked).items():
         n_lead = sp.a.ndim - 3
-        a, b = pairs[path]
+        a, b, *m = pairs[path]
         new[path] = dataclasses.replace(sp, a=_put(sp.a, a, j, n_lead),
-                                        b=_put(sp.b, b, j, n_lead))
+                                        b=_put(sp.b, b, j, n_lead),
+                                        m=_put(sp.m, m[0], j, n_lead) if m else sp.m)
     return lora.unflatten_paths(new)
 
 
@@ -277,7 +296,8 @@ def _put(stack: Array, x: Array, j: Array | int, axis: int) -> Array:
 
 def padded_pairs(adapter: lora.Adapters, stacked: lora.Adapters) -> dict[str, tuple[Array, Array]]:
     """One adapter tree as ``{path: (a, b)}`` at the padded rank of `stacked` (a
-    `stack_adapters` tree, or its `jax.eval_shape`), zeros where it targets no such path."""
+    `stack_adapters` tree, or its `jax.eval_shape`), zeros where it targets no such path;
+    DoRA leaves as ``(a, b, m)`` (stacked DoRA leaves are targeted by every adapter)."""
     flat = lora.flatten_paths(adapter)
     out = {}
     for path, sp in lora.flatten_paths(stacked).items():
@@ -292,6 +312,8 @@ def padded_pairs(adapter: lora.Adapters, stacked: lora.Adapters) -> dict[str, tu
         out[path] = (jnp.pad(p.a.astype(sp.a.dtype), [(0, 0)] * (p.a.ndim - 1) + [(0, pad)]),
                      jax.lax.pad(p.b.astype(sp.b.dtype), jnp.zeros((), sp.b.dtype),
                                  [(0, pad if ax == n_lead else 0, 0) for ax in range(p.b.ndim)]))
+        if sp.m is not None:
+            out[path] += (p.m.astype(sp.m.dtype),)
     return out
 
 
@@ -300,11 +322,12 @@ def unpad(pairs: dict[str, tuple[Array, Array]], adapter: lora.Adapters) -> lora
     metadata) from padded ``(a, b)`` arrays, e.g. their gradients."""
     flat = {}
     for path, p in lora.flatten_paths(adapter).items():
-        a, b = pairs[path]
+        a, b, *m = pairs[path]
         n_lead = a.ndim - 2
         flat[path] = dataclasses.replace(
             p, a=a[..., : p.rank].astype(p.a.dtype),
-            b=jax.lax.slice_in_dim(b, 0, p.rank, axis=n_lead).astype(p.b.dtype))
+            b=jax.lax.slice_in_dim(b, 0, p.rank, axis=n_lead).astype(p.b.dtype),
+            m=m[0].astype(p.m.dtype) if m else None)
     return lora.unflatten_paths(flat)
 
 

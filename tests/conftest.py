@@ -114,7 +114,8 @@ def random_params(cfg: models.ModelConfig, seed: int = 0, kernel_gain: float = 1
 
 
 def random_adapters(base: dict, spec: lora.LoraSpec, seed: int = 1, std: float = 1.0) -> dict:
-    """Adapters shaped by `spec` with non-zero A and B (B = 0 would hide transposes)."""
+    """Adapters shaped by `spec` with non-zero A and B (B = 0 would hide transposes); DoRA
+    (`spec.method`) magnitudes near 1."""
     rng = np.random.default_rng(seed)
     flat = lora.flatten_paths(base)
     out = {}
@@ -122,5 +123,8 @@ def random_adapters(base: dict, spec: lora.LoraSpec, seed: int = 1, std: float =
         lead, d_in, d_out, r, scale = lora.leaf_geometry(p, tuple(flat[p].shape), spec)
         a = std * rng.standard_normal((*lead, d_in, r), np.float32)
         b = std * rng.standard_normal((*lead, r, *d_out), np.float32)
-        out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, float(spec.dropout))
+        m = None
+        if spec.method == "dora":
+            m = jnp.asarray(1.0 + 0.1 * rng.standard_normal((*lead, *d_out), np.float32))
+        out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, float(spec.dropout), m=m)
     return lora.unflatten_paths(out)

@@ -224,3 +224,39 @@ def test_schedule_decays_to_min_lr_ratio(schedule):
     assert float(sched(2)) == pytest.approx(1.0)
     assert float(sched(10)) == pytest.approx(0.25)
     assert all(float(sched(s)) >= 0.25 - 1e-7 for s in range(2, 11))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_plus_updates_b_at_the_ratio_of_plain_adam(method):
+    """LoRA+ (arXiv 2402.12354): B's (and DoRA's magnitude's) update is `ratio` x plain
+    Adam's over several steps of a warmup-cosine schedule and global clipping; A's is plain."""
+    base, _ = tiny()
+    ad = lora.init(jax.random.PRNGKey(0), base, LoraSpec(rank=4, targets=("q_proj",), method=method))
+    grads = [jax.tree.map(lambda t, i=i: rnd(f"g{i}{t.shape}", t.shape), ad) for i in range(3)]
+    kw = dict(lr=1e-2, schedule="cosine", warmup_steps=1, max_grad_norm=1.0, weight_decay=0.1)
+
+    def updates(ratio):
+        tx = optim.make_optimizer(OptimSpec(lora_plus_ratio=ratio, **kw), total_steps=5)
+        state, out = tx.init(ad), []
+        for g in grads:
+            u, state = tx.update(g, state, ad)
+            out.append(u["layers"]["q_proj"]["kernel"])
+        return out[1:]  # step 0: the warmup's zero learning rate
+
+    for plain, plus in zip(updates(1.0), updates(16.0), strict=True):
+        np.testing.assert_allclose(plus.a, plain.a, rtol=1e-6)
+        np.testing.assert_allclose(plus.b, 16.0 * plain.b, rtol=1e-5)
+        assert float(jnp.abs(plain.b).max()) > 0
+        if method == "dora":
+            np.testing.assert_allclose(plus.m, 16.0 * plain.m, rtol=1e-5)
+
+
+def test_lora_plus_ratio_must_be_positive():
+    from jaxlora import config
+    from jaxlora.errors import ConfigError
+
+    for bad in (0.0, -2.0):
+        with pytest.raises(ValueError, match="lora_plus_ratio"):
+            optim.make_optimizer(OptimSpec(lora_plus_ratio=bad, schedule="constant"))
+        with pytest.raises(ConfigError, match=r"optim\.lora_plus_ratio"):
+            config.config_from_dict({"optim": {"lora_plus_ratio": bad}})

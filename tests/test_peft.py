@@ -33,7 +33,9 @@ def _assert_same(x, y):
     for p in fx:
         assert fx[p].scale == pytest.approx(fy[p].scale, rel=1e-12), p
         assert fx[p].dropout == fy[p].dropout
-        for u, v in ((fx[p].a, fy[p].a), (fx[p].b, fy[p].b)):
+        assert (fx[p].m is None) == (fy[p].m is None), p
+        pairs = ((fx[p].a, fy[p].a), (fx[p].b, fy[p].b))
+        for u, v in pairs + (((fx[p].m, fy[p].m),) if fx[p].m is not None else ()):
             assert u.dtype == v.dtype and u.shape == v.shape
             np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
@@ -92,12 +94,52 @@ def test_gpt2_round_trip_and_names(tmp_path: Path) -> None:
     _assert_same(load_peft(tmp_path, base, GPT2), ad)
 
 
-def test_forward_unchanged_by_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_dora_round_trip_bit_exact(tmp_path: Path, cfg) -> None:
+    base = _shapes(cfg)
+    spec = lora.LoraSpec(rank=4, alpha=8, targets="all-linear", method="dora")
+    ad = random_adapters(base, spec)
+    save_peft(tmp_path, ad, spec, "tiny", arch=cfg)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    mags = {k: v for k, v in t.items() if k.endswith(".lora_magnitude_vector")}
+    assert len(mags) == len(t) // 3
+    if cfg is LLAMA:
+        q = ad["layers"]["attn"]["q_proj"]["kernel"]
+        np.testing.assert_array_equal(
+            t["base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"],
+            np.asarray(q.m[1]))  # (out,)
+    _assert_same(load_peft(tmp_path, base, cfg), ad)
+    # PEFT's in-memory spelling (adapter name and the DoraLinearLayer's .weight) reads the same
+    renamed = {k.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight"): v
+               for k, v in t.items()}
+    save_file(renamed, str(tmp_path / "adapter_model.safetensors"))
+    _assert_same(load_peft(tmp_path, base, cfg), ad)
+
+
+def test_dora_magnitudes_must_match_the_config(tmp_path: Path) -> None:
+    base = _shapes(LLAMA)
+    spec = lora.LoraSpec(rank=2, targets=("q_proj",), method="dora")
+    save_peft(tmp_path, random_adapters(base, spec), spec, "tiny", "llama")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    with pytest.raises(CheckpointError, match="lora_magnitude_vector but the adapter config has no use_dora"):
+        load_peft(tmp_path, base, "llama")
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    save_file({**t, key: t[key][:-1]}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"q_proj\.lora_magnitude_vector has shape \(63,\)"):
+        load_peft(tmp_path, base, "llama")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_forward_unchanged_by_round_trip(tmp_path: Path, method: str) -> None:
     rng = np.random.default_rng(0)
     base = jax.tree.map(
         lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32)), _shapes(LLAMA)
     )
-    spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), method=method)
     ad = random_adapters(base, spec)
     save_peft(tmp_path, ad, spec, "tiny", "llama")
     from jaxlora.models import forward
@@ -166,9 +208,12 @@ def test_shape_mismatch_named(saved) -> None:
 def test_unsupported_options_and_save_errors(saved, tmp_path: Path) -> None:
     folder, base = saved
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["use_dora"] = True  # but no magnitudes saved
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="use_dora"):
+    with pytest.raises(CheckpointError, match=r"missing keys: .*q_proj\.lora_magnitude_vector"):
+        load_peft(folder, base, "llama")
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False, "bias": "all"}))
+    with pytest.raises(CheckpointError, match="bias='all' is not supported"):
         load_peft(folder, base, "llama")
     with pytest.raises(CheckpointError, match="not found"):
         load_peft(tmp_path / "nope", base, "llama")

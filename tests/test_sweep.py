@@ -339,3 +339,38 @@ def test_loss_curves_read_training_and_held_out_points(tmp_path):
                  '{"step": 4, "loss": 2.0, "lr": 1e-3}\n{"step": 4, "val_loss": 2.25}\n{"st')
     assert _read_curves(p) == ([(2, 2.5), (4, 2.0)], [(0, 3.0), (4, 2.25)])
     assert _read_curves(tmp_path / "missing.jsonl") == ([], [])
+
+
+def test_methods_mix_in_populations_where_they_can(tmp_path):
+    """LoRA, rsLoRA and LoRA+ share a population; DoRA runs form their own; PiSSA and LoftQ
+    (they change the base) train alone."""
+    p = make_sweep(tmp_path, """
+[zip]
+"lora.method" = ["lora", "lora", "lora", "dora", "dora", "lora", "lora"]
+"lora.scaling" = ["standard", "rslora", "standard", "standard", "rslora", "standard", "standard"]
+"optim.lora_plus_ratio" = [1.0, 1.0, 16.0, 1.0, 1.0, 1.0, 1.0]
+"lora.init" = ["kaiming", "kaiming", "kaiming", "kaiming", "kaiming", "pissa", "loftq"]
+""")
+
+    class FakePopulation:
+        groups: list[list[str]] = []
+
+        @staticmethod
+        def group_key(cfg):
+            return "one base"
+
+        @staticmethod
+        def plan_size(cfg, size):
+            return 8
+
+        def run(self, configs, dirs):
+            self.groups.append(sorted((c.lora.method, c.optim.lora_plus_ratio) for c in configs))
+            return [{"val_loss": 1.0} for _ in configs]
+
+    alone = FakeRun()
+    pop = FakePopulation()
+    res = run_sweep(p, alone, out_dir=tmp_path / "out", log=None, population=pop)
+    assert all(r.status == "done" for r in res.runs) and len(res.runs) == 7
+    assert sorted(pop.groups) == [[("dora", 1.0), ("dora", 1.0)],
+                                  [("lora", 1.0), ("lora", 1.0), ("lora", 16.0)]]
+    assert len(alone.calls) == 2 and all("init-pissa" in c or "init-loftq" in c for c in alone.calls)

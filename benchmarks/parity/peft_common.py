@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +42,8 @@ def random_base(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def random_adapters(base: dict, spec: lora.LoraSpec, seed: int = 1) -> dict:
-    """Adapters shaped by spec with non-zero A and B (std 0.1)."""
+    """Adapters shaped by spec with non-zero A and B (std 0.1); for DoRA, magnitudes of
+    ``||W + s A B||_c`` times 1 + N(0, 0.2^2), so the magnitude matters too."""
     rng = np.random.default_rng(seed)
     flat = lora.flatten_paths(base)
     out = {}
@@ -49,4 +52,8 @@ def random_adapters(base: dict, spec: lora.LoraSpec, seed: int = 1) -> dict:
         a = 0.1 * rng.standard_normal((*lead, d_in, r), np.float32)
         b = 0.1 * rng.standard_normal((*lead, r, *d_out), np.float32)
         out[p] = lora.LoraPair(jnp.asarray(a), jnp.asarray(b), scale, 0.0)
+    out = lora.adapters.with_magnitudes(base, out, spec)
+    if spec.method == "dora":
+        jitter = lambda m: m * (1 + 0.2 * rng.standard_normal(m.shape, np.float32))  # noqa: E731
+        out = {p: dataclasses.replace(pair, m=jitter(pair.m)) for p, pair in out.items()}
     return lora.unflatten_paths(out)

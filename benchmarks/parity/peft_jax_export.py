@@ -28,6 +28,10 @@ SPECS = {
     "llama-rslora": lora.LoraSpec(rank=8, alpha=4, scaling="rslora",
                                   targets=("q_proj", "k_proj", "v_proj", "o_proj")),
     "gpt2": lora.LoraSpec(rank=4, alpha=8, targets=r"^layers/.*/(c_attn|c_proj|c_fc)/kernel$"),
+    "llama-dora": lora.LoraSpec(rank=8, alpha=16, targets="all-linear", method="dora",
+                                rank_pattern={"down_proj": 4}),
+    "gpt2-dora": lora.LoraSpec(rank=4, alpha=8, targets=r"^layers/.*/(c_attn|c_proj|c_fc)/kernel$",
+                               method="dora"),
 }
 
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 DIR=${1:-/tmp/peft_parity}
 SCRATCH=${SCRATCH:-/tmp/scratch}
 rm -rf "$DIR"
-.venv/bin/python benchmarks/parity/peft_jax_export.py --dir "$DIR"
+${VENV:-.venv}/bin/python benchmarks/parity/peft_jax_export.py --dir "$DIR"
 "$SCRATCH/bin/python" benchmarks/parity/peft_torch_check.py --dir "$DIR"
-.venv/bin/python benchmarks/parity/peft_jax_import.py --dir "$DIR"
+${VENV:-.venv}/bin/python benchmarks/parity/peft_jax_import.py --dir "$DIR"
 echo "results: $DIR/results.json"

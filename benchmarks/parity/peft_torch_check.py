@@ -27,6 +27,10 @@ TORCH_TARGETS = {
                          use_rslora=True),
     "gpt2": dict(target_modules=["c_attn", "c_proj", "c_fc"], r=4, lora_alpha=16,
                  fan_in_fan_out=True),
+    "llama-dora": dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], r=6,
+                       lora_alpha=12, use_dora=True),
+    "gpt2-dora": dict(target_modules=["c_attn", "c_proj", "c_fc"], r=4, lora_alpha=16,
+                      fan_in_fan_out=True, use_dora=True),
 }
 
 
@@ -65,6 +69,11 @@ def main() -> None:
         fresh = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32).eval()
         cfg = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **TORCH_TARGETS[case])
         pm = get_peft_model(fresh, cfg).eval()
+        if cfg.use_dora:  # PEFT sets m = ||W + s B A||_c; move it so the magnitude matters too
+            with torch.no_grad():
+                for name, p in pm.named_parameters():
+                    if "lora_magnitude_vector" in name:
+                        p.mul_(1 + 0.2 * torch.randn_like(p))
         pm.save_pretrained(d / "torch_adapter")
         np.save(d / "torch_logits.npy", logits(pm, tokens))
         results[case] = r

@@ -30,6 +30,7 @@ from jaxlora.paths import unflatten_paths
 __all__ = [
     "LoadedModel",
     "load_model",
+    "rules_hook",
     "model_config",
     "open_source",
     "save_hf",
@@ -67,7 +68,7 @@ def open_source(path: str | os.PathLike[str]) -> GGUFSource | HFSource:
     return GGUFSource(path)
 
 
-def _rules_hook(rules: Any, dtype: Any) -> QuantHook | None:
+def rules_hook(rules: Any, dtype: Any) -> QuantHook | None:
     """A hook that applies `jaxlora.quant.QuantRules` to one tensor (one layer) at a time.
 
     Which tensors, and over how many stacked axes, is `jaxlora.quant.select`, the decision
@@ -118,7 +119,7 @@ def _as_hook(quant: Any, dtype: Any) -> QuantHook | None:
     if isinstance(quant, str):
         quant = q.QuantRules(qtype=quant)
     if isinstance(quant, q.QuantRules):
-        return _rules_hook(quant, dtype)
+        return rules_hook(quant, dtype)
     if callable(quant):
         return quant
     raise TypeError(f"quant must be None, a QuantRules, a qtype string or a callable, got {type(quant).__name__}")

@@ -17,6 +17,10 @@ Layout facts (PEFT, huggingface/peft):
   ranks/alphas go in ``rank_pattern`` / ``alpha_pattern`` (keys matched as a suffix of the
   module name).
 
+DoRA adapters (``use_dora``) add ``<module>.lora_magnitude_vector``, shape ``(out,)``: PEFT's
+``get_peft_model_state_dict`` drops the adapter name and the ``.weight`` of the
+``DoraLinearLayer`` holding it; both spellings are read.
+
 Embedding-table adapters are refused: jaxlora's tied LM head applies the embedding adapter to
 the output projection too, which PEFT's ``lora_embedding_A/B`` does not, so outputs would differ.
 """
@@ -116,7 +120,12 @@ def save_peft(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dropouts = set()
-    for path, pair in sorted(lora.flatten_paths(adapters).items()):
+    flat = lora.flatten_paths(adapters)
+    dora = {p for p, pair in flat.items() if pair.m is not None}
+    if dora and dora != set(flat):
+        raise CheckpointError(f"save_peft: DoRA on {sorted(dora)[0]!r} but not on "
+                              f"{sorted(set(flat) - dora)[0]!r}; PEFT's use_dora is one switch")
+    for path, pair in sorted(flat.items()):
         if path not in table:
             raise CheckpointError(
                 f"save_peft: adapter {path!r} has no PEFT module name for arch {name!r} "
@@ -140,10 +149,15 @@ def save_peft(
             module = template.format(i=i)
             tensors[f"{_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(ai.T)  # (r, in)
             tensors[f"{_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(bi.T)  # (out, r)
+            if pair.m is not None:
+                m = np.asarray(pair.m)
+                mi = (m[i] if i is not None else m).reshape(-1)  # [out]
+                tensors[f"{_PREFIX}{module}.{_MAGNITUDE}"] = np.ascontiguousarray(mi)
     if not tensors:
         raise CheckpointError("save_peft: the adapter tree is empty")
 
-    config = _peft_config(ranks, alphas, dropouts, rslora, fam.hf_kernels_in_out, base_model_name)
+    config = _peft_config(ranks, alphas, dropouts, rslora, fam.hf_kernels_in_out, base_model_name,
+                          bool(dora))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -152,7 +166,8 @@ def save_peft(
 
 
 def _peft_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: set[float],
-                 rslora: bool, fan_in_fan_out: bool, base_model_name: str | None) -> dict[str, Any]:
+                 rslora: bool, fan_in_fan_out: bool, base_model_name: str | None,
+                 use_dora: bool) -> dict[str, Any]:
     """``adapter_config.json``: the most common rank / alpha, the others as patterns."""
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(round(v, 9) for v in alphas.values()).most_common(1)[0][0]
@@ -169,7 +184,7 @@ def _peft_config(ranks: dict[str, int], alphas: dict[str, float], dropouts: set[
         "lora_dropout": max(dropouts) if dropouts else 0.0,
         "fan_in_fan_out": fan_in_fan_out,  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -198,9 +213,8 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], P
         raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", False), ("bias", "none")):
-        if cfg.get(key, ok) not in (ok, None):
-            raise CheckpointError(f"{cfg_path}: {key}={cfg.get(key)!r} is not supported")
+    if cfg.get("bias", "none") not in ("none", None):
+        raise CheckpointError(f"{cfg_path}: bias={cfg.get('bias')!r} is not supported")
     if cfg.get("modules_to_save"):
         raise CheckpointError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r} is not supported")
     load_file, _ = _safetensors()
@@ -213,7 +227,8 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], P
     return cfg, tensors, w_path
 
 
-_Found = dict[str, dict[int | None, dict[str, np.ndarray]]]  # path -> layer -> "A"/"B" -> tensor
+_Found = dict[str, dict[int | None, dict[str, np.ndarray]]]  # path -> layer -> "A"/"B"/"M" -> tensor
+_MAGNITUDE = "lora_magnitude_vector"
 
 
 def _group_by_module(tensors: dict[str, np.ndarray], table: dict[str, tuple[str, str]],
@@ -222,7 +237,7 @@ def _group_by_module(tensors: dict[str, np.ndarray], table: dict[str, tuple[str,
     matchers = []  # HF module regex -> jaxlora path
     for path, (template, _) in table.items():
         rx = re.escape(template).replace(re.escape("{i}"), r"(\d+)")
-        matchers.append((re.compile(rf"^{rx}\.lora_(A|B)\.weight$"), path))
+        matchers.append((re.compile(rf"^{rx}\.(?:lora_(A|B)\.weight|{_MAGNITUDE}(?:\.weight)?)$"), path))
     found: _Found = {}
     unmapped = []
     for key, value in tensors.items():
@@ -231,8 +246,8 @@ def _group_by_module(tensors: dict[str, np.ndarray], table: dict[str, tuple[str,
         for rx, path in matchers:
             m = rx.match(module_key)
             if m:
-                layer = int(m.group(1)) if m.lastindex == 2 else None
-                found.setdefault(path, {}).setdefault(layer, {})[m.group(m.lastindex)] = value
+                layer = int(m.group(1)) if rx.groups == 2 else None
+                found.setdefault(path, {}).setdefault(layer, {})[m.group(rx.groups) or "M"] = value
                 break
         else:
             unmapped.append(key)
@@ -245,14 +260,19 @@ def _group_by_module(tensors: dict[str, np.ndarray], table: dict[str, tuple[str,
 
 
 def _check_layers(per_layer: dict[int | None, dict[str, np.ndarray]], template: str,
-                  n_layers: int | None, w_path: Path) -> list[int | None]:
-    """The layer ids the base has; every one must have both lora_A and lora_B, no others."""
+                  n_layers: int | None, w_path: Path, dora: bool) -> list[int | None]:
+    """The layer ids the base has; every one must have lora_A and lora_B (and with DoRA its
+    magnitude), no others."""
     layer_ids = list(range(n_layers)) if n_layers is not None else [None]
+    names = {"A": "lora_A.weight", "B": "lora_B.weight", **({"M": _MAGNITUDE} if dora else {})}
     missing = []
     for i in layer_ids:
-        for ab in ("A", "B"):
-            if ab not in per_layer.get(i, {}):
-                missing.append(f"{_PREFIX}{template.format(i=i)}.lora_{ab}.weight")
+        for key, name in names.items():
+            if key not in per_layer.get(i, {}):
+                missing.append(f"{_PREFIX}{template.format(i=i)}.{name}")
+        if not dora and "M" in per_layer.get(i, {}):
+            raise CheckpointError(f"{w_path}: {template.format(i=i)}.{_MAGNITUDE} but the "
+                                  "adapter config has no use_dora")
     extra = [i for i in per_layer if i not in layer_ids]
     if extra:
         raise CheckpointError(
@@ -269,13 +289,14 @@ def _module_pair(path: str, per_layer: dict[int | None, dict[str, np.ndarray]], 
                  dtype: Any) -> lora.LoraPair:
     """One module's stacked `LoraPair` from its per-layer PEFT tensors (shapes checked)."""
     stacked = path.startswith("layers/")
-    layer_ids = _check_layers(per_layer, template, wshape[0] if stacked else None, w_path)
+    dora = bool(cfg.get("use_dora", False))
+    layer_ids = _check_layers(per_layer, template, wshape[0] if stacked else None, w_path, dora)
     rank_pat = dict(cfg.get("rank_pattern") or {})
     r_default = int(cfg.get("r", 8))
     d_in = wshape[1] if stacked else wshape[0]
     out_axes = wshape[2:] if stacked else wshape[1:]
     d_out = int(np.prod(out_axes))
-    a_list, b_list = [], []
+    a_list, b_list, m_list = [], [], []
     r = None
     for i in layer_ids:
         ta, tb = per_layer[i]["A"], per_layer[i]["B"]
@@ -292,6 +313,12 @@ def _module_pair(path: str, per_layer: dict[int | None, dict[str, np.ndarray]], 
                 )
         a_list.append(np.asarray(ta, np.float32).T)  # [in, r]
         b_list.append(np.asarray(tb, np.float32).T.reshape(r_i, *out_axes))  # [r, *out]
+        if dora:
+            tm = per_layer[i]["M"]
+            if tuple(tm.shape) != (d_out,):
+                raise CheckpointError(f"{w_path}: {_PREFIX}{module}.{_MAGNITUDE} has shape "
+                                      f"{tuple(tm.shape)}, expected ({d_out},) for base {path}")
+            m_list.append(np.asarray(tm, np.float32).reshape(out_axes))  # [*out]
     alpha_pat = dict(cfg.get("alpha_pattern") or {})
     alpha = float(_pattern_value(alpha_pat, template.format(i=0), float(cfg.get("lora_alpha", 8))))
     rslora = bool(cfg.get("use_rslora", False))
@@ -299,7 +326,11 @@ def _module_pair(path: str, per_layer: dict[int | None, dict[str, np.ndarray]], 
     a = np.stack(a_list) if stacked else a_list[0]
     b = np.stack(b_list) if stacked else b_list[0]
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
-    return lora.LoraPair(jnp.asarray(a, dtype), jnp.asarray(b, dtype), scale=scale, dropout=dropout)
+    m = None
+    if dora:
+        m = jnp.asarray(np.stack(m_list) if stacked else m_list[0], dtype)
+    return lora.LoraPair(jnp.asarray(a, dtype), jnp.asarray(b, dtype), scale=scale, dropout=dropout,
+                         m=m)
 
 
 def load_peft(
@@ -318,10 +349,11 @@ def load_peft(
       dtype: adapter dtype.
 
     Returns:
-      Adapters with stacked ``LoraPair(a [L, in, r], b [L, r, out], scale, dropout)`` leaves.
+      Adapters with stacked ``LoraPair(a [L, in, r], b [L, r, out], scale, dropout)`` leaves
+      (with ``use_dora``: and ``m [L, out]``).
 
     Raises:
-      CheckpointError: missing files, unsupported PEFT options (DoRA, biases, ...), keys that do
+      CheckpointError: missing files, unsupported PEFT options (biases, ...), keys that do
         not map to this architecture, missing keys (named), or tensors whose shapes do not fit
         the base (named, expected vs got).
     """

@@ -4,7 +4,9 @@ LoRA (Hu et al. 2021, arXiv 2106.09685) freezes a weight ``W [in, out]`` and lea
 low-rank update ``delta W = A @ B`` with ``A [in, r]``, ``B [r, out]``, scaled by
 ``s = alpha / r``; rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) uses ``s = alpha / sqrt(r)``
 so that learning does not collapse at high rank. PiSSA (Meng et al. 2024, arXiv 2404.02948)
-starts the adapters at the top singular directions of ``W``.
+starts the adapters at the top singular directions of ``W``; DoRA (Liu et al. 2024, arXiv
+2402.09353, ``LoraSpec.method = "dora"``) learns a magnitude per output column over the
+direction of ``W + s A B``.
 
 One module per concept (see ``docs/DESIGN.md``):
 
@@ -20,6 +22,8 @@ One module per concept (see ``docs/DESIGN.md``):
   child, so ``lax.scan`` slices them together.
 * `jaxlora.lora.adapters`: `init`, `init_pissa` (which changes the base too), `merge`,
   `unmerge`, `summary`.
+* `jaxlora.lora.loftq`: LoftQ (Li et al. 2023, arXiv 2310.08659), the quantized base and the
+  adapters chosen together while the checkpoint loads (`load_loftq`).
 * `jaxlora.lora.nnx`: `nnx_params` / `nnx_bind` run any Flax NNX model on this primitive.
 
 Example::
@@ -39,15 +43,18 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     {
         "jaxlora.lora.primitive": (
             "Params", "Adapters", "LoraPair", "LoraWeight", "attach", "linear",
-            "register_linear", "embed", "attend", "check_fit",
+            "register_linear", "embed", "attend", "check_fit", "column_norm",
         ),
         "jaxlora.lora.spec": (
-            "LoraSpec", "Targets", "LeafGeometry", "resolve_targets", "check_ranks",
+            "LoraSpec", "Targets", "METHODS", "LeafGeometry", "resolve_targets", "check_ranks",
             "leaf_geometry", "lora_scale",
         ),
-        "jaxlora.lora.adapters": ("Summary", "init", "init_pissa", "merge", "unmerge", "summary"),
+        "jaxlora.lora.adapters": (
+            "Summary", "init", "init_pissa", "merge", "unmerge", "dora_norms", "summary",
+        ),
         "jaxlora.paths": ("flatten_paths", "unflatten_paths"),
         "jaxlora.lora.nnx": ("nnx_params", "nnx_bind"),
+        "jaxlora.lora.loftq": ("load_loftq",),
     },
-    submodules=("adapters", "nnx", "primitive", "spec"),
+    submodules=("adapters", "loftq", "nnx", "primitive", "spec"),
 )

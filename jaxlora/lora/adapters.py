@@ -7,11 +7,17 @@
 * `init_pissa` (PiSSA, Meng et al. 2024, arXiv 2404.02948) starts the adapters at the top-r
   singular directions of W and changes the base to the residual, so it has its own entry
   point returning ``(residual_base, adapters)``; `init` refuses it.
-* `merge` / `unmerge` add / subtract ``s * A @ B`` in float32 for export or fast inference.
+* DoRA (Liu et al. 2024, arXiv 2402.09353), ``LoraSpec.method = "dora"``: every pair also
+  gets a magnitude ``m = ||W||_c`` (the column norms of the base, dequantized for a QTensor),
+  so that with ``B = 0`` the adapted weight ``m * W / ||W||_c`` is the base exactly.
+* `merge` / `unmerge` add / subtract ``s * A @ B`` in float32 for export or fast inference;
+  for DoRA ``merge`` forms ``m * (W + s A B) / ||W + s A B||_c`` and `unmerge` needs the
+  column norms of the unmerged weight (`dora_norms`), which the merged weight no longer holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -22,11 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import quant
-from jaxlora.lora.primitive import Adapters, LoraPair, Params, check_fit, dense
+from jaxlora.lora.primitive import (
+    Adapters,
+    LoraPair,
+    Params,
+    check_fit,
+    column_norm,
+    dense,
+    dora_norm,
+)
 from jaxlora.lora.spec import LoraSpec, leaf_geometry, resolve_targets
 from jaxlora.paths import flatten_paths, replace_paths, unflatten_paths
 
-__all__ = ["init", "init_pissa", "merge", "unmerge", "Summary", "summary"]
+__all__ = ["init", "init_pissa", "merge", "unmerge", "dora_norms", "Summary", "summary"]
 
 Array = jax.Array
 
@@ -44,25 +58,70 @@ def init(key: Array, base: Params, spec: LoraSpec) -> Adapters:
     tables (leaf named ``embedding``): A = 0, B ~ N(0, 1). Either way ``A @ B = 0`` at init,
     so the adapted model starts exactly at the base model.
 
-    For ``spec.init == "pissa"`` the base must change too: call `init_pissa`.
+    For ``spec.init == "pissa"`` the base must change too: call `init_pissa`; LoftQ
+    (``"loftq"``) chooses the quantized base and the adapters together while the checkpoint
+    is read (`jaxlora.lora.loftq.load_loftq`). With ``spec.method == "dora"`` each pair gets
+    DoRA's magnitude ``m = ||W||_c`` as well (see the module docstring).
     """
-    if spec.init == "pissa":
-        raise ValueError(
-            "LoraSpec.init='pissa' replaces the base weights: use init_pissa(base, spec)"
-        )
+    if spec.init in ("pissa", "loftq"):
+        how = "init_pissa(base, spec)" if spec.init == "pissa" else "lora.loftq.load_loftq"
+        raise ValueError(f"LoraSpec.init={spec.init!r} replaces the base weights: use {how}")
     flat = flatten_paths(base)
-    geometry = {
-        path: leaf_geometry(path, tuple(flat[path].shape), spec)
-        for path in resolve_targets(base, spec)
-    }  # static, resolved outside jit
+    paths = resolve_targets(base, spec)
+    check_method(spec, paths)
+    geometry = {path: leaf_geometry(path, tuple(flat[path].shape), spec) for path in paths}
     shapes = tuple((p, g.lead, g.d_in, g.out, g.rank) for p, g in geometry.items())
     arrays = _init_arrays(key, shapes, spec.init, spec.dtype)
-    return unflatten_paths(
-        {
-            p: LoraPair(a=a, b=b, scale=geometry[p].scale, dropout=float(spec.dropout))
-            for p, (a, b) in arrays.items()
-        }
-    )
+    pairs = {
+        p: LoraPair(a=a, b=b, scale=geometry[p].scale, dropout=float(spec.dropout))
+        for p, (a, b) in arrays.items()
+    }
+    return unflatten_paths(with_magnitudes(base, pairs, spec))
+
+
+def check_method(spec: LoraSpec, paths: list[str]) -> None:
+    """Refuse DoRA on an embedding table (ValueError naming the path): its rows are looked
+    up, not projected, so there is no output column to normalize (PEFT refuses it too)."""
+    if spec.method != "dora":
+        return
+    for path in paths:
+        if path.split("/")[-1] == "embedding":
+            raise ValueError(f"lora.method = 'dora': target {path!r} is an embedding table; DoRA "
+                             "adapts linear kernels only (exclude it from lora.targets)")
+
+
+def with_magnitudes(base: Params, pairs: dict[str, LoraPair], spec: LoraSpec) -> dict[str, LoraPair]:
+    """``pairs`` (path -> pair) with DoRA's magnitude ``m = ||W + s A B||_c`` when
+    ``spec.method == "dora"`` (``||W||_c`` for a zero B), else unchanged."""
+    if spec.method != "dora":
+        return pairs
+    flat = flatten_paths(base)
+    norms = _norms({p: flat[p] for p in pairs}, pairs)
+    return {p: dataclasses.replace(pair, m=norms[p].astype(spec.dtype)) for p, pair in pairs.items()}
+
+
+@jax.jit
+def _norms(ws: dict[str, Any], pairs: dict[str, LoraPair]) -> dict[str, Array]:
+    """``||W + s A B||_c`` per path, ``[*lead, *out]`` float32 (QTensors dequantized): the
+    forward's `dora_norm`, mapped over the stacked layers one layer at a time."""
+    out = {}
+    for p, w in ws.items():
+        pair = pairs[p]
+        lead = pair.a.shape[:-2]
+        if not lead:
+            out[p] = dora_norm(w, pair.a, pair.b, pair.scale)
+            continue
+        k = len(lead)
+        layers = jax.tree.map(lambda t, k=k: t.reshape(-1, *t.shape[k:]),
+                              (w, pair.a, pair.b))  # [prod(lead), ...]
+        n = jax.lax.map(lambda t, s=pair.scale: dora_norm(*t, s), layers)  # [prod(lead), *out]
+        out[p] = n.reshape(*lead, *n.shape[1:])
+    return out
+
+
+def _plain_delta(w: Any, pair: LoraPair) -> Array:
+    """``W + s A B`` in float32, ``[*lead, in, *out]``."""
+    return dense(w, jnp.float32) + _delta(pair)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -110,7 +169,9 @@ def init_pissa(base: Params, spec: LoraSpec) -> tuple[Params, Adapters]:
     flat = flatten_paths(base)
     dtype = jnp.dtype(spec.dtype)
     new_base, out = {}, {}
-    for path in resolve_targets(base, spec):
+    paths = resolve_targets(base, spec)
+    check_method(spec, paths)
+    for path in paths:
         w = flat[path]
         lead, d_in, d_out, r, scale = leaf_geometry(path, tuple(w.shape), spec)
         w32 = dense(w, jnp.float32).reshape(*lead, d_in, -1)  # [*lead, in, out]
@@ -126,7 +187,8 @@ def init_pissa(base: Params, spec: LoraSpec) -> tuple[Params, Adapters]:
         out[path] = LoraPair(
             a.astype(dtype), b.astype(dtype), scale=scale, dropout=float(spec.dropout)
         )
-    return replace_paths(base, new_base), unflatten_paths(out)
+    resid = replace_paths(base, new_base)
+    return resid, unflatten_paths(with_magnitudes(resid, out, spec))
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,28 +208,64 @@ def _delta(pair: LoraPair) -> Array:
 def merge(base: Params, adapters: Adapters) -> Params:
     """``W + s * A @ B`` at every adapted leaf: a float tree for export / fast inference.
 
-    Adapted QTensor leaves are dequantized, summed in float32 and cast to their original
-    dtype (they are *not* re-quantized, which would add rounding error; see peft#1043).
-    Leaves without an adapter are returned unchanged.
+    DoRA leaves become ``m * (W + s A B) / ||W + s A B||_c`` (the weight DoRA's forward
+    applies). Adapted QTensor leaves are dequantized, summed in float32 and cast to their
+    original dtype (they are *not* re-quantized, which would add rounding error; see
+    peft#1043). Leaves without an adapter are returned unchanged.
     """
     check_fit(base, adapters)
     flat, flat_ad = flatten_paths(base), flatten_paths(adapters)
-    return replace_paths(base, _merge_leaves({p: flat[p] for p in flat_ad}, flat_ad, 1.0))
+    return replace_paths(base, _merge_leaves({p: flat[p] for p in flat_ad}, flat_ad))
 
 
-def unmerge(merged: Params, adapters: Adapters) -> Params:
-    """Inverse of `merge` for float bases: ``W - s * A @ B`` (up to float rounding)."""
+def dora_norms(base: Params, adapters: Adapters) -> dict[str, Array]:
+    """``{path: ||W + s A B||_c}`` (``[*lead, *out]``, float32) of every DoRA leaf: what
+    `unmerge` needs to undo a DoRA merge (take it from the base before merging)."""
+    check_fit(base, adapters)
+    flat, flat_ad = flatten_paths(base), flatten_paths(adapters)
+    dora = {p: pair for p, pair in flat_ad.items() if pair.m is not None}
+    return _norms({p: flat[p] for p in dora}, dora)
+
+
+def unmerge(merged: Params, adapters: Adapters, norms: dict[str, Array] | None = None) -> Params:
+    """Inverse of `merge` for float bases: ``W = W_merged - s * A @ B`` (up to float
+    rounding); for DoRA leaves ``W = W_merged * norm / m - s A B`` with ``norms`` from
+    `dora_norms` of the unmerged base (the merged weight's own column norms are ``|m|``)."""
     check_fit(merged, adapters)
     flat, flat_ad = flatten_paths(merged), flatten_paths(adapters)
-    return replace_paths(merged, _merge_leaves({p: flat[p] for p in flat_ad}, flat_ad, -1.0))
+    norms = norms or {}
+    missing = [p for p, pair in flat_ad.items() if pair.m is not None and p not in norms]
+    if missing:
+        raise ValueError(f"unmerge: DoRA leaf {missing[0]!r} needs its column norms "
+                         "(norms=lora.dora_norms(base, adapters), taken before merging)")
+    return replace_paths(merged, _unmerge_leaves({p: flat[p] for p in flat_ad}, flat_ad, norms))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _merge_leaves(ws: dict[str, Any], pairs: dict[str, LoraPair], sign: float) -> dict:
-    """``W + sign * s * A @ B`` per path, in float32, cast back to each base dtype."""
-    return {
-        p: (dense(w, jnp.float32) + sign * _delta(pairs[p])).astype(w.dtype) for p, w in ws.items()
-    }
+@jax.jit
+def _merge_leaves(ws: dict[str, Any], pairs: dict[str, LoraPair]) -> dict:
+    """``W + s A B`` (DoRA: times ``m / ||W + s A B||_c``) per path, in float32, cast back
+    to each base dtype."""
+    out = {}
+    for p, w in ws.items():
+        pair, v = pairs[p], _plain_delta(w, pairs[p])  # [*lead, in, *out]
+        if pair.m is not None:
+            n_lead = pair.a.ndim - 2
+            v = v * jnp.expand_dims(pair.m.astype(jnp.float32) / column_norm(v, n_lead), n_lead)
+        out[p] = v.astype(w.dtype)
+    return out
+
+
+@jax.jit
+def _unmerge_leaves(ws: dict[str, Any], pairs: dict[str, LoraPair], norms: dict[str, Array]) -> dict:
+    """`_merge_leaves` undone, given the DoRA leaves' column norms before the merge."""
+    out = {}
+    for p, w in ws.items():
+        pair, v = pairs[p], dense(w, jnp.float32)
+        if pair.m is not None:
+            n_lead = pair.a.ndim - 2
+            v = v * jnp.expand_dims(norms[p] / pair.m.astype(jnp.float32), n_lead)
+        out[p] = (v - _delta(pair)).astype(w.dtype)
+    return out
 
 
 class Summary(NamedTuple):

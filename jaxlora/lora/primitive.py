@@ -55,6 +55,8 @@ __all__ = [
     "attend",
     "check_fit",
     "attach",
+    "column_norm",
+    "dora_norm",
 ]
 
 Array = jax.Array
@@ -78,19 +80,24 @@ class LoraPair:
       b: ``[*lead, r, *out]`` (``out`` may be several axes, like the base kernel's).
       scale: static ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
       dropout: static dropout rate applied to the input of the low-rank path in training.
+      m: ``None`` (LoRA) or DoRA's magnitude ``[*lead, *out]``, one per output column (PEFT's
+        ``lora_magnitude_vector``); trained with ``a`` and ``b``.
     """
 
     a: Array
     b: Array
     scale: float = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Array | None = None
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[-1])
 
 
-jax.tree_util.register_dataclass(LoraPair, data_fields=["a", "b"], meta_fields=["scale", "dropout"])
+jax.tree_util.register_dataclass(
+    LoraPair, data_fields=["a", "b", "m"], meta_fields=["scale", "dropout"]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +110,7 @@ class LoraWeight:
       key: ``None`` (no dropout: inference) or a PRNG key per stacked layer, ``[*lead, 2]``
         uint32 or a typed key array ``[*lead]``, so that ``lax.scan`` slices it with the rest.
       scale, dropout: static, as in `LoraPair`.
+      m: ``None`` (LoRA) or DoRA's magnitude ``[*lead, *out]``.
     """
 
     w: Any
@@ -111,6 +119,7 @@ class LoraWeight:
     key: Array | None = None
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -126,7 +135,7 @@ class LoraWeight:
 
 
 jax.tree_util.register_dataclass(
-    LoraWeight, data_fields=["w", "a", "b", "key"], meta_fields=["scale", "dropout"]
+    LoraWeight, data_fields=["w", "a", "b", "key", "m"], meta_fields=["scale", "dropout"]
 )
 
 
@@ -346,11 +355,46 @@ def _base(how: Any, x: Array, w: Any) -> Array:
     return how.apply(x, jnp.asarray(w).astype(x.dtype))
 
 
+def column_norm(w_eff: Array, n_lead: int = 0) -> Array:
+    """DoRA's ``||W'||_c``: the L2 norm of each output column of ``w_eff [*lead, in, *out]``
+    over its ``in`` axis, ``[*lead, *out]`` in float32 (PEFT's ``norm(weight, dim=1)`` of the
+    torch ``[out, in]`` weight)."""
+    return jnp.sqrt(jnp.sum(jnp.square(w_eff.astype(jnp.float32)), axis=n_lead))
+
+
+def dora_norm(w: Any, a: Array, b: Array, scale: float) -> Array:
+    """``||W + s A B||_c`` of one unstacked leaf (``w [in, *out]``, Array or QTensor), in
+    float32: the one function DoRA's forward and its init both call, so that a fresh
+    magnitude equals the forward's norm bit for bit and the initial output is the base's."""
+    w_eff = _effective(w, a.astype(jnp.float32), b.astype(jnp.float32), scale, jnp.float32)
+    return jax.lax.optimization_barrier(column_norm(jax.lax.optimization_barrier(w_eff)))
+
+
+def _dora(how: Any, x: Array, w: LoraWeight, a: Array, b: Array) -> Array:
+    """DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5): ``y = (m / ||W'||_c) * (x . W')`` with
+    ``W' = W + s A B``, the norm detached from the gradient as the paper's section 4.3 suggests
+    (and PEFT does), so it costs no ``[in, out]`` residual: it is a ``[*out]`` constant, and
+    ``x . W'`` is the folded LoRA primitive (W rebuilt from the codes in its backward).
+
+    With dropout (PEFT's formula): ``y = x . W + (g - 1) (d . W) + g s (d . A) B`` with
+    ``d = dropout(x)``, ``g = m / ||W'||_c``, computed as ``(x - d) . W + g (d . W')``.
+    """
+    norm = jax.lax.stop_gradient(dora_norm(w.w, w.a, w.b, w.scale))  # [*out]
+    g = (w.m.astype(jnp.float32) / norm).astype(x.dtype)  # [*out]
+    if w.key is None or w.dropout <= 0.0:
+        return g * _merged_lora(x, w.w, a, b, w.scale, how)  # [..., *out]
+    d = _dropout(x, w.dropout, w.key)
+    return _base(how, x - d, w.w) + g * _merged_lora(d, w.w, a, b, w.scale, how)
+
+
 def _project(how: Any, x: Array, w: Any) -> Array:
-    """``x . W (+ s * (dropout(x) . A) . B)`` for an Array, QTensor or `LoraWeight` leaf."""
+    """``x . W (+ s * (dropout(x) . A) . B)`` for an Array, QTensor or `LoraWeight` leaf
+    (DoRA's `_dora` when the leaf has a magnitude)."""
     if not isinstance(w, LoraWeight):
         return _base(how, x, w)
     a, b = w.a.astype(x.dtype), w.b.astype(x.dtype)
+    if w.m is not None:
+        return _dora(how, x, w, a, b)
     # A kernel base is never folded: W + sAB would be a dense weight again.
     if (w.key is None or w.dropout <= 0.0) and _kernel_tiles(how, x, w.w) is None:
         return _merged_lora(x, w.w, a, b, w.scale, how)
@@ -408,7 +452,18 @@ def einsum(eq: str, x: Array, w: Any, precision: Any = None) -> Array:
     eq = eq.replace(" ", "")
     if isinstance(w, LoraWeight):
         _low_rank_eqs(eq)  # refuses a kernel spec it cannot factorize, whichever path runs
+        if w.m is not None:
+            _check_dora_eq(eq)
     return _project(_Einsum(eq, precision), x, w)
+
+
+def _check_dora_eq(eq: str) -> None:
+    """DoRA scales the output by ``[*out]``: the kernel's output axes must end the output."""
+    ins, out = eq.split("->")
+    kernel_out = ins.split(",")[1][1:]
+    if not out.endswith(kernel_out) or any(c in out[: len(out) - len(kernel_out)] for c in kernel_out):
+        raise ValueError(f"DoRA einsum {eq!r}: the kernel's output axes {kernel_out!r} must be "
+                         "the last axes of the output, in order")
 
 
 def embed(ids: Array, table: Any, dtype: Any = None) -> Array:
@@ -485,6 +540,14 @@ def check_fit(base: Params, adapters: Adapters) -> None:
                 f"adapter at {path!r} does not fit the base: base {wshape}, a {a}, b {b} "
                 "(expected a [*lead, in, r], b [*lead, r, *out])"
             )
+        if pair.m is not None:
+            want = (*wshape[:n_lead], *wshape[n_lead + 1 :])
+            if path.split("/")[-1] == "embedding":
+                raise ValueError(f"DoRA adapter at {path!r}: an embedding table (DoRA adapts "
+                                 "linear kernels only)")
+            if tuple(pair.m.shape) != want:
+                raise ValueError(f"DoRA adapter at {path!r}: magnitude {tuple(pair.m.shape)}, "
+                                 f"expected [*lead, *out] = {want} for base {wshape}")
 
 
 def attach(base: Params, adapters: Adapters, dropout_key: Array | None = None) -> Params:
@@ -515,7 +578,6 @@ def attach(base: Params, adapters: Adapters, dropout_key: Array | None = None) -
         if leaf_keys is not None and pair.dropout > 0.0:
             lead = tuple(pair.a.shape[:-2])
             key = jax.random.split(leaf_keys[i], lead) if lead else leaf_keys[i]
-        new[path] = LoraWeight(
-            w=flat_base[path], a=pair.a, b=pair.b, key=key, scale=pair.scale, dropout=pair.dropout
-        )
+        new[path] = LoraWeight(w=flat_base[path], a=pair.a, b=pair.b, key=key, scale=pair.scale,
+                               dropout=pair.dropout, m=pair.m)
     return replace_paths(base, new)

@@ -27,13 +27,14 @@ from jaxlora.paths import flatten_paths
 if TYPE_CHECKING:  # this module imports no JAX: configs hold a LoraSpec
     from jaxlora.lora.primitive import Params
 
-__all__ = ["Targets", "LoraSpec", "lora_scale", "resolve_targets", "check_ranks", "LeafGeometry",
-           "leaf_geometry"]
+__all__ = ["Targets", "METHODS", "LoraSpec", "lora_scale", "resolve_targets", "check_ranks",
+           "LeafGeometry", "leaf_geometry"]
 
 Targets = str | tuple[str, ...]
 """A regex over leaf paths, a tuple of module names (path components) or ``"all-linear"``."""
 _SCALINGS = ("standard", "rslora")
-_INITS = ("kaiming", "gaussian", "pissa")
+_INITS = ("kaiming", "gaussian", "pissa", "loftq")
+METHODS = ("lora", "dora")
 _ADAPTABLE = ("kernel", "embedding")
 _DTYPES = ("float32", "bfloat16", "float16")  # adapter dtypes (jnp names)
 
@@ -106,10 +107,20 @@ class LoraSpec:
     exclude: Targets = schema.field(
         (), "Same forms as targets; matching leaves are not adapted (empty = none).", regex=True
     )
+    method: str = schema.field(
+        "lora", "lora: x (W + s A B); dora: DoRA (Liu et al. 2024), a learned magnitude per "
+        "output column times the direction (W + s A B) / ||W + s A B|| (linear kernels only).",
+        choices=METHODS,
+    )
     init: str = schema.field(
         "kaiming", "Init of A (B starts at zero): kaiming (loralib's uniform), gaussian "
-        "(N(0, 1/r^2)); pissa uses the base's SVD (init_pissa). Embeddings: A = 0, B ~ N(0, 1).",
+        "(N(0, 1/r^2)); pissa uses the base's SVD (init_pissa); loftq (Li et al. 2023) "
+        "quantizes W - s A B and fits A B to the residual, on load (a quantized base only). "
+        "Embeddings: A = 0, B ~ N(0, 1).",
         choices=_INITS,
+    )
+    loftq_iters: int = schema.field(
+        1, "LoftQ's alternating steps T (quantize, then rank-r SVD of the residual).", ge=1
     )
     rank_pattern: tuple[tuple[str, int], ...] = schema.field(
         (), "Table regex -> rank overriding `rank` for matching paths (first match wins).",
@@ -139,6 +150,10 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.scaling must be one of {_SCALINGS}, got {self.scaling!r}")
         if self.init not in _INITS:
             raise ValueError(f"LoraSpec.init must be one of {_INITS}, got {self.init!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"LoraSpec.method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.loftq_iters, (int, np.integer)) or self.loftq_iters < 1:
+            raise ValueError(f"LoraSpec.loftq_iters must be an integer >= 1, got {self.loftq_iters!r}")
         for where, r in (
             ("rank", self.rank),
             *((f"rank_pattern[{p!r}]", v) for p, v in self.rank_pattern),

@@ -18,7 +18,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     {
         "jaxlora.optim.transforms": (
             "TRAINABLE", "FROZEN", "make_schedule", "make_optimizer", "optax_optimizer",
-            "adapter_labels", "adapters_only",
+            "adapter_labels", "adapters_only", "lora_plus_labels",
         ),
         "jaxlora.optim.spec": ("OptimSpec",),
     },

@@ -46,6 +46,10 @@ class OptimSpec:
     b1: float = schema.field(0.9, "Adam beta1 / SGD momentum.", ge=0, lt=1)
     b2: float = schema.field(0.999, "Adam beta2.", ge=0, lt=1)
     eps: float = schema.field(1e-8, "Adam epsilon.", gt=0)
+    lora_plus_ratio: float = schema.field(
+        1.0, "LoRA+ (Hayou et al. 2024): B (and DoRA's magnitude) learns at this multiple of "
+        "lr, A at lr; 1 = plain LoRA, the paper suggests 16.", gt=0
+    )
 
     def __post_init__(self):
         schema.check_fields(self)

@@ -6,6 +6,7 @@ See the `jaxlora.optim` docstring for why the optimizer sees the adapters only.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
@@ -25,10 +26,12 @@ __all__ = [
     "optax_optimizer",
     "adapter_labels",
     "adapters_only",
+    "lora_plus_labels",
 ]
 
 TRAINABLE = "adapters"
 FROZEN = "frozen"
+LORA_A, LORA_B = "lora_a", "lora_b"  # LoRA+'s two learning-rate groups
 
 
 def make_schedule(
@@ -95,42 +98,59 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """The adapter optimizer of ``spec``: ``clip_by_global_norm -> optax.<name>``.
 
+    With ``spec.lora_plus_ratio != 1`` (LoRA+, Hayou et al. 2024, arXiv 2402.12354) the
+    optimizer is ``optax.partition`` over `lora_plus_labels`: the same optimizer twice, A at
+    the schedule and B (and DoRA's magnitude, as PEFT's ``create_loraplus_optimizer`` groups
+    it with B) at ``ratio x`` the schedule; clipping stays global over both.
+
     Args:
       spec: the optimizer, its schedule and hyperparameters.
       total_steps: the step at which a linear/cosine schedule reaches ``min_lr_ratio * lr``
         (needed unless ``spec.schedule == "constant"``).
     """
     s = spec
+    if not s.lora_plus_ratio > 0:
+        raise ValueError(f"optim.lora_plus_ratio must be > 0 (1 = plain LoRA), got {s.lora_plus_ratio!r}")
     lr = make_schedule(s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr_ratio)
     hyper = {"momentum": s.b1} if s.name == "sgd" else {"b1": s.b1, "b2": s.b2, "eps": s.eps}
     opt = optax_optimizer(s.name, lr, weight_decay=s.weight_decay, **hyper)
+    if s.lora_plus_ratio != 1.0:
+        ratio = float(s.lora_plus_ratio)
+        fast = optax_optimizer(s.name, lambda count: ratio * lr(count),
+                               weight_decay=s.weight_decay, **hyper)
+        opt = optax.partition({LORA_A: opt, LORA_B: fast}, lora_plus_labels)
     if not s.max_grad_norm:
         return opt
     return optax.chain(optax.clip_by_global_norm(s.max_grad_norm), opt)
 
 
+def lora_plus_labels(tree: Any) -> Any:
+    """LoRA+'s label per leaf: `LORA_B` for the ``b`` (and DoRA ``m``) children of adapter
+    leaves, `LORA_A` for everything else (``a``), from the leaves' attribute names."""
+
+    def label(path: tuple, _: Any) -> str:
+        last = path[-1] if path else None
+        return LORA_B if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("b", "m") else LORA_A
+
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+
 def adapter_labels(tree: Any) -> Any:
     """A label pytree (same structure as ``tree``): ``"adapters"`` or ``"frozen"`` per leaf.
 
-    Trainable leaves are the ``a`` / ``b`` children of every `LoraPair` / `LoraWeight` and
-    everything under a top-level ``"adapters"`` key; all other leaves (base arrays, QTensor
-    codes and scales, dropout keys) are frozen.
+    Trainable leaves are the ``a`` / ``b`` (and DoRA ``m``) children of every `LoraPair` /
+    `LoraWeight` and everything under a top-level ``"adapters"`` key; all other leaves (base
+    arrays, QTensor codes and scales, dropout keys) are frozen.
     """
 
     def lab(node: Any, trainable: bool) -> Any:
         if isinstance(node, LoraPair):
-            return LoraPair(
-                a=lab(node.a, True), b=lab(node.b, True), scale=node.scale, dropout=node.dropout
-            )
+            return dataclasses.replace(node, a=lab(node.a, True), b=lab(node.b, True),
+                                       m=lab(node.m, True))
         if isinstance(node, LoraWeight):
-            return LoraWeight(
-                w=lab(node.w, False),
-                a=lab(node.a, True),
-                b=lab(node.b, True),
-                key=lab(node.key, False),
-                scale=node.scale,
-                dropout=node.dropout,
-            )
+            return dataclasses.replace(node, w=lab(node.w, False), a=lab(node.a, True),
+                                       b=lab(node.b, True), m=lab(node.m, True),
+                                       key=lab(node.key, False))
         if isinstance(node, Mapping):
             return {k: lab(v, trainable) for k, v in node.items()}
         return jax.tree.map(lambda _: TRAINABLE if trainable else FROZEN, node)

@@ -67,15 +67,23 @@ class PopulationMetrics(NamedTuple):
 
 
 def check_members(base: lora.Params, members: Sequence[Member], mcfg: Any) -> None:
-    """Refuse what a population cannot train: no members, PiSSA (it changes the base), or
-    adapters on the LM head or embeddings (their rows are not separable in the loss)."""
+    """Refuse what a population cannot train: no members, PiSSA or LoftQ (they change the
+    base), DoRA mixed with other methods or targets (a DoRA leaf's stack holds a magnitude
+    for every member), or adapters on the LM head or embeddings (their rows are not
+    separable in the loss)."""
     if not members:
         raise ConfigError("population: no members")
     heads = {p.split("/")[0] for p in models.family(mcfg).head_paths(mcfg)}
     for k, m in enumerate(members):
-        if m.lora.init == "pissa":
-            raise ConfigError(f"population member {k}: lora.init = 'pissa' rewrites the base, "
-                              "which members share; train it alone")
+        if m.lora.init in ("pissa", "loftq"):
+            raise ConfigError(f"population member {k}: lora.init = {m.lora.init!r} rewrites the "
+                              "base, which members share; train it alone")
+        if (m.lora.method == "dora") != (members[0].lora.method == "dora") or (
+                m.lora.method == "dora"
+                and lora.resolve_targets(base, m.lora) != lora.resolve_targets(base, members[0].lora)):
+            raise ConfigError(f"population member {k}: lora.method = {m.lora.method!r} beside "
+                              f"member 0's {members[0].lora.method!r}; DoRA members share a "
+                              "population only with DoRA members of the same targets")
         for path in lora.resolve_targets(base, m.lora):
             if path.split("/")[0] in heads or path.endswith("embedding"):
                 raise ConfigError(f"population member {k}: lora.targets adapts {path}; "

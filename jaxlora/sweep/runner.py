@@ -217,7 +217,8 @@ def _run_all(specs: list[RunSpec], folder: Path, run_fn: RunFn, population: Any,
         if prior is not None:
             yield prior
         else:
-            groups.setdefault(population.group_key(spec.config), []).append((spec, run_dir, tag))
+            key = (population.group_key(spec.config), _method_group(spec))
+            groups.setdefault(key, []).append((spec, run_dir, tag))
     for members in groups.values():
         n = population.plan_size(members[0][0].config, size)
         for i in range(0, len(members), n):
@@ -226,6 +227,16 @@ def _run_all(specs: list[RunSpec], folder: Path, run_fn: RunFn, population: Any,
                 yield _run_one(*chunk[0][:2], run_fn, chunk[0][2], say)
             else:
                 yield from _run_population(chunk, population, say)
+
+
+def _method_group(spec: RunSpec) -> str:
+    """What the LoRA method adds to a run's population group: PiSSA and LoftQ runs change
+    the base (each trains alone, under its own name), DoRA members share a population only
+    with DoRA members of the same targets; other methods (rsLoRA, LoRA+, ...) mix freely."""
+    lo = spec.config.lora
+    if lo.init in ("pissa", "loftq"):
+        return f"alone:{spec.name}"
+    return f"dora:{lo.targets!r}:{lo.exclude!r}" if lo.method == "dora" else "lora"
 
 
 def _reset_peak_rss() -> bool:

@@ -69,7 +69,7 @@ class Setup(NamedTuple):
     """Everything a config determines before training: deterministic in its seeds."""
 
     loaded: Loaded
-    base: Params  # the loaded base, or PiSSA's residual
+    base: Params  # the loaded base (LoftQ's Q at its targets), or PiSSA's residual
     spec: lora.LoraSpec
     tx: optax.GradientTransformation
     state: TrainState  # freshly initialized (also the template a checkpoint restores into)
@@ -108,6 +108,14 @@ def check_targets(cfg: Config) -> None:
         lora.check_ranks(tree, cfg.lora)
     except ValueError as e:
         raise ConfigError(f"{cfg.name}: {e}") from None
+
+
+def _load_loftq(cfg: Config) -> tuple[Loaded, Adapters]:
+    """`load_base` with LoftQ applied to the LoRA targets while they load (`lora.load_loftq`)."""
+    loaded, adapters = lora.load_loftq(cfg.model.name, cfg.quant, cfg.lora,
+                                       dtype=DTYPES[cfg.model.param_dtype], seed=cfg.train.seed)
+    return Loaded(loaded.config, loaded.params, loaded.tokenizer, loaded.source,
+                  quant.report(loaded.params)), adapters
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -160,12 +168,15 @@ def setup(cfg: Config, mesh: Any = None) -> Setup:
     from jaxlora import checkpoint as ckpt_lib
 
     with staging(mesh):
-        loaded = load_base(cfg)
         spec = cfg.lora
+        if spec.init == "loftq":  # the base and the adapters are chosen together, on load
+            loaded, adapters = _load_loftq(cfg)
+        else:
+            loaded = load_base(cfg)
         base = loaded.base
         if spec.init == "pissa":
             base, adapters = lora.init_pissa(base, spec)
-        else:
+        elif spec.init != "loftq":
             adapters = lora.init(jax.random.key(cfg.train.seed), base, spec)
         tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
         state = init_state(adapters, tx, cfg.train.seed)

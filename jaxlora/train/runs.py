@@ -333,7 +333,9 @@ def _train(cfg: Config, s: Setup, datasets, manager, state, position, resumed, o
     log = loop.MetricsLog(mf, log_every=cfg.train.log_every, steps=cfg.train.steps,
                           lr=lambda step: learning_rate(cfg, step), t_start=t_start, progress=bar,
                           window=resumed, sinks=sinks)
-    before = val_metrics(None)  # the base's held-out loss (summary: val_loss_before)
+    # the held-out loss of the model the run starts from (summary: val_loss_before): the base,
+    # except that PiSSA's and LoftQ's base is that model only with its initial adapters
+    before = val_metrics(s.state.adapters if cfg.lora.init in ("pissa", "loftq") else None)
     if start == 0 and before:
         log.emit({"step": 0, **before})
         log_line(f"jaxlora: held-out loss before training {before['val_loss']:.4f} "
