@@ -374,3 +374,17 @@ def test_methods_mix_in_populations_where_they_can(tmp_path):
     assert sorted(pop.groups) == [[("dora", 1.0), ("dora", 1.0)],
                                   [("lora", 1.0), ("lora", 1.0), ("lora", 16.0)]]
     assert len(alone.calls) == 2 and all("init-pissa" in c or "init-loftq" in c for c in alone.calls)
+
+
+def test_a_run_recorded_by_an_older_version_still_counts_as_done(tmp_path):
+    """An older jaxlora recorded another hash for the same config (a field added since then
+    takes its default): the run's config.toml, read now, decides, so it is not run again."""
+    p = make_sweep(tmp_path, GRID_2x2)
+    out = tmp_path / "out"
+    run_sweep(p, FakeRun(), out_dir=out, log=None)
+    for status in out.glob(f"*/{STATUS_FILE}"):
+        rec = json.loads(status.read_text())
+        status.write_text(json.dumps({**rec, "config_hash": "from-an-older-version"}))
+    again = FakeRun()
+    res = run_sweep(p, again, out_dir=out, log=None)
+    assert again.calls == [] and all(r.skipped and r.status == "done" for r in res.runs)

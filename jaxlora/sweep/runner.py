@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxlora.config import Config, Overrides, config_hash, dump_config
+from jaxlora.config import Config, Overrides, config_hash, dump_config, load_config
+from jaxlora.errors import ConfigError
 from jaxlora.sweep.results import RunResult, format_value, plot_results, write_results
 from jaxlora.sweep.spec import RunSpec, Sweep, expand, load_sweep, sweep_dir
 
@@ -117,12 +118,24 @@ def run_sweep(
     return SweepResult(folder, results, csv_path, md_path, plots)
 
 
+def _current_hash(run_dir: Path, recorded: str) -> str:
+    """The hash of the run's `config.toml` as this version reads it: a field added since the
+    run was recorded takes its default, so the run still counts as the same config (the
+    recorded hash when the file is missing or no longer reads)."""
+    try:
+        return config_hash(load_config(run_dir / "config.toml"))
+    except (ConfigError, OSError):
+        return recorded
+
+
 def _prior(spec: RunSpec, run_dir: Path, tag: str, say: Callable[[str], None]
            ) -> RunResult | None:
     """The recorded result of a run that needs no running (done before, or a folder of
     another config), else None."""
     prior = _read_status(run_dir / STATUS_FILE)
     digest = config_hash(spec.config)
+    if prior.get("config_hash") not in (None, digest):
+        prior["config_hash"] = _current_hash(run_dir, prior["config_hash"])
     if prior.get("status") == "done" and prior.get("config_hash") == digest:
         say(f"{tag}: done before, skipped")
         return RunResult(spec.name, run_dir, dict(spec.overrides), "done",
