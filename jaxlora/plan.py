@@ -45,6 +45,8 @@ counts were checked against XLA's buffer assignment of the compiled step
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any, NamedTuple
 
@@ -136,7 +138,9 @@ def _abstract_state(cfg: Any, mcfg: Any) -> tuple[Any, Any, Any]:
                             for p, s in models.param_shapes(mcfg).items()})
     if cfg.quant.qtype != "none":
         base = jax.eval_shape(lambda b: quant.quantize_tree(b, cfg.quant)[0], base)
-    adapters = jax.eval_shape(lambda b: lora.init(jax.random.key(0), b, cfg.lora), base)
+    # PiSSA and LoftQ build their adapters from the base; the shapes are any init's
+    shapes_only = dataclasses.replace(cfg.lora, init="kaiming")
+    adapters = jax.eval_shape(lambda b: lora.init(jax.random.key(0), b, shapes_only), base)
     tx = optim.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
     return base, adapters, jax.eval_shape(tx.init, adapters)
 

@@ -134,3 +134,10 @@ def test_cli_plan(tmp_path, capsys):
     assert cli.main(["plan", str(path), "--set", "lora.rnak=4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxlora: error:") and "lora.rank" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("init", ["pissa", "loftq"])
+def test_inits_that_build_adapters_from_the_base_plan_like_any_init(tmp_path, init):
+    """PiSSA and LoftQ adapters have the shapes of any init's: the plan (printed before every
+    run) must not refuse them, and its terms equal the default init's."""
+    assert plan.plan(_cfg(tmp_path, f"lora.init={init}")) == plan.plan(_cfg(tmp_path))
