@@ -46,7 +46,6 @@ counts were checked against XLA's buffer assignment of the compiled step
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from typing import Any, NamedTuple
 
