@@ -120,8 +120,9 @@ def _axis_plot(folder: Path, done: Sequence[RunResult], axes: Sequence[str], x_a
         ax.set_xlabel(x_axis)
         ax.set_ylabel(_PLOTTED[metric])
         ax.grid(True, alpha=0.3)
-        if i == 0 and others:
-            ax.legend(fontsize=7)
+    if others:  # below the panels, where it covers no point
+        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center",
+                   fontsize=7, ncols=2)
     fig.suptitle(f"sweep metrics against {x_axis}")
     path = folder / f"metrics_vs_{x_axis.replace('.', '_')}.png"
     FigureCanvasAgg(fig).print_png(str(path))
