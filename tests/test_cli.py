@@ -562,3 +562,11 @@ def test_a_skipped_data_file_is_one_notice_and_counted_in_the_summary(tmp_path, 
     assert err.splitlines().count(notice) == 1, err
     summary = json.loads((tmp_path / "runs" / "skip" / "summary.json").read_text())
     assert summary["skipped_files"] == 1
+
+
+def test_dora_on_an_embedding_is_a_config_error_before_loading(tiny_config, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", tiny_config(), "--run-dir", tmp_path / "r", "--set",
+                         'lora.method="dora"', "--set", 'lora.targets="embed"')
+    assert rc == 2 and "Traceback" not in err
+    assert "'embed/embedding' is an embedding table" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "r").exists()

@@ -98,14 +98,17 @@ def load_base(cfg: Config) -> Loaded:
 
 def check_targets(cfg: Config) -> None:
     """Check the config's adapters against the model's shapes, from its header alone (before
-    anything loads): every target exists and no rank exceeds its layer (ConfigError)."""
+    anything loads): every target exists, no rank exceeds its layer and the method suits
+    every target (ConfigError)."""
     from jaxlora import io
     from jaxlora.errors import ConfigError
+    from jaxlora.lora.adapters import check_method
 
     shapes = models.param_shapes(io.model_config(cfg.model.name))
     tree = unflatten_paths({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
     try:
         lora.check_ranks(tree, cfg.lora)
+        check_method(cfg.lora, lora.resolve_targets(tree, cfg.lora))
     except ValueError as e:
         raise ConfigError(f"{cfg.name}: {e}") from None
 
