@@ -159,45 +159,39 @@ def _dx_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, t: Tiles):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _forward(x: Array, codes: Array, scales: Array, t: Tiles) -> Array:
-    """``x [M, K] @ W [K, N]`` with ``M`` a multiple of ``t.bm``."""
-    m, k = x.shape
-    n = 2 * codes.shape[1]
-    sb = t.bn // t.block_size
+def _call(kernel, name: str, lhs: Array, codes: Array, scales: Array, t: Tiles, out: int,
+          tile: int, specs: tuple) -> Array:
+    """One `pallas_call` over ``[M, out]`` in ``[t.bm, tile]`` output tiles, taking the
+    ``lhs`` rows, the codes and the scales by the block `specs`."""
+    m = lhs.shape[0]
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, t=t),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(m // t.bm, n // t.bn),
-        in_specs=[
-            pl.BlockSpec((t.bm, k), lambda i, j: (i, 0)),
-            pl.BlockSpec((k, t.bn // 2), lambda i, j: (0, j)),
-            pl.BlockSpec((k, sb), lambda i, j: (0, j)),
-        ],
-        out_specs=pl.BlockSpec((t.bm, t.bn), lambda i, j: (i, j)),
+        functools.partial(kernel, t=t),
+        out_shape=jax.ShapeDtypeStruct((m, out), lhs.dtype),
+        grid=(m // t.bm, out // tile),
+        in_specs=list(specs),
+        out_specs=pl.BlockSpec((t.bm, tile), lambda i, j: (i, j)),
         interpret=t.interpret,
         compiler_params=plt.CompilerParams(num_warps=t.warps, num_stages=3),
-        name="qmatmul_fwd",
-    )(x, codes, scales)
+        name=name,
+    )(lhs, codes, scales)
+
+
+def _forward(x: Array, codes: Array, scales: Array, t: Tiles) -> Array:
+    """``x [M, K] @ W [K, N]`` with ``M`` a multiple of ``t.bm``."""
+    k, n = x.shape[1], 2 * codes.shape[1]
+    return _call(_fwd_kernel, "qmatmul_fwd", x, codes, scales, t, n, t.bn, (
+        pl.BlockSpec((t.bm, k), lambda i, j: (i, 0)),
+        pl.BlockSpec((k, t.bn // 2), lambda i, j: (0, j)),
+        pl.BlockSpec((k, t.bn // t.block_size), lambda i, j: (0, j))))
 
 
 def _input_grad(dy: Array, codes: Array, scales: Array, t: Tiles) -> Array:
     """``dy [M, N] @ W^T -> [M, K]`` with ``M`` a multiple of ``t.bm``."""
-    m, n = dy.shape
-    k = codes.shape[0]
-    return pl.pallas_call(
-        functools.partial(_dx_kernel, t=t),
-        out_shape=jax.ShapeDtypeStruct((m, k), dy.dtype),
-        grid=(m // t.bm, k // t.bk),
-        in_specs=[
-            pl.BlockSpec((t.bm, n), lambda i, j: (i, 0)),
-            pl.BlockSpec((t.bk, n // 2), lambda i, j: (j, 0)),
-            pl.BlockSpec((t.bk, n // t.block_size), lambda i, j: (j, 0)),
-        ],
-        out_specs=pl.BlockSpec((t.bm, t.bk), lambda i, j: (i, j)),
-        interpret=t.interpret,
-        compiler_params=plt.CompilerParams(num_warps=t.warps, num_stages=3),
-        name="qmatmul_dx",
-    )(dy, codes, scales)
+    n, k = dy.shape[1], codes.shape[0]
+    return _call(_dx_kernel, "qmatmul_dx", dy, codes, scales, t, k, t.bk, (
+        pl.BlockSpec((t.bm, n), lambda i, j: (i, 0)),
+        pl.BlockSpec((t.bk, n // 2), lambda i, j: (j, 0)),
+        pl.BlockSpec((t.bk, n // t.block_size), lambda i, j: (j, 0))))
 
 
 def _pad_rows(a: Array, bm: int) -> Array:
