@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench lint clean
+.PHONY: run test setup bench lint notebooks clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_generate.py
+
+# Runs the notebooks at full size (each under 15 min on a 2-core CPU) and stores their outputs.
+notebooks: $(STAMP)
+	$(PY) notebooks/execute.py notebooks/quickstart.ipynb notebooks/rank_and_scaling.ipynb notebooks/quantization.ipynb
 
 clean:
 	rm -rf $(VENV)
