@@ -34,7 +34,10 @@ FAST_LINE = "FAST = False"
 
 # Text each notebook must print (besides "all checks passed"), and the least number of plots.
 EXPECTED = {
-    "quickstart": (["trainable params:", "max |merged - (base + adapters)|", "fox"], 1),
+    "quickstart": (
+        ["bits/param", "trainable params:", "held-out loss:", "bit-equal", "max |merged - adapted|"],
+        1,
+    ),
     "rank_and_scaling": (["one compilation", "rslora   r=64"], 3),
     "quantization": (["max |rebuilt - NF4_CODE|", "program inputs:"], 3),
 }
