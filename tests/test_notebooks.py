@@ -36,7 +36,8 @@ FAST_LINE = "FAST = False"
 EXPECTED = {
     "quickstart": (["trainable params:", "max |merged - (base + adapters)|", "fox"], 1),
     "rank_and_scaling": (["one compilation", "rslora   r=64"], 3),
-    "quantization": (["max |rebuilt - NF4_CODE|", "program inputs:"], 3),
+    "quantization": (["max |rebuilt - NF4_CODE|", "in-model NF4 kernel", "NF4(W')",
+                      "QLoRA (nf4) ends"], 6),
 }
 
 
