@@ -39,7 +39,8 @@ EXPECTED = {
         1,
     ),
     "rank_and_scaling": (["one compilation", "rslora   r=64"], 3),
-    "quantization": (["max |rebuilt - NF4_CODE|", "program inputs:"], 3),
+    "quantization": (["max |rebuilt - NF4_CODE|", "in-model NF4 kernel", "NF4(W')",
+                      "QLoRA (nf4) ends"], 6),
 }
 
 
