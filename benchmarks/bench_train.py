@@ -37,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from jaxlora.models.common import REMAT_POLICIES
 
@@ -90,14 +92,25 @@ def _load(model: str, rules, dtype):
     return cfg, (quant.quantize_tree(params, rules)[0] if rules is not None else params)
 
 
-def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str,
-           model: str, dtype: str = "float32", kernel: str = "auto") -> dict:
+class Step(NamedTuple):
+    """A built training step: ``run()`` takes one step and returns its loss (a device scalar)."""
+    run: Callable[[], Any]
+    compiled: Any  # the compiled program (its ``as_text()`` names the profile's thunks)
+    n_params: int  # the model's parameters (tied embedding once)
+    trainable: int
+    compile_s: float
+
+
+def build_step(variant: str, batch: int, seq: int, rank: int, remat: str, model: str,
+               dtype: str = "float32", kernel: str = "auto") -> Step:
+    """One variant's training step on a random token batch, compiled (as `jaxlora train`
+    compiles it), r-`rank` adapters on all linear layers, plain optax AdamW."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxlora import data, kernels, lora, memory, models, quant, train
+    from jaxlora import data, lora, models, quant, train
 
     quantized = variant == "qlora" or variant in KERNEL_VARIANTS
     rules = quant.QuantRules(qtype="nf4", kernel=KERNEL_VARIANTS.get(variant, kernel))
@@ -128,42 +141,57 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
+        compiled = step.lower(base, opt_state, b).compile()
+
         def run_step():
             nonlocal base, opt_state
-            base, opt_state, value = step(base, opt_state, b)
+            base, opt_state, value = compiled(base, opt_state, b)
             return value
         trainable = sum(int(x.size) for x in jax.tree.leaves(base))
     else:
         spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, targets="all-linear")
         adapters = lora.init(jax.random.key(0), base, spec)
         state = train.init_state(adapters, tx, 0)
-        step_fn = train.compile_step(train.make_train_step(cfg, tx, remat=remat, dropout=False,
-                                                           compute_dtype=jnp.dtype(dtype)),
-                                     state, base, b)  # as `jaxlora train` does
+        compiled = train.compile_step(train.make_train_step(cfg, tx, remat=remat, dropout=False,
+                                                            compute_dtype=jnp.dtype(dtype)),
+                                      state, base, b)  # as `jaxlora train` does
 
         def run_step():
             nonlocal state
-            state, m = step_fn(state, base, b)
+            state, m = compiled(state, base, b)
             return m.loss
         trainable = sum(int(x.size) for x in jax.tree.leaves(adapters))
+    return Step(run_step, compiled, n_params, trainable, time.perf_counter() - t)
 
-    float(run_step())  # (compile +) first step
-    compile_s = time.perf_counter() - t
+
+def model_flops(variant: str, n_params: int, n_tokens: int) -> int:
+    """Forward 2PN; backward: input gradients 2PN (+ weight gradients 2PN for full FT)."""
+    return (6 if variant == "full" else 4) * n_params * n_tokens
+
+
+def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str,
+           model: str, dtype: str = "float32", kernel: str = "auto") -> dict:
+    from jaxlora import kernels, memory
+
+    st = build_step(variant, batch, seq, rank, remat, model, dtype, kernel)
+    t = time.perf_counter()
+    float(st.run())  # first step
+    compile_s = st.compile_s + time.perf_counter() - t
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        float(run_step())
+        float(st.run())
         times.append(time.perf_counter() - t)
     times.sort()
     step_s = times[len(times) // 2]
     n_tokens = batch * seq
-    # Forward 2PN; backward: input gradients 2PN (+ weight gradients 2PN for full FT).
-    flops = (6 if variant == "full" else 4) * n_params * n_tokens
+    quantized = variant == "qlora" or variant in KERNEL_VARIANTS
     return {
         "variant": variant, "step_s": step_s, "compile_s": compile_s,
         "tokens_per_s": n_tokens / step_s, "peak_rss_mb": memory.peak_rss_mb(),
-        "device_peak_mb": memory.device_peak_mb(), "model_gflops": flops / step_s / 1e9,
-        "trainable": trainable,
+        "device_peak_mb": memory.device_peak_mb(),
+        "model_gflops": model_flops(variant, st.n_params, n_tokens) / step_s / 1e9,
+        "trainable": st.trainable,
         "kernel_choices": kernels.auto_choices() if quantized else [],
     }
 

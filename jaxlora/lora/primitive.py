@@ -297,6 +297,7 @@ def _merged_lora(x: Array, w: Any, a: Array, b: Array, scale: float, how: Any) -
     return how.apply(x, _effective(w, a, b, scale, x.dtype))
 
 
+@jax.named_scope("effective_weight")
 def _effective(w: Any, a: Array, b: Array, scale: float, dtype: Any) -> Array:
     """``W + s A B``, ``[in, *out]`` in ``dtype``: formed at the weight's size."""
     return dense(w, dtype) + scale * _contract1(a, b)
@@ -416,6 +417,7 @@ def register_linear(cls: type, fn: Callable[..., Array]) -> None:
     _LINEAR_RULES[cls] = fn
 
 
+@jax.named_scope("linear")
 def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     """``y = x @ W (+ s * (dropout(x) @ A) @ B) (+ bias)``: the one projection primitive.
 
@@ -440,6 +442,7 @@ def linear(x: Array, w: Any, bias: Array | None = None) -> Array:
     return y
 
 
+@jax.named_scope("linear")
 def einsum(eq: str, x: Array, w: Any, precision: Any = None) -> Array:
     """``jnp.einsum(eq, x, W)`` for an Array, QTensor or `LoraWeight` kernel ``W``: `linear`'s twin.
 
@@ -466,6 +469,7 @@ def _check_dora_eq(eq: str) -> None:
                          "the last axes of the output, in order")
 
 
+@jax.named_scope("embed")
 def embed(ids: Array, table: Any, dtype: Any = None) -> Array:
     """Row lookup ``table[ids]`` with LoRA on embeddings: ``W[ids] + s * A[ids] @ B``.
 
@@ -488,6 +492,7 @@ def embed(ids: Array, table: Any, dtype: Any = None) -> Array:
     return y
 
 
+@jax.named_scope("lm_head")
 def attend(x: Array, table: Any) -> Array:
     """Tied LM head ``x @ table.T``: ``[..., d] x [vocab, d] -> [..., vocab]``.
 

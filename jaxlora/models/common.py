@@ -97,6 +97,7 @@ def write_cache(cache: KVCache, k_new: Array, v_new: Array, token_valid: Array,
 # ----------------------------------------------------------------------------- norms
 
 
+@jax.named_scope("norm")
 def rms_norm(x: Array, scale: Array, eps: float, offset: float = 0.0) -> Array:
     """RMSNorm (Zhang & Sennrich 2019), computed in float32, returned in x's dtype.
 
@@ -108,6 +109,7 @@ def rms_norm(x: Array, scale: Array, eps: float, offset: float = 0.0) -> Array:
     return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
+@jax.named_scope("norm")
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     """LayerNorm (Ba et al. 2016), computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
@@ -156,6 +158,7 @@ def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
     return jnp.cos(angles), jnp.sin(angles)
 
 
+@jax.named_scope("rope")
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """Rotate `x [B, T, heads, hd]` by position (rotate_half layout), in float32."""
     xf = x.astype(jnp.float32)
@@ -205,6 +208,7 @@ def window_mask(mask: Array, q_pos: Array, k_pos: Array, window: int) -> Array:
     return mask & (q_pos[:, :, None] - k_pos[:, None, :] < window)
 
 
+@jax.named_scope("attention")
 def attention(q: Array, k: Array, v: Array, mask: Array,
               cache: tuple[Array, Array, Array] | None = None,
               scale: float | None = None) -> Array:

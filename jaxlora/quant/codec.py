@@ -361,6 +361,7 @@ def block_absmax(q: QTensor) -> Array:
     return q.absmax
 
 
+@jax.named_scope("dequantize")
 def dequantize(q: QTensor, dtype: Any = None) -> Array:
     """Dequantize to ``[*batch, *item_shape]`` in ``dtype`` (default: the original dtype).
 

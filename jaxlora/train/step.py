@@ -98,6 +98,7 @@ def _nll(logits: Array, t_c: Array, m_c: Array) -> tuple[Array, Array]:
     return lse, jnp.sum((lse - gold) * m_c)
 
 
+@jax.named_scope("loss")
 def chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: Array,
                  chunk: int, differentiable: bool = True) -> tuple[Array, Array]:
     """Sum of masked token cross-entropies and the count of masked tokens, in float32.
@@ -198,8 +199,9 @@ def make_train_step(mcfg, tx: optax.GradientTransformation, *, compute_dtype=jnp
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.adapters)
-        adapters = optax.apply_updates(state.adapters, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.adapters)
+            adapters = optax.apply_updates(state.adapters, updates)
         new = TrainState(state.step + 1, adapters, opt_state, state.rng)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         return new, StepMetrics(loss, count, grad_norm, finite)

@@ -1,0 +1,57 @@
+"""The step profiler (benchmarks/profile_step.py): thunk self times from a trace, and the named
+scopes that let it charge every instruction of a compiled step to a part of the model."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_train  # noqa: E402
+import profile_step  # noqa: E402
+
+
+def _x(tid, ts, dur, name):
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}
+
+
+def test_thunk_self_times_subtract_nested_events():
+    """A while thunk contains its body's thunks: each is charged only its own time; events of
+    other threads, the executor's own spans and end markers are left out."""
+    meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
+            for t, n in [(7, "tf_XLAEigen/1"), (8, "python"), (9, "tf_XLAEigen/1")]]
+    events = [
+        _x(7, 0, 100, "while.1"), _x(7, 10, 20, "fusion.a"), _x(7, 40, 50, "fusion.b"),
+        _x(7, 50, 10, "dot.c"), _x(7, 95, 0.5, "end: fusion.b"),
+        _x(7, 0, 120, "ThunkExecutor::Execute"),
+        _x(8, 0, 1000, "fusion.a"),  # the Python thread: not XLA's
+        _x(9, 20, 5, "fusion.a"),  # a second runtime thread adds its own time
+    ]
+    got = profile_step.thunk_times({"traceEvents": meta + events})
+    assert dict(got) == {"while.1": 30, "fusion.a": 25, "fusion.b": 40, "dot.c": 10}
+
+
+def test_classify_phases_and_scopes():
+    assert profile_step.classify("jit(step)/jvp()/while/body/closed_call/attention/dot_general") \
+        == ("attention", "forward")
+    assert profile_step.classify(
+        "jit(step)/transpose(jvp())/while/body/closed_call/checkpoint/rematted_computation/"
+        "linear/effective_weight/dequantize/mul") == ("linear: dequantize", "remat")
+    assert profile_step.classify("jit(step)/transpose(jvp())/while/body/norm/transpose") \
+        == ("norm", "backward")
+    assert profile_step.classify("jit(step)/add") == ("other", "forward")
+
+
+def test_compiled_step_carries_every_scope():
+    """The compiled QLoRA step of a tiny Llama (remat attn): every named scope appears in the
+    phases it must, matmuls are found in the projections and none in the dequantization."""
+    st = bench_train.build_step("qlora", batch=2, seq=16, rank=4, remat="attn",
+                                model="llama-1b-tiny")
+    instr = profile_step.instructions(st.compiled.as_text())
+    keys = {profile_step.classify(op) for _, _, op in instr.values()}
+    for scope in ("attention", "linear", "norm", "rope", "lm_head"):
+        assert {(scope, "forward"), (scope, "backward")} <= keys, scope
+    assert ("attention", "remat") in keys  # remat attn recomputes the attention
+    assert {("linear: dequantize", "forward"), ("linear: W + sAB", "forward"),
+            ("embed", "forward"), ("loss", "forward"), ("optimizer", "forward")} <= keys
+    mm = {profile_step.classify(op) for is_mm, _, op in instr.values() if is_mm}
+    assert ("linear", "forward") in mm and ("lm_head", "forward") in mm
+    assert not any(k[0] == "linear: dequantize" for k in mm)
