@@ -38,7 +38,8 @@ EXPECTED = {
         ["bits/param", "trainable params:", "held-out loss:", "bit-equal", "max |merged - adapted|"],
         1,
     ),
-    "rank_and_scaling": (["one compilation", "rslora   r=64"], 3),
+    "rank_and_scaling": (["the largest rank every target allows is 192", "one compiled step",
+                         "random subspaces (exact)", "sigma (dense SVD)"], 4),
     "quantization": (["max |rebuilt - NF4_CODE|", "in-model NF4 kernel", "NF4(W')",
                       "QLoRA (nf4) ends"], 6),
 }

@@ -111,6 +111,25 @@ def test_dropout_of_each_member_in_the_members_layout(kit):
     np.testing.assert_allclose(both[0], without[0], rtol=1e-5)  # B = 0: dropout changes nothing yet
 
 
+@pytest.mark.parametrize("layout", population.LAYOUTS)
+def test_held_out_curve_of_each_member(kit, layout):
+    """`train(eval_batches=...)`: each member's held-out loss before, every `eval_every`
+    steps and at the end equals a run alone's `train.evaluate` of the same adapters."""
+    loaded, batches = kit
+    held = batches[-2:]
+    res = population.train(loaded.config, loaded.base, MEMBERS[:2], iter(batches), steps=STEPS - 1,
+                           layout=layout, eval_batches=held, eval_every=2)
+    assert res.val_steps.tolist() == [0, 2, 3] and res.val_losses.shape == (3, 2)
+    ev = train.make_eval_step(loaded.config)
+    alone = lambda ads: train.evaluate(ev, ads, loaded.base, iter(held), len(held))["val_loss"]  # noqa: E731
+    np.testing.assert_allclose(res.val_losses[0], alone(None), rtol=1e-6)  # B = 0: the base
+    for k, ads in enumerate(res.adapters):
+        np.testing.assert_allclose(res.val_losses[-1, k], alone(ads), rtol=1e-5)
+    assert (res.val_losses[-1] != res.val_losses[0]).all()  # training moved them
+    plain = population.train(loaded.config, loaded.base, MEMBERS[:2], iter(batches), steps=1)
+    assert plain.val_steps.shape == (0,) and plain.val_losses.shape == (0, 2)
+
+
 def test_refused_members(kit):
     loaded, _ = kit
     with pytest.raises(ConfigError, match="pissa"):

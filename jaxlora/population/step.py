@@ -303,31 +303,68 @@ def make_eval_step(mcfg, k: int, *, shared: bool = True, compute_dtype: Any = jn
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the final state, per-step losses [steps, K], divergence flags."""
+    """What `train` returns: the final state, per-step losses [steps, K], divergence flags
+    and, when `train` was given held-out batches, the held-out mean loss of every member
+    [evals, K] at `val_steps` [evals] (step 0: the base, before any update)."""
 
     state: PopulationState
     losses: np.ndarray
     diverged: np.ndarray
+    val_steps: np.ndarray  # [evals] int; empty without held-out batches
+    val_losses: np.ndarray  # [evals, K]
 
     @property
     def adapters(self) -> list[lora.Adapters]:
         return [m.adapters for m in self.state.members]
 
 
+def _held_out(mcfg, base, k: int, batches: Sequence[data_lib.Batch], compute_dtype: Any,
+              layout: str | None) -> Callable[[tuple], np.ndarray] | None:
+    """`loss(adapters_tuple) -> [K]`: each member's mean token loss over all of `batches`
+    (None without batches)."""
+    if not batches:
+        return None
+    eval_fn = make_eval_step(mcfg, k, compute_dtype=compute_dtype, layout=layout)
+    rows = [data_lib.Batch(*(jnp.asarray(x) for x in b)) for b in batches]
+
+    def loss(adapters: tuple) -> np.ndarray:
+        sums, counts = np.zeros(k), np.zeros(k)
+        for b in rows:
+            s, c = eval_fn(adapters, base, b)
+            sums, counts = sums + np.asarray(s), counts + np.asarray(c)
+        return sums / np.maximum(counts, 1.0)
+
+    return loss
+
+
 def train(mcfg, base: lora.Params, members: Sequence[Member], batches: Iterator[data_lib.Batch],
           *, steps: int, compute_dtype: Any = jnp.float32, remat: str = "none",
           layout: str | None = None,
-          on_step: Callable[[int, PopulationMetrics], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, PopulationMetrics], None] | None = None,
+          eval_batches: Sequence[data_lib.Batch] = (), eval_every: int = 0) -> TrainResult:
     """Train `members` over `base` for `steps` steps on shared `batches` (from a notebook).
 
     `batches` yields host `Batch`es `[B, T]` (e.g. `Dataset.iterator()`); `on_step(step,
-    metrics)` is called after each step (a progress bar, a plot).
+    metrics)` is called after each step (a progress bar, a plot). With `eval_batches`
+    (host `Batch`es `[B, T]`, the same rows for every member), each member's held-out loss
+    (summed over all of them, divided by their tokens) is measured before training, every
+    `eval_every` steps (0: only then and at the end) and after the last step: a held-out
+    loss curve per member, in `TrainResult.val_losses`.
     """
     check_members(base, members, mcfg)
     state, txs = init(base, members, steps)
     dropout = any(m.lora.dropout > 0 for m in members)
     step_fn = make_step(mcfg, txs, compute_dtype=compute_dtype, remat=remat, dropout=dropout,
                         layout=layout)
+    evaluate = _held_out(mcfg, base, len(members), eval_batches, compute_dtype, layout)
+    val_steps, val_losses = [], []
+
+    def measure(i: int, state: PopulationState) -> None:
+        if evaluate is not None:
+            val_steps.append(i)
+            val_losses.append(evaluate(tuple(m.adapters for m in state.members)))
+
+    measure(0, state)
     losses = []
     for i in range(steps):
         b = next(batches)
@@ -336,4 +373,9 @@ def train(mcfg, base: lora.Params, members: Sequence[Member], batches: Iterator[
         losses.append(np.asarray(m.loss))
         if on_step is not None:
             on_step(i + 1, m)
-    return TrainResult(state, np.stack(losses), ~np.asarray(state.alive))
+        if i + 1 == steps or (eval_every and (i + 1) % eval_every == 0):
+            measure(i + 1, state)
+    k = len(members)
+    return TrainResult(state, np.stack(losses), ~np.asarray(state.alive),
+                       np.asarray(val_steps, int), np.asarray(val_losses).reshape(-1, k))
+
