@@ -13,8 +13,10 @@ what, and how much of it is matrix multiplication (thunks whose computation hold
     .venv/bin/python benchmarks/profile_step.py --variant lora --remat none
     .venv/bin/python benchmarks/profile_step.py --out /tmp/prof       # keep the trace and HLO
 
-The percentages are shares of the summed thunk time on the runtime's threads (thunks of one
-step can run concurrently on the CPU's threads, so the sum can exceed the step's wall time).
+Thunks of one step run concurrently on the CPU's threads (two dots at once, each on one
+core, each taking twice as long): every instant is split among the thunks running then, so a
+part's time is its share of the traced step's wall time and the parts add up to the time the
+runtime was busy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import re
 import sys
 import tempfile
@@ -37,9 +40,14 @@ SCOPES = ("embed", "norm", "rope", "attention", "linear", "effective_weight", "d
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^ ]+ (\w[\w\-]*)\((.*)$")
 
 
-def instructions(hlo_text: str) -> dict[str, tuple[bool, str, str]]:
-    """``{instruction: (is a matmul, opcode or fusion kind, op_name)}`` of a compiled module;
-    a fusion is a matmul when its fused computation contains a dot or a convolution."""
+def _dims(shape: str) -> list[int]:
+    return [int(d) for d in shape.split(",") if d]
+
+
+def instructions(hlo_text: str) -> dict[str, tuple[int, str, str]]:
+    """``{instruction: (matmul FLOPs per execution, opcode or fusion kind, op_name)}`` of a
+    compiled module; a fusion's FLOPs are those of the dots in its fused computation
+    (``2 x output elements x contracted size`` each)."""
     comps: dict[str, list[str]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -48,10 +56,27 @@ def instructions(hlo_text: str) -> dict[str, tuple[bool, str, str]]:
             current = comps.setdefault(head.group(1), [])
         elif current is not None:
             current.append(line)
-    has_dot = {c: any(re.search(r" (dot|convolution)\(", x) for x in body)
-               for c, body in comps.items()}
-    out = {}
+    shapes = {}
     for body in comps.values():
+        for line in body:
+            m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]", line)
+            if m:
+                shapes[m.group(1)] = _dims(m.group(2))
+
+    def dot_flops(line: str) -> int:
+        m = re.search(r"= \w+\[([\d,]*)\]\S* (?:dot|convolution)\(%?([\w.\-]+)", line)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if not m or not contracting or m.group(2) not in shapes:
+            return 0
+        lhs = shapes[m.group(2)]
+        return 2 * math.prod(_dims(m.group(1))) * math.prod(lhs[d] for d in _dims(contracting.group(1)))
+
+    comp_flops = {c: sum(dot_flops(x) for x in body) for c, body in comps.items()}
+    fused = set(re.findall(r"fusion\(.*calls=%?([\w.\-]+)", hlo_text))
+    out = {}  # the instructions that run as thunks: those outside fused computations
+    for comp, body in comps.items():
+        if comp in fused:
+            continue
         for line in body:
             m = _INSTR.match(line)
             if not m:
@@ -60,9 +85,9 @@ def instructions(hlo_text: str) -> dict[str, tuple[bool, str, str]]:
             kind = re.search(r"kind=(\w+)", rest) if opcode == "fusion" else None
             calls = re.search(r"calls=%?([\w.\-]+)", rest)
             op = re.search(r'op_name="([^"]*)"', rest)
-            mm = opcode in ("dot", "convolution") or (
-                opcode == "fusion" and calls is not None and has_dot.get(calls.group(1), False))
-            out[name] = (mm, kind.group(1) if kind else opcode, op.group(1) if op else "")
+            flops = dot_flops(line) if opcode in ("dot", "convolution") else (
+                comp_flops.get(calls.group(1), 0) if opcode == "fusion" and calls else 0)
+            out[name] = (flops, kind.group(1) if kind else opcode, op.group(1) if op else "")
     return out
 
 
@@ -80,9 +105,37 @@ def classify(op_name: str) -> tuple[str, str]:
     return scope, phase
 
 
-def thunk_times(trace: dict) -> collections.Counter:
-    """Self time (us) per thunk name, summed over the runtime's threads: nested events (a
-    while loop's body inside the while thunk) are charged to the innermost one."""
+def _innermost(events: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """One thread's (start, end, name) events, nested, cut into the stretches where each is
+    the innermost open event."""
+    events = sorted(events, key=lambda x: (x[0], -x[1]))  # a parent before its children
+    out = []
+    stack: list[list] = []  # [end, name, start of its current stretch] of the open events
+
+    def close(until: float) -> None:
+        while stack and stack[-1][0] <= until:
+            end, name, since = stack.pop()
+            out.append((since, end, name))
+            if stack:
+                stack[-1][2] = end
+
+    for start, end, name in events:
+        close(start)
+        if stack:
+            out.append((stack[-1][2], start, stack[-1][1]))
+        stack.append([end, name, start])
+    close(float("inf"))
+    return out
+
+
+def thunk_times(trace: dict) -> tuple[collections.Counter, collections.Counter]:
+    """(wall time in us charged to each thunk name, how many times it ran).
+
+    Nested events (a while loop's body inside the while thunk) are charged to the innermost
+    one, and an instant when k thunks run at once on the runtime's threads is split k ways, so
+    the charges add up to the time at least one thunk was running: a thunk that shares the
+    cores with another counts for half of its duration, not all of it.
+    """
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     by_thread = collections.defaultdict(list)
@@ -90,18 +143,22 @@ def thunk_times(trace: dict) -> collections.Counter:
         if e.get("ph") == "X" and "XLA" in threads.get((e["pid"], e["tid"]), "") \
                 and "::" not in e["name"] and not e["name"].startswith("end: "):
             by_thread[e["pid"], e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
-    self_us: collections.Counter = collections.Counter()
-    for events in by_thread.values():
-        events.sort(key=lambda x: (x[0], -x[1]))  # a parent before the children it contains
-        stack: list[tuple[float, str]] = []  # (end, name) of the open events
-        for start, end, name in events:
-            while stack and stack[-1][0] <= start:
-                stack.pop()
-            if stack:
-                self_us[stack[-1][1]] -= end - start
-            stack.append((end, name))
-            self_us[name] += end - start
-    return self_us
+    runs = collections.Counter(name for events in by_thread.values() for _, _, name in events)
+    segments = [seg for events in by_thread.values() for seg in _innermost(events)
+                if seg[1] > seg[0]]
+    points = sorted([(s_, 1, i) for i, (s_, _, _) in enumerate(segments)]
+                    + [(e_, -1, i) for i, (_, e_, _) in enumerate(segments)])
+    charged: collections.Counter = collections.Counter()
+    active: set[int] = set()
+    last = None
+    for t, kind, i in points:
+        if active and t > last:
+            share = (t - last) / len(active)
+            for j in active:
+                charged[segments[j][2]] += share
+        last = t
+        (active.add if kind == 1 else active.discard)(i)
+    return collections.Counter({k: v for k, v in charged.items() if v > 0}), runs
 
 
 def main() -> None:
@@ -141,43 +198,50 @@ def main() -> None:
     traced_s = time.perf_counter() - t
     trace_file = max(out.glob("plugins/profile/*/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     with gzip.open(trace_file) as f:
-        self_us = thunk_times(json.load(f))
+        charged, runs = thunk_times(json.load(f))
 
     instr = instructions(hlo)
-    total = sum(self_us.values())
+    busy = sum(charged.values())
     parts: collections.Counter = collections.Counter()
-    matmul: collections.Counter = collections.Counter()
-    for name, us in self_us.items():
-        is_mm, _, op_name = instr.get(name, (False, "?", ""))
+    mm_us: collections.Counter = collections.Counter()
+    mm_flops: collections.Counter = collections.Counter()
+    for name, us in charged.items():
+        flops, _, op_name = instr.get(name, (0, "?", ""))
         key = classify(op_name)
         parts[key] += us
-        if is_mm:
-            matmul[key] += us
-    flops = bench_train.model_flops(args.variant, st.n_params, args.batch * args.seq)
-    mm = sum(matmul.values())
+        if flops:
+            mm_us[key] += us
+            mm_flops[key] += flops * runs[name]
+    model = bench_train.model_flops(args.variant, st.n_params, args.batch * args.seq)
+    executed = sum(mm_flops.values())
     print(f"{args.model} {args.variant}, batch {args.batch} x {args.seq}, r={args.rank}, "
           f"remat {args.remat}, {args.dtype}, on {jax.devices()[0].device_kind}; "
           f"{args.dtype} matmul rate {peak:.0f} GFLOP/s in this run")
-    print(f"step {step_s:.3f} s (median of {args.steps}; traced step {traced_s:.3f} s), "
-          f"model FLOPs {flops / 1e9:.0f} G = {flops / step_s / 1e9:.0f} GFLOP/s "
-          f"({100 * flops / step_s / 1e9 / peak:.0f}% of the matmul rate); thunk time "
-          f"{total / 1e6:.3f} s, of it matmul {100 * mm / total:.0f}% "
-          f"(model FLOPs / matmul time: {flops / (mm / 1e6) / 1e9:.0f} GFLOP/s)\n")
-    print("| part | phase | time (ms) | share | of it matmul |")
-    print("|---|---|---|---|---|")
+    print(f"step {step_s:.3f} s (median of {args.steps}); traced step {traced_s:.3f} s, the "
+          f"runtime busy {busy / 1e6:.3f} s of it; model FLOPs {model / 1e9:.0f} G = "
+          f"{model / step_s / 1e9:.0f} GFLOP/s ({100 * model / step_s / 1e9 / peak:.0f}% of the "
+          f"matmul rate); matmuls executed {executed / 1e9:.0f} G ({executed / model:.2f}x the "
+          f"model's) in {sum(mm_us.values()) / 1e6:.3f} s = "
+          f"{executed / sum(mm_us.values()) / 1e3:.0f} GFLOP/s\n")
+    print("| part | phase | time (ms) | share of busy time | matmul share | matmul GFLOP | "
+          "matmul GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
     for (scope, phase), us in parts.most_common():
-        if us >= 0.002 * total:
-            print(f"| {scope} | {phase} | {us / 1e3:.1f} | {100 * us / total:.1f}% | "
-                  f"{100 * matmul[scope, phase] / us:.0f}% |")
+        if us >= 0.002 * busy:
+            key = scope, phase
+            rate = f"{mm_flops[key] / mm_us[key] / 1e3:.0f}" if mm_us[key] else "-"
+            print(f"| {scope} | {phase} | {us / 1e3:.1f} | {100 * us / busy:.1f}% | "
+                  f"{100 * mm_us[key] / us:.0f}% | {mm_flops[key] / 1e9:.1f} | {rate} |")
     by_scope: collections.Counter = collections.Counter()
     for (scope, _), us in parts.items():
         by_scope[scope] += us
     print("\nby part, all phases: " + ", ".join(
-        f"{s} {100 * us / total:.1f}%" for s, us in by_scope.most_common()))
-    print(f"\nthe {args.top} slowest instructions (self time over the step):")
-    for name, us in self_us.most_common(args.top):
-        _, kind, op_name = instr.get(name, (False, "?", ""))
-        print(f"  {us / 1e3:8.1f} ms  {name} [{kind}]  {op_name[-110:]}")
+        f"{s} {100 * us / busy:.1f}%" for s, us in by_scope.most_common()))
+    print(f"\nthe {args.top} costliest instructions (time charged over the step, runs, GFLOP/s):")
+    for name, us in charged.most_common(args.top):
+        flops, kind, op_name = instr.get(name, (0, "?", ""))
+        rate = f"{flops * runs[name] / us / 1e3:5.0f}" if flops else "    -"
+        print(f"  {us / 1e3:8.1f} ms {runs[name]:4d}x {rate}  {name} [{kind}]  {op_name[-100:]}")
     print(f"\ntrace and HLO: {out}")
 
 

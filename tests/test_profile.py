@@ -13,9 +13,10 @@ def _x(tid, ts, dur, name):
     return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}
 
 
-def test_thunk_self_times_subtract_nested_events():
-    """A while thunk contains its body's thunks: each is charged only its own time; events of
-    other threads, the executor's own spans and end markers are left out."""
+def test_thunk_times_charge_the_innermost_event_and_split_concurrent_ones():
+    """A while thunk contains its body's thunks: each is charged only its own stretches; where
+    two threads run thunks at once each gets half; other threads' events, the executor's own
+    spans and end markers are left out. The charges add up to the busy wall time."""
     meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
             for t, n in [(7, "tf_XLAEigen/1"), (8, "python"), (9, "tf_XLAEigen/1")]]
     events = [
@@ -23,10 +24,27 @@ def test_thunk_self_times_subtract_nested_events():
         _x(7, 50, 10, "dot.c"), _x(7, 95, 0.5, "end: fusion.b"),
         _x(7, 0, 120, "ThunkExecutor::Execute"),
         _x(8, 0, 1000, "fusion.a"),  # the Python thread: not XLA's
-        _x(9, 20, 5, "fusion.a"),  # a second runtime thread adds its own time
+        _x(9, 20, 5, "fusion.d"), _x(9, 30, 0, "fusion.e"),  # beside fusion.a; an empty one
     ]
-    got = profile_step.thunk_times({"traceEvents": meta + events})
-    assert dict(got) == {"while.1": 30, "fusion.a": 25, "fusion.b": 40, "dot.c": 10}
+    charged, runs = profile_step.thunk_times({"traceEvents": meta + events})
+    assert dict(charged) == {"while.1": 30, "fusion.a": 17.5, "fusion.d": 2.5, "fusion.b": 40,
+                             "dot.c": 10}
+    assert sum(charged.values()) == 100
+    assert runs == {"while.1": 1, "fusion.a": 1, "fusion.b": 1, "dot.c": 1, "fusion.d": 1,
+                    "fusion.e": 1}
+
+
+def test_matmul_flops_of_compiled_instructions():
+    """2 x output elements x contracted size, for a plain and a transposed contraction."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w, v):
+        y = jnp.tanh(x @ w)  # [8, 16] x [16, 4]: 1024 FLOPs
+        return jax.lax.dot_general(y, v, (((1,), (1,)), ((), ())))  # [8, 4] x [6, 4]^T: 384
+    text = jax.jit(f).lower(jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((6, 4))).compile().as_text()
+    flops = sorted(fl for fl, _, _ in profile_step.instructions(text).values() if fl)
+    assert flops == [384, 1024]
 
 
 def test_classify_phases_and_scopes():
