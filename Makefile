@@ -26,13 +26,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Benchmarks print Markdown tables; benchmarks/RESULTS.md records them with the machine.
+# Every benchmark, one after another; their tables go into benchmarks/RESULTS.md under the
+# machine, date and commit (its "Latest make bench run" section; the rest is kept).
 bench: $(STAMP)
-	$(PY) benchmarks/bench_quant.py
-	$(PY) benchmarks/bench_lora.py
-	$(PY) benchmarks/bench_load.py
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/run_all.py
 
 # Runs the notebooks at full size (each under 15 min on a 2-core CPU) and stores their outputs.
 notebooks: $(STAMP)

@@ -1,5 +1,6 @@
 """Training-step throughput and memory on SmolLM2-135M (or `--model gemma3-270m`, or a random
-1B-shaped Llama built in memory, `--model llama-1b`): LoRA, QLoRA (NF4) and full fine-tuning.
+1B-shaped Llama built in memory, `--model llama-1b`): LoRA, QLoRA (NF4; `qlora-fp4`,
+`qlora-int4`: the other 4-bit bases) and full fine-tuning.
 
 Each variant runs in a fresh subprocess (so peak RSS is its own), one after another in this
 run (with --rounds several times, each beside its PEFT peer), on a random token batch of
@@ -11,7 +12,8 @@ the compute dtype measured in the same run (on GPU that ratio is the MFU). Varia
 ``qlora`` matmuls its NF4 base as `--kernel` says (`quant.kernel`, default auto);
 ``qlora-xla`` and ``qlora-pallas`` fix the path (`jaxlora.kernels`).
 
-    .venv/bin/python benchmarks/bench_train.py            # all variants
+    .venv/bin/python benchmarks/bench_train.py            # lora, qlora, full
+    .venv/bin/python benchmarks/bench_train.py --variants qlora,qlora-fp4,qlora-int4
     .venv/bin/python benchmarks/bench_train.py --steps 3  # fewer timed steps
     .venv/bin/python benchmarks/bench_train.py --model gemma3-270m --variants qlora
     .venv/bin/python benchmarks/bench_train.py --peers /tmp/scratch/bin/python
@@ -43,7 +45,12 @@ from typing import Any, NamedTuple
 from jaxlora.models.common import REMAT_POLICIES
 
 VARIANTS = ("lora", "qlora", "full")
-KERNEL_VARIANTS = {"qlora-xla": "xla", "qlora-pallas": "pallas"}  # qlora with a fixed path
+# Every QLoRA variant: (the base's qtype, the NF4 matmul path; None: --kernel decides).
+QUANT_VARIANTS = {"qlora": ("nf4", None), "qlora-fp4": ("fp4", None),
+                  "qlora-int4": ("int4", None), "qlora-xla": ("nf4", "xla"),
+                  "qlora-pallas": ("nf4", "pallas")}
+KERNEL_VARIANTS = {v: k for v, (_, k) in QUANT_VARIANTS.items() if k}  # a fixed path
+ALL_VARIANTS = ("lora", "full", *QUANT_VARIANTS)
 N_PARAMS = 134_515_008  # SmolLM2-135M parameters (tied embedding counted once), for the peers
 SMOLLM2 = "smollm2-135m-instruct"
 # Random models built in memory: a Llama-3.2-1B shape (32k vocabulary) and a tiny copy of it
@@ -112,9 +119,11 @@ def build_step(variant: str, batch: int, seq: int, rank: int, remat: str, model:
 
     from jaxlora import data, lora, models, quant, train
 
-    quantized = variant == "qlora" or variant in KERNEL_VARIANTS
-    rules = quant.QuantRules(qtype="nf4", kernel=KERNEL_VARIANTS.get(variant, kernel))
-    cfg, base = _load(model, rules if quantized else None, jnp.dtype(dtype))
+    if variant not in ALL_VARIANTS:
+        raise SystemExit(f"bench_train: unknown variant {variant!r} ({', '.join(ALL_VARIANTS)})")
+    qtype, path = QUANT_VARIANTS.get(variant, (None, None))
+    rules = None if qtype is None else quant.QuantRules(qtype=qtype, kernel=path or kernel)
+    cfg, base = _load(model, rules, jnp.dtype(dtype))
     n_params = sum(math.prod(s) for s in models.param_shapes(cfg).values())  # tied: once
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(1, batch, seq + 1)).astype(np.int32)
@@ -185,7 +194,7 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     times.sort()
     step_s = times[len(times) // 2]
     n_tokens = batch * seq
-    quantized = variant == "qlora" or variant in KERNEL_VARIANTS
+    quantized = variant in QUANT_VARIANTS
     return {
         "variant": variant, "step_s": step_s, "compile_s": compile_s,
         "tokens_per_s": n_tokens / step_s, "peak_rss_mb": memory.peak_rss_mb(),
@@ -323,7 +332,7 @@ def main() -> None:
         if other is not None and name in by:
             print(f"{name} step time, this tree / {other['variant']}: "
                   f"{by[name]['step_s'] / other['step_s']:.3f}")
-    for q in ("qlora", *KERNEL_VARIANTS):
+    for q in QUANT_VARIANTS:
         if "lora" in by and q in by:
             print(f"\n{q} / lora step time: {by[q]['step_s'] / by['lora']['step_s']:.3f}")
 

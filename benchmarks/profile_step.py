@@ -163,8 +163,7 @@ def thunk_times(trace: dict) -> tuple[collections.Counter, collections.Counter]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", default="qlora", choices=(*bench_train.VARIANTS,
-                                                           *bench_train.KERNEL_VARIANTS))
+    ap.add_argument("--variant", default="qlora", choices=bench_train.ALL_VARIANTS)
     ap.add_argument("--model", default=bench_train.SMOLLM2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)

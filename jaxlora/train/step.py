@@ -144,16 +144,17 @@ def chunked_xent(mcfg, params, adapters, hidden: Array, targets: Array, mask: Ar
 
 def loss_and_count(adapters: Adapters, base: Params, batch: data_lib.Batch, *, mcfg,
                    dropout_key: Array | None = None, compute_dtype: Any = jnp.float32,
-                   remat: str = "none", chunk: int = 128,
-                   differentiable: bool = True) -> tuple[Array, Array]:
+                   remat: str = "none", chunk: int = 128, differentiable: bool = True,
+                   scan_layers: bool = True) -> tuple[Array, Array]:
     """(sum of token losses, number of trained tokens) of one micro-batch.
 
     `differentiable=False` skips the LM-head gradient the loss otherwise forms in its forward
-    pass (for evaluation; the loss itself is the same)."""
+    pass (for evaluation; the loss itself is the same). `scan_layers=False` unrolls the
+    blocks (the same values; compile time then grows with depth)."""
     hidden = models.forward(
         mcfg, base, batch.inputs, adapters=adapters, segment_ids=batch.segment_ids,
         positions=batch.positions, dropout_key=dropout_key, compute_dtype=compute_dtype,
-        remat=remat, return_hidden=True,
+        remat=remat, return_hidden=True, scan_layers=scan_layers,
     )
     return chunked_xent(mcfg, base, adapters, hidden, batch.targets, batch.loss_mask, chunk,
                         differentiable)
@@ -161,7 +162,7 @@ def loss_and_count(adapters: Adapters, base: Params, batch: data_lib.Batch, *, m
 
 def make_train_step(mcfg, tx: optax.GradientTransformation, *, compute_dtype=jnp.float32,
                     remat: str = "none", chunk: int = 128, dropout: bool = True,
-                    shardings: Any = None):
+                    shardings: Any = None, scan_layers: bool = True):
     """A jitted `step(state, base, batches) -> (state, StepMetrics)`.
 
     `batches` is a `Batch` whose arrays carry a leading micro-batch axis `[accum, B, T]`.
@@ -170,12 +171,14 @@ def make_train_step(mcfg, tx: optax.GradientTransformation, *, compute_dtype=jnp
     (128 x 49152 float32 = 24 MiB for SmolLM2; 256 costs 44 MiB more peak for ~1% less time).
     `shardings` (a `jaxlora.sharding.StepShardings`) jits the step for a device mesh: the
     state keeps its sharding from step to step and the metrics are replicated.
+    `scan_layers=False` unrolls the blocks (`loss_and_count`).
     """
 
     def micro(adapters, base, batch, key):
         def f(a):
             return loss_and_count(a, base, batch, mcfg=mcfg, dropout_key=key,
-                                  compute_dtype=compute_dtype, remat=remat, chunk=chunk)
+                                  compute_dtype=compute_dtype, remat=remat, chunk=chunk,
+                                  scan_layers=scan_layers)
 
         (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(adapters)
         return loss_sum, count, grads

@@ -1,5 +1,6 @@
-"""The step profiler (benchmarks/profile_step.py): thunk self times from a trace, and the named
-scopes that let it charge every instruction of a compiled step to a part of the model."""
+"""The benchmark tools: the step profiler (benchmarks/profile_step.py: thunk times from a
+trace, and the named scopes that let it charge every instruction of a compiled step to a part
+of the model) and `make bench`'s writer of RESULTS.md (benchmarks/run_all.py)."""
 
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train  # noqa: E402
 import profile_step  # noqa: E402
+import run_all  # noqa: E402
 
 
 def _x(tid, ts, dur, name):
@@ -73,3 +75,24 @@ def test_compiled_step_carries_every_scope():
     mm = {profile_step.classify(op) for is_mm, _, op in instr.values() if is_mm}
     assert ("linear", "forward") in mm and ("lm_head", "forward") in mm
     assert not any(k[0] == "linear: dequantize" for k in mm)
+
+
+def test_results_section_is_added_once_then_replaced_and_the_rest_kept():
+    notes = "# Benchmark results\n\nMachine: ...\n\n## Populations\n\n| a | b |\n"
+    first = run_all.splice(notes, "## Latest run\n\n| x | 1 |\n")
+    assert first == ("# Benchmark results\n\n" + run_all.BEGIN + "\n## Latest run\n\n| x | 1 |\n"
+                     + run_all.END + "\n\nMachine: ...\n\n## Populations\n\n| a | b |\n")
+    second = run_all.splice(first, "## Latest run\n\n| x | 2 |")
+    assert second == first.replace("| x | 1 |", "| x | 2 |")
+    assert run_all.splice(second, "## Latest run\n\n| x | 1 |") == first
+
+
+def test_every_suite_benchmark_and_variant_exists():
+    """`make bench` runs only scripts that exist, with variants bench_train knows."""
+    here = Path(bench_train.__file__).parent
+    for name, (script, *rest) in run_all.SUITE.items():
+        assert (here / script).is_file(), name
+        if script == "bench_train.py":
+            variants = rest[rest.index("--variants") + 1].split(",")
+            assert set(variants) <= set(bench_train.ALL_VARIANTS), variants
+    assert {"qlora-fp4", "qlora-int4"} <= set(bench_train.QUANT_VARIANTS)
