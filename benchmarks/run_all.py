@@ -10,7 +10,7 @@ command, wall time and output (its Markdown tables). A benchmark that fails is r
 the end of its error output and the others still run; the exit code is then 1. The file is
 replaced atomically.
 
-    .venv/bin/python benchmarks/run_all.py                  # all, ~20 min on 2 CPU cores
+    .venv/bin/python benchmarks/run_all.py                  # all, about 6 min on 2 quiet CPU cores
     .venv/bin/python benchmarks/run_all.py --only quant,compile
     .venv/bin/python benchmarks/run_all.py --out /tmp/RESULTS.md
 """
