@@ -42,6 +42,9 @@ __all__ = [
     "attach_multi",
     "member_pairs",
     "attach_member",
+    "uniform_dropout",
+    "put_member",
+    "padded_pairs",
     "unpad",
     "multi_linear",
     "forward",
@@ -239,7 +242,8 @@ def attach_member(base: lora.Params, stacked: lora.Adapters, j: Array | int,
     `LoraWeight.scale` is static, so adapter j's scale multiplies `b` inside the program
     (``A (s B) = s A B``). `pairs`: adapter j's ``(a, b)`` per path, e.g. the variables a
     gradient is taken for (default `member_pairs(stacked, j)`). Dropout (with a key) needs
-    one rate per leaf across the stacked adapters; per-adapter rates are `attach_multi`'s.
+    one rate per leaf across the adapters (`uniform_dropout`); per-adapter rates are
+    `attach_multi`'s.
     """
     flat_base = lora.flatten_paths(base)
     flat = lora.flatten_paths(stacked)
@@ -265,9 +269,57 @@ def attach_member(base: lora.Params, stacked: lora.Adapters, j: Array | int,
     return replace_paths(base, new)
 
 
+def uniform_dropout(stacked: lora.Adapters) -> bool:
+    """Whether every leaf's adapters share one dropout rate (what `attach_member` needs)."""
+    return all(len(set(sp.dropouts)) <= 1 for sp in lora.flatten_paths(stacked).values())
+
+
+def put_member(stacked: lora.Adapters, j: Array | int,
+               pairs: dict[str, tuple[Array, Array]]) -> lora.Adapters:
+    """`stacked` with adapter `j`'s ``(a, b)`` replaced by `pairs` (as `member_pairs` gives
+    them); differentiable in `pairs`, `j` may be traced."""
+    new = {}
+    for path, sp in lora.flatten_paths(stacked).items():
+        n_lead = sp.a.ndim - 3
+        a, b, *m = pairs[path]
+        new[path] = dataclasses.replace(sp, a=_put(sp.a, a, j, n_lead),
+                                        b=_put(sp.b, b, j, n_lead),
+                                        m=_put(sp.m, m[0], j, n_lead) if m else sp.m)
+    return lora.unflatten_paths(new)
+
+
+def _put(stack: Array, x: Array, j: Array | int, axis: int) -> Array:
+    idx = [0] * stack.ndim
+    idx[axis] = j
+    return jax.lax.dynamic_update_slice(stack, jnp.expand_dims(x, axis).astype(stack.dtype), idx)
+
+
+def padded_pairs(adapter: lora.Adapters, stacked: lora.Adapters) -> dict[str, tuple[Array, Array]]:
+    """One adapter tree as ``{path: (a, b)}`` at the padded rank of `stacked` (a
+    `stack_adapters` tree, or its `jax.eval_shape`), zeros where it targets no such path;
+    DoRA leaves as ``(a, b, m)`` (stacked DoRA leaves are targeted by every adapter)."""
+    flat = lora.flatten_paths(adapter)
+    out = {}
+    for path, sp in lora.flatten_paths(stacked).items():
+        n_lead = sp.a.ndim - 3
+        a_shape = (*sp.a.shape[:n_lead], *sp.a.shape[n_lead + 1:])
+        b_shape = (*sp.b.shape[:n_lead], *sp.b.shape[n_lead + 1:])
+        p = flat.get(path)
+        if p is None:
+            out[path] = (jnp.zeros(a_shape, sp.a.dtype), jnp.zeros(b_shape, sp.b.dtype))
+            continue
+        pad = sp.a.shape[-1] - p.rank
+        out[path] = (jnp.pad(p.a.astype(sp.a.dtype), [(0, 0)] * (p.a.ndim - 1) + [(0, pad)]),
+                     jax.lax.pad(p.b.astype(sp.b.dtype), jnp.zeros((), sp.b.dtype),
+                                 [(0, pad if ax == n_lead else 0, 0) for ax in range(p.b.ndim)]))
+        if sp.m is not None:
+            out[path] += (p.m.astype(sp.m.dtype),)
+    return out
+
+
 def unpad(pairs: dict[str, tuple[Array, Array]], adapter: lora.Adapters) -> lora.Adapters:
-    """A tree shaped like `adapter` (its paths, ranks and metadata) from ``(a, b)`` arrays at
-    its rank or zero-padded beyond it (as `member_pairs` gives them), e.g. their gradients."""
+    """The inverse of `padded_pairs`: a tree shaped like `adapter` (its paths, ranks and
+    metadata) from padded ``(a, b)`` arrays, e.g. their gradients."""
     flat = {}
     for path, p in lora.flatten_paths(adapter).items():
         a, b, *m = pairs[path]

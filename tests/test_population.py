@@ -102,7 +102,7 @@ def test_dropout_of_each_member_in_the_members_layout(kit):
     run = lambda ms: population.train(loaded.config, loaded.base, ms, iter(batches),  # noqa: E731
                                       steps=STEPS, layout="members").losses
     without = run(plain)
-    mixed = run([plain[0], drop(plain[1])])  # the rates differ: a group each
+    mixed = run([plain[0], drop(plain[1])])  # the rates differ: the per-row path
     np.testing.assert_allclose(mixed[:, 0], without[:, 0], rtol=1e-5)  # rate 0: untouched
     assert not np.allclose(mixed[1:, 1], without[1:, 1], rtol=1e-4)  # rate 0.5 acts
     both = run([drop(m) for m in plain])  # one rate: each member through the folded path
@@ -143,30 +143,15 @@ def test_refused_members(kit):
 
 
 def test_padded_rank_columns_stay_zero(kit):
-    """The "rows" layout pads member 0 (rank 2) into a rank-8 stack: the padding never moves
-    (exact masking)."""
+    """Member 0 (rank 2) inside a rank-8 stack: the padding never moves (exact masking)."""
     loaded, batches = kit
     from jaxlora import multi
 
-    res = population.train(loaded.config, loaded.base, MEMBERS[:2], iter(batches), steps=2,
-                           layout="rows")
+    res = population.train(loaded.config, loaded.base, MEMBERS[:2], iter(batches), steps=2)
     stacked = multi.stack_adapters(res.adapters)
     a = stacked["layers"]["attn"]["q_proj"]["kernel"].a  # [L, K, in, r_max]
     assert a.shape[-1] == 8 and not jnp.any(a[:, 0, :, 2:])
     assert jnp.any(a[:, 0, :, :2]) and jnp.any(a[:, 1])
-
-
-def test_members_layout_groups_members_of_one_shape(kit):
-    """The "members" layout stacks the members whose adapters have the same targets, ranks
-    and dropout rates (alpha, scaling and optimizer may differ), so none is padded."""
-    from jaxlora.population.step import _groups
-
-    loaded, _ = kit
-    spec = lambda **kw: population.Member(LoraSpec(**kw), optim.OptimSpec())  # noqa: E731
-    members = [spec(rank=2), spec(rank=8), spec(rank=2, alpha=32.0, scaling="rslora"),
-               spec(rank=2, targets=QV), spec(rank=2, dropout=0.1), spec(rank=8)]
-    state, _ = population.init(loaded.base, members, STEPS)
-    assert _groups([m.adapters for m in state.members]) == [[0, 2], [1, 5], [3], [4]]
 
 
 # --------------------------------------------------------------------------------------------

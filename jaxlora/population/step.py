@@ -159,59 +159,47 @@ def _grads_by_rows(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
     return s, c, g
 
 
-def _groups(adapters: Sequence[lora.Adapters]) -> list[list[int]]:
-    """The members whose adapters agree in targets, shapes (ranks), dtypes, dropout rates and
-    method, in order of first appearance: each group is stacked without padding, so a member
-    costs a step of its own rank (alpha and scaling may differ within a group)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, ad in enumerate(adapters):
-        sig = tuple((path, p.a.shape, p.b.shape, str(p.a.dtype), p.dropout, p.m is None)
-                    for path, p in sorted(lora.flatten_paths(ad).items()))
-        groups.setdefault(sig, []).append(i)
-    return list(groups.values())
-
-
-def _by_members(adapters: Sequence[lora.Adapters], one: Callable) -> list[Any]:
-    """`one(stacked, n, i)` for every member, one after another: a `lax.map` over each group
-    of `_groups` (member i is adapter n of its group's `multi.stack_adapters`); the results
-    in member order."""
-    out: list[Any] = [None] * len(adapters)
-    for idx in _groups(adapters):
-        stacked = multi.stack_adapters([adapters[i] for i in idx])
-        ys = jax.lax.map(lambda x, st=stacked: one(st, *x),
-                         (jnp.arange(len(idx)), jnp.asarray(idx, jnp.int32)))
-        for n, i in enumerate(idx):
-            out[i] = jax.tree.map(lambda y, n=n: y[n], ys)
-    return out
-
-
-def _own_rows(batch: data_lib.Batch, i: Array, k: int, shared: bool) -> data_lib.Batch:
-    """Member i's rows of a micro-batch: all of them when shared, else its ``[B, T]`` slice."""
-    if shared:
-        return batch
-    per = batch.inputs.shape[0] // k
-    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * per, per), batch)
-
-
 def _grads_by_members(mcfg, base, adapters, batch, key, k, shared, rows, **kw):
-    """One member after another (`_by_members`), each through the single-adapter path of a
-    run alone (`multi.attach_member`: the folded ``x @ (W + s A B)`` and its VJP) at its own
-    rank, its gradient taken for its own ``(a, b)`` only: the memory of one run."""
+    """One member after another (a scan), each through the single-adapter path of a run alone
+    (`multi.attach_member`: the folded ``x @ (W + s A B)`` and its VJP). Member j's adapter
+    is padded to the largest rank for its turn only (a `lax.switch` over the members) and
+    its gradient added to its own, unpadded accumulator, so no [K, r_max] stack of the
+    adapters or of their gradients is formed. (Members whose dropout rates differ on a leaf
+    go through the per-row path over such a stack instead.)"""
     del rows  # one member at a time: its rows are split like a run alone's
+    per = batch.inputs.shape[0] // (1 if shared else k)
+    template = jax.eval_shape(multi.stack_adapters, adapters)  # shapes and scales only
+    per_row = key is not None and not multi.uniform_dropout(template)
+    stacked = multi.stack_adapters(adapters) if per_row else template
 
-    def one(stacked, n, i):
-        sub = None if key is None else jax.random.fold_in(key, i)
-        own = _own_rows(batch, i, k, shared)
+    def loss(pairs, own, j, sub):
+        if per_row:
+            ids = jnp.full(own.inputs.shape[0], j, jnp.int32)
+            params = multi.attach_multi(base, multi.put_member(stacked, j, pairs), ids, sub)
+        else:
+            params = multi.attach_member(base, stacked, j, pairs, sub)
+        return _sums(mcfg, base, params, own, **kw)
 
-        def loss(pairs):
-            return _sums(mcfg, base, multi.attach_member(base, stacked, n, pairs, sub), own, **kw)
+    pad = [lambda i=i: multi.padded_pairs(adapters[i], template) for i in range(k)]
 
-        (s, c), g = jax.value_and_grad(loss, has_aux=True)(multi.member_pairs(stacked, n))
-        return s, c, g
+    def add(i):
+        return lambda acc, g: tuple(jax.tree.map(jnp.add, a, multi.unpad(g, ad)) if n == i else a
+                                    for n, (a, ad) in enumerate(zip(acc, adapters, strict=True)))
 
-    outs = _by_members(adapters, one)
-    grads = tuple(multi.unpad(g, ad) for (_, _, g), ad in zip(outs, adapters, strict=True))
-    return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]), grads
+    def member(carry, j):
+        sums, counts, grads = carry
+        own = batch if shared else jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, j * per, per), batch)
+        sub = None if key is None else jax.random.fold_in(key, j)
+        pairs = jax.lax.switch(j, pad)
+        (s, c), g = jax.value_and_grad(loss, has_aux=True)(pairs, own, j, sub)
+        grads = jax.lax.switch(j, [add(i) for i in range(k)], grads, g)
+        return (sums.at[j].set(s), counts.at[j].set(c), grads), None
+
+    zero = (jnp.zeros(k, jnp.float32), jnp.zeros(k, jnp.float32),
+            jax.tree.map(jnp.zeros_like, adapters))
+    (s, c, g), _ = jax.lax.scan(member, zero, jnp.arange(k))
+    return s, c, g
 
 
 def make_step(mcfg, txs: Sequence[optax.GradientTransformation], *, shared_data: bool = True,
@@ -298,12 +286,17 @@ def make_eval_step(mcfg, k: int, *, shared: bool = True, compute_dtype: Any = jn
         return _member_sums(mcfg, base, adapters, _rows(batch, k, shared, rows), None, **kw)
 
     def by_members(adapters, base, batch):
-        def one(stacked, n, i):
-            params = multi.attach_member(base, stacked, n)
-            return _sums(mcfg, base, params, _own_rows(batch, i, k, shared), **kw)
+        template = jax.eval_shape(multi.stack_adapters, adapters)
+        pad = [lambda i=i: multi.padded_pairs(adapters[i], template) for i in range(k)]
+        per = batch.inputs.shape[0] // (1 if shared else k)
 
-        outs = _by_members(adapters, one)
-        return jnp.stack([s for s, _ in outs]), jnp.stack([c for _, c in outs])
+        def one(j):
+            own = batch if shared else jax.tree.map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, j * per, per), batch)
+            params = multi.attach_member(base, template, j, jax.lax.switch(j, pad))
+            return _sums(mcfg, base, params, own, **kw)
+
+        return jax.lax.map(one, jnp.arange(k))
 
     return jax.jit(by_rows if layout == "rows" else by_members)
 
