@@ -366,6 +366,75 @@ def test_forward_matches_float64_reference(name):
     assert rel_err(got, ref) < 2e-5
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_long_sequences_match_float64_reference(name):
+    """120 tokens: two causal query blocks of attention (64, 56), packed documents."""
+    cfg = CONFIGS[name]
+    params = rand_params(cfg)
+    toks = tokens_for(cfg, 2, 120, seed=3)
+    seg = jnp.asarray([[1] * 80 + [2] * 40, [1] * 120])
+    assert common.query_blocks(120) == [(0, 64), (64, 120)]
+    got = jforward(cfg, params, toks, segment_ids=seg)
+    pos = common.positions_from_segments(seg)
+    assert rel_err(got, ref_forward(cfg, params, toks, positions=pos, segment_ids=seg)) < 2e-5
+
+
+def test_query_blocks_cover_the_tokens_in_order():
+    for t in (1, 63, 64, 65, 256, 1000, 2048, 5000):
+        blocks = common.query_blocks(t)
+        assert blocks[0][0] == 0 and blocks[-1][1] == t and len(blocks) <= 32
+        assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))
+        assert all(e - s0 >= 64 for s0, e in blocks[:-1])
+
+
+def _attention_f64(q, k, v, allowed):
+    """Masked softmax attention, one head at a time in float64 (GQA: head h reads KV h // G)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, hd = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, t, h, hd))
+    for hh in range(h):
+        s = np.einsum("btd,bsd->bts", q[:, :, hh], k[:, :, hh // g]) / math.sqrt(hd)
+        out[:, :, hh] = np.einsum("bts,bsd->btd", _softmax(np.where(allowed, s, -np.inf)),
+                                  v[:, :, hh // g])
+    return out.reshape(b, t, h * hd)
+
+
+def test_blocked_attention_with_cache_and_window_matches_float64():
+    """Queries in three blocks over a 7-slot cache (2 slots empty), a sliding window and
+    packed segments: values against float64 and gradients against one unblocked softmax."""
+    b, t, s, h, kv, hd = 2, 150, 7, 6, 2, 8
+    ks = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(ks[0], (b, t, h, hd))
+    k, v = (jax.random.normal(x, (b, t, kv, hd)) for x in ks[1:3])
+    kc, vc = (jax.random.normal(x, (b, s, kv, hd)) for x in ks[3:5])
+    seg = jnp.asarray([[1] * 90 + [2] * 60, [1] * 150])
+    pos = jnp.arange(s, s + t)[None].repeat(b, 0)
+    mask = common.window_mask(common.new_token_mask(b, t, seg), pos, pos, 40)
+    valid = jnp.asarray([[True] * 5 + [False] * 2] * b)
+    cmask = jnp.broadcast_to(valid[:, None, :], (b, t, s))
+    allowed = np.concatenate([np.asarray(cmask), np.asarray(mask)], -1)  # [B, T, S + T]
+    got = common.attention(q, k, v, mask, (kc, vc, cmask))
+    full_k, full_v = jnp.concatenate([kc, k], 1), jnp.concatenate([vc, v], 1)
+    ref = _attention_f64(q, full_k, full_v, allowed)
+    assert rel_err(got, ref) < 1e-5
+
+    def unblocked(q, k, v):  # the same math as one block: every key, masked
+        g = h // kv
+        sc = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, g, axis=2)) / math.sqrt(hd)
+        p = jax.nn.softmax(jnp.where(allowed[:, None], sc, -jnp.inf), axis=-1)
+        return jnp.einsum("bhts,bshd->bthd", p, jnp.repeat(v, g, axis=2)).reshape(b, t, h * hd)
+
+    w = jax.random.normal(ks[5], (b, t, h * hd))
+    loss = lambda f: lambda q, k, v: jnp.sum(w * f(q, k, v))  # noqa: E731
+    blocked = lambda q, k, v: common.attention(q, k[:, s:], v[:, s:], mask,  # noqa: E731
+                                               (k[:, :s], v[:, :s], cmask))
+    want = jax.grad(loss(unblocked), argnums=(0, 1, 2))(q, full_k, full_v)
+    for a, r in zip(jax.grad(loss(blocked), argnums=(0, 1, 2))(q, full_k, full_v), want,
+                    strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+
+
 def test_llama3_rope_inv_freq_matches_formula():
     cfg = CONFIGS["llama3_rope"]
     got = np.asarray(common.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
