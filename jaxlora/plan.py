@@ -32,8 +32,8 @@ Counting the activations (per token of one block, `c` bytes per compute-dtype el
 width, q = heads x head_dim, kv = kv heads x head_dim, f the MLP width, R the adapter ranks of
 the block's projections): the block's intermediates are 5d + 5q + 4kv + 4f elements (inputs
 and outputs of the norms, projections, RoPE, attention, the SwiGLU product), R float32 `x @ A`
-residuals, and the attention's scores (float32), probabilities and mask, `H x K` each, K the keys a
-query's causal block reads (about T/2 + 32: `jaxlora.models.common.query_blocks`).
+residuals, and the attention's scores (float32), probabilities and mask, `H x K` each, K the
+keys a query's causal block reads (about T/2 + 32: `jaxlora.models.common.query_blocks`).
 "none" keeps all of them in every layer; "attn" keeps x, the mid residual, k and v (2d + 2kv);
 "full" and "dots" keep the block input (d; the projections are custom-VJP primitives, so
 "dots" finds no dot of its own to save), and "dots" the R `x @ A` residuals too; the three
@@ -161,21 +161,23 @@ def _widest_kernel(mcfg: Any) -> int:
                if p.startswith("layers/") and p.endswith("kernel"))
 
 
-def _block_bytes(mcfg: Any, c: int, ranks: int, seq: int) -> tuple[int, int, dict[str, int]]:
-    """(one block's intermediates, its attention scores, what each remat policy keeps) per
-    token, in bytes."""
+def _block_bytes(mcfg: Any, c: int, ranks: int,
+                 seq: int) -> tuple[int, int, int, dict[str, int]]:
+    """(one block's intermediates, its attention scores with probabilities and mask, the
+    probabilities alone, what each remat policy keeps) per token, in bytes."""
     from jaxlora.models import common
 
     d, f = mcfg.hidden_size, mcfg.intermediate_size
     q, kv = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
     # a query of a causal block reads the keys up to its block's end (`common.query_blocks`)
     keys = sum((e - s0) * e for s0, e in common.query_blocks(seq)) / seq
-    scores = round(mcfg.num_heads * keys * (4 + c + 1))  # scores f32, probabilities, mask
+    attn = mcfg.num_heads * keys  # elements per token of each of scores, probabilities, mask
+    scores = round(attn * (4 + c + 1))  # scores f32, probabilities, mask
     full = c * (5 * d + 5 * q + 4 * kv + 4 * f) + 4 * ranks
     rope = 2 * 4 * mcfg.head_dim  # cos and sin (float32), inputs of every checkpointed block
     kept = {"none": full + scores, "attn": c * (2 * d + 2 * kv) + rope, "full": c * d + rope,
             "dots": c * d + rope + 4 * ranks}
-    return full, scores, kept
+    return full, scores, round(attn * c), kept
 
 
 def plan(cfg: Any, population: int = 1, *, mcfg: Any = None, platform: str | None = None,
@@ -215,9 +217,9 @@ def plan(cfg: Any, population: int = 1, *, mcfg: Any = None, platform: str | Non
     if k > 1 and layout == "rows":
         rows *= members_here
     tokens, seq = rows * cfg.data.seq_len, cfg.data.seq_len
-    full, scores, kept = _block_bytes(mcfg, c, _block_ranks(adapters), seq)
+    full, scores, probs, kept = _block_bytes(mcfg, c, _block_ranks(adapters), seq)
     # recomputing a block whose k and v are kept ("attn") holds the probabilities alone
-    full += scores if cfg.model.remat != "attn" else scores * c // (4 + c + 1)
+    full += scores if cfg.model.remat != "attn" else probs
     weight_shards = sizes["fsdp"] * sizes["tensor"]
     largest = max(math.prod(s[1:] if p.startswith("layers/") else s)  # tensors as read
                   for p, s in models.param_shapes(mcfg).items())

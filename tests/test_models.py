@@ -105,6 +105,19 @@ def _softmax(s):
     return e / e.sum(-1, keepdims=True)
 
 
+def _attention_f64(q, k, v, allowed):
+    """Masked softmax attention, one head at a time in float64 (GQA: head h reads KV h // G)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, hd = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, t, h, hd))
+    for hh in range(h):
+        s = np.einsum("btd,bsd->bts", q[:, :, hh], k[:, :, hh // g]) / math.sqrt(hd)
+        out[:, :, hh] = np.einsum("bts,bsd->btd", _softmax(np.where(allowed, s, -np.inf)),
+                                  v[:, :, hh // g])
+    return out.reshape(b, t, h * hd)
+
+
 def ref_forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
     """Per-layer, per-head float64 forward with explicit masked softmax attention."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -126,13 +139,7 @@ def ref_forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=No
         return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * s + bias
 
     def attn(q, k, v):  # q [B,T,H,hd], k/v [B,T,KV,hd]
-        out = np.zeros((b, t, h_, hd))
-        for hh in range(h_):
-            g = hh // (h_ // kv_)
-            s = np.einsum("btd,bsd->bts", q[:, :, hh], k[:, :, g]) / math.sqrt(hd)
-            s = np.where(allowed, s, -np.inf)
-            out[:, :, hh] = np.einsum("bts,bsd->btd", _softmax(s), v[:, :, g])
-        return out.reshape(b, t, h_ * hd)
+        return _attention_f64(q, k, v, allowed)
 
     if cfg.arch == "gpt2":
         x = p["wte"]["embedding"][tokens] + p["wpe"]["embedding"][pos]
@@ -385,19 +392,6 @@ def test_query_blocks_cover_the_tokens_in_order():
         assert blocks[0][0] == 0 and blocks[-1][1] == t and len(blocks) <= 32
         assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))
         assert all(e - s0 >= 64 for s0, e in blocks[:-1])
-
-
-def _attention_f64(q, k, v, allowed):
-    """Masked softmax attention, one head at a time in float64 (GQA: head h reads KV h // G)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, t, h, hd = q.shape
-    g = h // k.shape[2]
-    out = np.zeros((b, t, h, hd))
-    for hh in range(h):
-        s = np.einsum("btd,bsd->bts", q[:, :, hh], k[:, :, hh // g]) / math.sqrt(hd)
-        out[:, :, hh] = np.einsum("bts,bsd->btd", _softmax(np.where(allowed, s, -np.inf)),
-                                  v[:, :, hh // g])
-    return out.reshape(b, t, h * hd)
 
 
 def test_blocked_attention_with_cache_and_window_matches_float64():
