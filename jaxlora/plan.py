@@ -175,7 +175,7 @@ def _block_bytes(mcfg: Any, c: int, ranks: int,
     scores = round(attn * (4 + c + 1))  # scores f32, probabilities, mask
     full = c * (5 * d + 5 * q + 4 * kv + 4 * f) + 4 * ranks
     rope = 2 * 4 * mcfg.head_dim  # cos and sin (float32), inputs of every checkpointed block
-    kept = {"none": full + scores, "attn": c * (2 * d + q + 2 * kv) + rope, "full": c * d + rope,
+    kept = {"none": full + scores, "attn": c * (2 * d + 2 * kv) + rope, "full": c * d + rope,
             "dots": c * d + rope + 4 * ranks}
     return full, scores, round(attn * c), kept
 

@@ -272,8 +272,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
 
 
 # Activations the blocks tag with `jax.ad_checkpoint.checkpoint_name`, for remat policies:
-# "q": the projected queries (before any norm and RoPE, which are cheap to redo); "k", "v":
-# rotated keys / values; "mid": the residual stream between attention and MLP.
+# "k", "v": rotated keys / values; "mid": the residual stream between attention and MLP.
 REMAT_POLICIES = ("none", "full", "attn", "dots")
 
 
@@ -283,8 +282,8 @@ def remat_policy(remat: str) -> Callable | None:
     - "none": keep every activation the backward needs (fastest, ~70 MB per SmolLM2 block at
       4 x 256 tokens).
     - "full": keep only each block's input; the backward recomputes the block.
-    - "attn": like "full", but also keep the queries, keys, values and the residual stream
-      after attention (~6 MB per block at 4 x 256 tokens): the recompute skips q/k/v, the o
+    - "attn": like "full", but also keep the keys, values and the residual stream after
+      attention (~4 MB per block at 4 x 256 tokens): the recompute skips k/v, the o
       projection and everything the MLP's backward waits on.
     - "dots": keep every matmul output.
     """
@@ -293,7 +292,7 @@ def remat_policy(remat: str) -> Callable | None:
     if remat == "full":
         return jax.checkpoint_policies.nothing_saveable
     if remat == "attn":
-        return jax.checkpoint_policies.save_only_these_names("q", "k", "v", "mid")
+        return jax.checkpoint_policies.save_only_these_names("k", "v", "mid")
     if remat == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     raise ValueError(f"remat: unknown policy {remat!r} ({', '.join(REMAT_POLICIES)})")

@@ -71,7 +71,7 @@ def _block(cfg: ModelConfig, x: Array, p: Params, mask: Array,
     h = common.layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], cfg.norm_eps)
     qkv = lora.linear(h, a["c_attn"]["kernel"], a["c_attn"]["bias"])  # [B, T, 3d]
     q, k, v = (z.reshape(b, t, cfg.num_heads, cfg.head_dim) for z in jnp.split(qkv, 3, axis=-1))
-    q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+    k, v = checkpoint_name(k, "k"), checkpoint_name(v, "v")
     o = common.attention(q, k, v, mask, cache)  # [B, T, d]
     x = checkpoint_name(
         x + lora.linear(o, a["c_proj"]["kernel"], a["c_proj"]["bias"]).astype(x.dtype), "mid")

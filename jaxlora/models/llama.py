@@ -130,7 +130,7 @@ def _block(cfg: ModelConfig, blk: Block, x: Array, p: Params, at: _Attend,
     q = lora.linear(h, a["q_proj"]["kernel"], a["q_proj"].get("bias"))
     k = lora.linear(h, a["k_proj"]["kernel"], a["k_proj"].get("bias"))
     v = lora.linear(h, a["v_proj"]["kernel"], a["v_proj"].get("bias"))
-    q = checkpoint_name(q.reshape(b, t, cfg.num_heads, hd), "q")  # [B, T, H, hd]
+    q = q.reshape(b, t, cfg.num_heads, hd)  # [B, T, H, hd]
     k = k.reshape(b, t, cfg.num_kv_heads, hd)  # [B, T, KV, hd]
     if cfg.qk_norm:
         q, k = norm(q, a["q_norm"]), norm(k, a["k_norm"])
