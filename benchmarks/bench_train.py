@@ -6,9 +6,10 @@ Each variant runs in a fresh subprocess (so peak RSS is its own), one after anot
 run (with --rounds several times, each beside its PEFT peer), on a random token batch of
 4 x 256 with r=8 adapters on all seven linear kinds, float32 compute (`--dtype bfloat16`: the
 base and the compute in bfloat16). Reported: median step time over the timed steps after a
-warm-up (compile) step, tokens/s, peak RSS, the accelerator's peak memory (`memory_stats`,
+warm-up (compile) step, tokens/s, peak RSS (after the first timed step), the accelerator's peak memory (`memory_stats`,
 where the backend has it), and the step's model FLOPs per second against the matmul rate of
-the compute dtype measured in the same run (on GPU that ratio is the MFU). Variant
+the compute dtype measured between the variant's own timed steps, so that the machine's load
+at that moment divides out (on GPU that ratio is the MFU). Variant
 ``qlora`` matmuls its NF4 base as `--kernel` says (`quant.kernel`, default auto);
 ``qlora-xla`` and ``qlora-pallas`` fix the path (`jaxlora.kernels`).
 
@@ -63,24 +64,50 @@ IN_MEMORY = {
 }
 
 
+class Ceiling:
+    """The matmul rate that the step's share is against: ``[m, k] @ [k, n]`` in ``dtype``
+    under jit (default: the baselines' float32 shape), timed on demand. Its operands exist
+    only while it is timed, so that timing it between a run's steps leaves that run's peak
+    RSS as it was."""
+
+    def __init__(self, dtype: str = "float32", shape: tuple[int, int, int] = (1024, 2048, 2048)):
+        import jax
+
+        self.dtype, self.shape = dtype, shape
+        self.flops = 2 * shape[0] * shape[1] * shape[2]
+        self.f = jax.jit(lambda a, b: a @ b)
+
+    def operands(self) -> tuple[Any, Any]:
+        import jax
+        import jax.numpy as jnp
+
+        m, k, n = self.shape
+        return (jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(self.dtype),
+                jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(self.dtype))
+
+    def gflops(self, repeats: int = 10) -> float:
+        """The median rate of ``repeats`` timed calls (after one untimed), in GFLOP/s."""
+        a, b = self.operands()
+        self.f(a, b).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.f(a, b).block_until_ready()
+            times.append(time.perf_counter() - t)
+        return self.flops / statistics.median(times) / 1e9
+
+
+def _ceiling_shape() -> tuple[int, int, int]:
+    """The ceiling's matmul: on GPU one big enough to reach the device's peak rate."""
+    import jax
+
+    return (8192, 8192, 8192) if jax.default_backend() == "gpu" else (1024, 2048, 2048)
+
+
 def matmul_gflops(repeats: int = 10, dtype: str = "float32",
                   shape: tuple[int, int, int] = (1024, 2048, 2048)) -> float:
-    """``[m, k] @ [k, n]`` in ``dtype`` under jit (default: the baselines' float32 shape)."""
-    import jax
-    import jax.numpy as jnp
-
-    m, k, n = shape
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(dtype)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 2 * m * k * n / times[len(times) // 2] / 1e9
+    """The `Ceiling` rate, measured once."""
+    return Ceiling(dtype, shape).gflops(repeats)
 
 
 def _load(model: str, rules, dtype):
@@ -186,21 +213,24 @@ def _child(variant: str, steps: int, batch: int, seq: int, rank: int, remat: str
     t = time.perf_counter()
     float(st.run())  # first step
     compile_s = st.compile_s + time.perf_counter() - t
-    times = []
-    for _ in range(steps):
+    ceiling = Ceiling(dtype, _ceiling_shape())
+    times, rates, peak_rss = [], [], None
+    for _ in range(steps):  # the ceiling after every step: the machine's load as the steps saw it
         t = time.perf_counter()
         float(st.run())
         times.append(time.perf_counter() - t)
-    times.sort()
-    step_s = times[len(times) // 2]
+        # the peak before the ceiling first runs: its operands grow the heap by ~50 MiB
+        peak_rss = memory.peak_rss_mb() if peak_rss is None else peak_rss
+        rates.append(ceiling.gflops(3))
+    step_s, rate = statistics.median(times), statistics.median(rates)
     n_tokens = batch * seq
     quantized = variant in QUANT_VARIANTS
     return {
         "variant": variant, "step_s": step_s, "compile_s": compile_s,
-        "tokens_per_s": n_tokens / step_s, "peak_rss_mb": memory.peak_rss_mb(),
+        "tokens_per_s": n_tokens / step_s, "peak_rss_mb": peak_rss,
         "device_peak_mb": memory.device_peak_mb(),
         "model_gflops": model_flops(variant, st.n_params, n_tokens) / step_s / 1e9,
-        "trainable": st.trainable,
+        "ceiling_gflops": rate, "trainable": st.trainable,
         "kernel_choices": kernels.auto_choices() if quantized else [],
     }
 
@@ -242,6 +272,7 @@ def _merge_rounds(runs: list[dict]) -> dict:
     row = dict(runs[0])
     row.update(step_s=step_s, tokens_per_s=runs[0]["tokens_per_s"] * runs[0]["step_s"] / step_s,
                model_gflops=runs[0]["model_gflops"] * runs[0]["step_s"] / step_s,
+               ceiling_gflops=statistics.median(r["ceiling_gflops"] for r in runs),
                peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
                rounds=[round(r["step_s"], 2) for r in runs])
     return row
@@ -279,9 +310,7 @@ def main() -> None:
 
     import jax
 
-    on_gpu = jax.default_backend() == "gpu"  # there, a shape big enough to reach peak rate
-    peak = matmul_gflops(dtype=args.dtype, shape=(8192, 8192, 8192) if on_gpu else
-                         (1024, 2048, 2048))
+    peak = matmul_gflops(dtype=args.dtype, shape=_ceiling_shape())
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as hf_dir:
         if args.peers:  # the same weights for the peers, as an HF folder written by jaxlora
@@ -297,23 +326,26 @@ def main() -> None:
                     runs.setdefault(f"{v}@", []).append(_jaxlora_child(args, v, args.against))
                     print(f"done {v} @ {args.against}", file=sys.stderr, flush=True)
                 if args.peers and v in ("lora", "qlora"):
-                    runs.setdefault(f"peft-{v}", []).append(_peer_child(args, hf_dir, v))
+                    peer = _peer_child(args, hf_dir, v)  # its ceiling: the jaxlora run's before it
+                    peer["ceiling_gflops"] = runs[v][-1]["ceiling_gflops"]
+                    runs.setdefault(f"peft-{v}", []).append(peer)
                     print(f"done peft-{v}", file=sys.stderr, flush=True)
     rows = [_merge_rounds(r) for r in runs.values()]
     by = {r["variant"]: r for r in rows}
     print(f"{args.model}, batch {args.batch} x {args.seq}, r={args.rank} on all linear layers, "
           f"{args.dtype}, remat {args.remat}, median of {args.steps} steps, median of "
           f"{args.rounds} interleaved round(s); {args.dtype} matmul rate {peak:.0f} GFLOP/s "
-          f"on {jax.devices()[0].device_kind}\n")
+          f"at the start on {jax.devices()[0].device_kind}; each row's share is of the rate "
+          f"measured between its own steps (median; a peer's: its jaxlora run's)\n")
     print("| variant | step (s) | tokens/s | peak RSS (MiB) | device peak (MiB) | model GFLOP/s "
-          "| of matmul rate | compile (s) | step (s) per round |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| matmul rate beside (GFLOP/s) | of matmul rate | compile (s) | step (s) per round |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         dev = "-" if r.get("device_peak_mb") is None else f"{r['device_peak_mb']:.0f}"
         print(f"| {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {dev} | {r['model_gflops']:.0f} | "
-              f"{100 * r['model_gflops'] / peak:.0f}% | {r['compile_s']:.0f} | "
-              f"{', '.join(map(str, r['rounds']))} |")
+              f"{r['ceiling_gflops']:.0f} | {100 * r['model_gflops'] / r['ceiling_gflops']:.0f}% | "
+              f"{r['compile_s']:.0f} | {', '.join(map(str, r['rounds']))} |")
     for r in rows:
         for c in r.get("kernel_choices", []):
             print(f"{r['variant']} kernel auto: [{c['m']}, {c['k']}] x [{c['k']}, {c['n']}] "

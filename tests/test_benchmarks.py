@@ -96,3 +96,22 @@ def test_every_suite_benchmark_and_variant_exists():
             variants = rest[rest.index("--variants") + 1].split(",")
             assert set(variants) <= set(bench_train.ALL_VARIANTS), variants
     assert {"qlora-fp4", "qlora-int4"} <= set(bench_train.QUANT_VARIANTS)
+
+
+def test_rounds_merge_to_medians_with_each_rows_own_ceiling():
+    """A variant's rounds merge to the median step (its tokens/s and model GFLOP/s rescaled to
+    it), the median of the matmul rates measured beside its steps, and the largest peak RSS."""
+    runs = [dict(variant="qlora", step_s=s, tokens_per_s=1024 / s, model_gflops=551 / s,
+                 ceiling_gflops=c, peak_rss_mb=m)
+            for s, c, m in [(6.0, 150.0, 880.0), (8.0, 100.0, 870.0), (7.0, 120.0, 900.0)]]
+    row = bench_train._merge_rounds(runs)
+    assert (row["step_s"], row["ceiling_gflops"], row["peak_rss_mb"]) == (7.0, 120.0, 900.0)
+    assert abs(row["tokens_per_s"] - 1024 / 7.0) < 1e-9
+    assert abs(row["model_gflops"] - 551 / 7.0) < 1e-9
+    assert row["rounds"] == [6.0, 8.0, 7.0]
+
+
+def test_ceiling_counts_its_matmuls_flops():
+    c = bench_train.Ceiling(shape=(64, 32, 16))
+    assert c.flops == 2 * 64 * 32 * 16
+    assert c.f(*c.operands()).shape == (64, 16) and c.gflops(2) > 0
