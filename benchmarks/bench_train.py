@@ -6,8 +6,9 @@ Each variant runs in a fresh subprocess (so peak RSS is its own), one after anot
 run (with --rounds several times, each beside its PEFT peer), on a random token batch of
 4 x 256 with r=8 adapters on all seven linear kinds, float32 compute (`--dtype bfloat16`: the
 base and the compute in bfloat16). Reported: median step time over the timed steps after a
-warm-up (compile) step, tokens/s, peak RSS (after the first timed step), the accelerator's peak memory (`memory_stats`,
-where the backend has it), and the step's model FLOPs per second against the matmul rate of
+warm-up (compile) step, tokens/s, peak RSS (after the first timed step), the accelerator's
+peak memory (`memory_stats`, where the backend has it), and the step's model FLOPs per second
+against the matmul rate of
 the compute dtype measured between the variant's own timed steps, so that the machine's load
 at that moment divides out (on GPU that ratio is the MFU). Variant
 ``qlora`` matmuls its NF4 base as `--kernel` says (`quant.kernel`, default auto);
