@@ -8,9 +8,8 @@ run (with --rounds several times, each beside its PEFT peer), on a random token 
 base and the compute in bfloat16). Reported: median step time over the timed steps after a
 warm-up (compile) step, tokens/s, peak RSS (after the first timed step), the accelerator's
 peak memory (`memory_stats`, where the backend has it), and the step's model FLOPs per second
-against the matmul rate of
-the compute dtype measured between the variant's own timed steps, so that the machine's load
-at that moment divides out (on GPU that ratio is the MFU). Variant
+against the matmul rate of the compute dtype measured between the variant's own timed steps,
+so that the machine's load at that moment divides out (on GPU that ratio is the MFU). Variant
 ``qlora`` matmuls its NF4 base as `--kernel` says (`quant.kernel`, default auto);
 ``qlora-xla`` and ``qlora-pallas`` fix the path (`jaxlora.kernels`).
 
@@ -67,9 +66,9 @@ IN_MEMORY = {
 
 class Ceiling:
     """The matmul rate that the step's share is against: ``[m, k] @ [k, n]`` in ``dtype``
-    under jit (default: the baselines' float32 shape), timed on demand. Its operands exist
-    only while it is timed, so that timing it between a run's steps leaves that run's peak
-    RSS as it was."""
+    under jit (default: the baselines' float32 shape), timed on demand. Its operands are made
+    afresh for each timing and dropped after it; the heap still grows by ~50 MiB once it has
+    run, so `_child` reads the peak RSS before timing it."""
 
     def __init__(self, dtype: str = "float32", shape: tuple[int, int, int] = (1024, 2048, 2048)):
         import jax
